@@ -1,0 +1,1 @@
+"""Aerie data pipeline: sources, chat templating, vocabulary, regeneration, hidden-state store, batching."""

@@ -1,0 +1,1 @@
+"""The Eagle3 draft architectures, their training-time-test objective and draft vocabulary."""

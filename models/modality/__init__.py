@@ -1,0 +1,1 @@
+"""Modality adapters: raw samples to target inputs and loss masks."""

@@ -1,0 +1,128 @@
+"""Teacher logits from the target's last hidden state, chunked over positions.
+
+Full-vocabulary logits exist for one chunk of positions at a time (peak chunk x V, not B*L*V):
+each chunk yields its argmax over the whole vocabulary and the columns of the draft vocabulary.
+``load_lm_head_only`` builds the final norm + lm_head alone from the checkpoint's safetensors.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.targets.base import TargetConfig, resolve_dtype
+
+
+def chunked_teacher_logits(last_hidden_state: Tensor, norm: nn.Module, lm_head_weight: Tensor,
+                           lm_head_bias: Optional[Tensor], draft_token_ids: Tensor, chunk_size: int,
+                           softcap: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+    """(..., H) raw last-layer output -> (teacher_logits (..., Vd) float32, teacher_argmax (...) long)."""
+    if chunk_size <= 0:
+        raise ValueError(f"logits_chunk_size must be positive, got {chunk_size}")
+    lead_shape = last_hidden_state.shape[:-1]
+    hidden = last_hidden_state.reshape(-1, last_hidden_state.shape[-1])
+    draft_token_ids = draft_token_ids.to(hidden.device)
+    num_positions = hidden.shape[0]
+    teacher_logits = torch.empty(num_positions, draft_token_ids.numel(), dtype=torch.float32, device=hidden.device)
+    teacher_argmax = torch.empty(num_positions, dtype=torch.long, device=hidden.device)
+    for start in range(0, num_positions, chunk_size):
+        end = min(start + chunk_size, num_positions)
+        normed = norm(hidden[start:end]).to(lm_head_weight.dtype)
+        logits = F.linear(normed, lm_head_weight, lm_head_bias).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        teacher_argmax[start:end] = logits.argmax(dim=-1)
+        teacher_logits[start:end] = logits.index_select(1, draft_token_ids)
+        del logits
+    return teacher_logits.view(*lead_shape, -1), teacher_argmax.view(lead_shape)
+
+
+def final_logit_softcap(config) -> Optional[float]:
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text_config, "final_logit_softcapping", None)
+
+
+class TeacherHead(nn.Module):
+    """Final norm + lm_head of a target, for training from stored hidden states."""
+
+    def __init__(self, norm: nn.Module, lm_head: nn.Linear, logits_chunk_size: int, softcap: Optional[float] = None):
+        super().__init__()
+        self.norm = norm
+        self.lm_head = lm_head
+        self.logits_chunk_size = logits_chunk_size
+        self.softcap = softcap
+        self.requires_grad_(False)
+        self.eval()
+
+    @torch.no_grad()
+    def teacher_from_hidden(self, last_hidden_state: Tensor, draft_token_ids: Tensor) -> Tuple[Tensor, Tensor]:
+        return chunked_teacher_logits(last_hidden_state, self.norm, self.lm_head.weight, self.lm_head.bias,
+                                      draft_token_ids, self.logits_chunk_size, self.softcap)
+
+
+def _checkpoint_key_files(path: str) -> Dict[str, str]:
+    """tensor name -> safetensors file, from the index json when sharded."""
+    from safetensors import safe_open
+
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {key: os.path.join(path, name) for key, name in weight_map.items()}
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.exists(single):
+        raise ValueError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    with safe_open(single, framework="pt") as f:
+        return {key: single for key in f.keys()}
+
+
+def _pick_key(keys: List[str], suffix: str, path: str) -> str:
+    """Shortest key ending in suffix that is not inside a vision/audio tower."""
+    towers = ("visual", "vision", "audio")
+    found = [k for k in keys if (k == suffix or k.endswith("." + suffix)) and not any(t in k for t in towers)]
+    if not found:
+        raise ValueError(f"no tensor named *{suffix} in the checkpoint at {path}")
+    return min(found, key=len)
+
+
+def _read_tensor(key: str, key_files: Dict[str, str]) -> Tensor:
+    from safetensors import safe_open
+
+    with safe_open(key_files[key], framework="pt") as f:
+        return f.get_tensor(key)
+
+
+def load_lm_head_only(cfg: TargetConfig) -> TeacherHead:
+    """Final norm + lm_head read from the safetensors files, without materialising the target."""
+    from transformers import AutoConfig
+
+    from models.targets.hf import decoder_of, instantiate_from_config, model_class_for
+
+    if not os.path.isdir(cfg.path):
+        raise ValueError(f"load_lm_head_only needs a local checkpoint dir, got {cfg.path!r}")
+    config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    with torch.device("meta"):  # only to learn the norm's class; no memory is allocated
+        meta_model = instantiate_from_config(model_class_for(config, cfg), config, cfg.trust_remote_code)
+    meta_norm = decoder_of(meta_model).norm
+    key_files = _checkpoint_key_files(cfg.path)
+    keys = list(key_files)
+    tied = getattr(config.get_text_config(), "tie_word_embeddings", getattr(config, "tie_word_embeddings", False))
+    has_head = any(k == "lm_head.weight" or k.endswith(".lm_head.weight") for k in keys)
+    head_key = _pick_key(keys, "embed_tokens.weight" if tied or not has_head else "lm_head.weight", cfg.path)
+    head_weight = _read_tensor(head_key, key_files)
+    bias_key = head_key[: -len("weight")] + "bias"
+    head_bias = _read_tensor(bias_key, key_files) if bias_key in key_files and "lm_head" in head_key else None
+    norm_prefix = _pick_key(keys, "norm.weight", cfg.path)[: -len("weight")]
+    norm_state = {k[len(norm_prefix):]: _read_tensor(k, key_files) for k in keys if k.startswith(norm_prefix)}
+
+    dtype = resolve_dtype(cfg.dtype) or head_weight.dtype
+    norm = meta_norm.to_empty(device="cpu")
+    norm.load_state_dict(norm_state)
+    lm_head = nn.Linear(head_weight.shape[1], head_weight.shape[0], bias=head_bias is not None, device="meta")
+    lm_head = lm_head.to_empty(device="cpu")
+    lm_head.load_state_dict({"weight": head_weight, **({"bias": head_bias} if head_bias is not None else {})})
+    return TeacherHead(norm.to(dtype), lm_head.to(dtype), cfg.logits_chunk_size, final_logit_softcap(config))

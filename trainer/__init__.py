@@ -1,0 +1,1 @@
+"""Aerie trainer: CLI, DeepSpeed engine, training loop, checkpoints, export and evaluation."""

@@ -1,0 +1,363 @@
+"""The Trainer: a config in, a trained Eagle3 draft head out.
+
+Online mode runs the frozen target inside each step; offline mode reads a hidden-state
+store written by `aerie dump` and rebuilds the teacher from the target's final norm and
+lm_head alone.  Both feed the same TTT objective inside one DeepSpeed engine.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TrainerConfig:
+    mode: str = "online"                 # online | offline
+    store_dir: str = ""                  # offline: the store written by `aerie dump`
+    max_steps: int = 1000                # optimizer steps
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    schedule: str = "cosine"             # cosine | constant
+    weight_decay: float = 0.0
+    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 0.5
+    grad_accum_steps: int = 1
+    max_tokens_per_batch: int = 4096     # token budget of one micro-batch (rows x padded length)
+    packed: bool = True                  # pack conversations into rows (else length-grouped padding)
+    precision: str = "auto"              # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    eval_every: int = 100                # 0 disables periodic evaluation
+    eval_max_batches: int = 20
+    ckpt_every: int = 200                # 0: only at the end (and on preemption)
+    keep_last: int = 2
+    resume: str = "auto"                 # auto | never | <path to a step dir>
+    max_bad_steps: int = 5               # consecutive non-finite losses before stopping
+    fail_on_nonfinite_at: List[int] = field(default_factory=list)  # testing hook: poison these micro-batches
+
+
+class TrainModule(nn.Module):
+    """What the DeepSpeed engine holds: the draft and, online, the frozen target module."""
+
+    def __init__(self, draft: nn.Module, target=None, teacher_head: Optional[nn.Module] = None):
+        super().__init__()
+        self.draft = draft
+        if target is not None:
+            self.target_module = target.module  # registered so ZeRO-3 partitions and gathers it
+        if teacher_head is not None:
+            self.teacher_head = teacher_head
+        self.__dict__["_target"] = target  # the TargetModel wrapper, not a submodule
+
+    def teacher(self, batch: Dict[str, torch.Tensor]):
+        """(aux_hidden_states, teacher_logits, teacher_argmax, inputs_embeds) for a batch."""
+        draft_token_ids = self.draft.draft_token_ids()
+        with torch.no_grad():
+            if self._target is not None:
+                out = self._target.forward(batch, draft_token_ids)
+                return out.aux_hidden_states, out.teacher_logits, out.teacher_argmax, out.inputs_embeds
+            from data.store import teacher_from_store_batch
+
+            logits, argmax = teacher_from_store_batch(batch, self.teacher_head, draft_token_ids)
+            return batch["aux_hidden_states"], logits, argmax, None
+
+    def forward(self, batch: Dict[str, torch.Tensor], ttt_steps: int, step_decay: float):
+        from models.draft.ttt import ttt_forward
+
+        aux, teacher_logits, teacher_argmax, inputs_embeds = self.teacher(batch)
+        return ttt_forward(self.draft, batch["input_ids"], aux.to(self.draft.fc.weight.dtype), teacher_logits,
+                           teacher_argmax, batch["loss_mask"], batch["position_ids"], batch["document_ids"],
+                           ttt_steps=ttt_steps, step_decay=step_decay, inputs_embeds=inputs_embeds)
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 (Slurm's warning signal) set a flag; the loop checkpoints and exits."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+class Trainer:
+    """Anatomy: config, dist, run_dir, logger, target | teacher_head, data, vocab, draft, engine, checkpointer."""
+
+    def __init__(self, cfg):
+        from models.registry import DRAFTS
+        from trainer.checkpoint import CheckpointManager
+        from trainer.distributed import device_for, init_distributed
+        from trainer.engine import build_ds_config, build_engine, lr_multiplier
+        from trainer.logger import RunLogger, save_resolved_config
+
+        self.cfg = cfg
+        tcfg: TrainerConfig = cfg.trainer
+        if tcfg.mode not in ("online", "offline"):
+            raise ValueError(f"trainer.mode must be online or offline, got {tcfg.mode!r}")
+        self.dist = init_distributed()
+        self.device = device_for(self.dist)
+        self.run_dir = Path(cfg.run_dir)
+        torch.manual_seed(cfg.seed)
+        self.ds_config = build_ds_config(cfg.deepspeed, tcfg, self.dist.world_size)
+        if self.dist.is_main:
+            save_resolved_config(cfg, self.run_dir)
+            (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+
+        self.target, self.teacher_head = None, None
+        self.data = self._build_data()
+        self.spec = self.data.spec
+        self.vocab = self.data.vocab
+        draft_cls = DRAFTS.get(cfg.draft.arch)
+        self.draft = draft_cls.from_target(cfg.draft, self.spec)
+        self.draft.load_embedding(self.data.embed_tokens_weight)
+        self.draft.set_draft_vocab(self.vocab["d2t"], self.vocab["t2d"])
+        self.module = TrainModule(self.draft, target=self.target, teacher_head=self.teacher_head)
+
+        self.engine, self.optimizer, self.scheduler = build_engine(
+            self.module, self.draft.trainable_parameters(), self.ds_config,
+            lambda step: lr_multiplier(step, tcfg.warmup_steps, tcfg.max_steps, tcfg.schedule, tcfg.min_lr_ratio))
+        self.checkpointer = CheckpointManager(self.run_dir / "ckpt", self.dist.rank, self.dist.world_size,
+                                              tcfg.keep_last)
+        self.step = 0
+        self.bad_in_a_row = 0
+        self.num_bad_steps = 0
+        self.micro_batches_seen = 0
+        self._totals = None
+        self._resume()
+        self.logger = RunLogger(cfg.logger, self.run_dir, self.dist.is_main, total=tcfg.max_steps,
+                                desc="train", config=cfg, initial=self.step)
+        self.preemption = Preemption()
+
+    # ---- composition -------------------------------------------------------------------------
+    def _build_data(self):
+        from trainer.data import build_train_data
+
+        data = build_train_data(self.cfg, self.dist, self.ds_config)
+        self.target = data.target
+        self.teacher_head = data.teacher_head
+        return data
+
+    def _resume(self) -> None:
+        resume = self.cfg.trainer.resume
+        if resume == "never":
+            return
+        path = self.checkpointer.find_resumable() if resume == "auto" else Path(resume)
+        if path is None:
+            return
+        state = self.checkpointer.load(path, self.engine)
+        self.step = state["step"]
+        self.bad_in_a_row = state.get("bad_in_a_row", 0)
+        self.num_bad_steps = state.get("num_bad_steps", 0)
+        self.micro_batches_seen = state["micro_batches_seen"]
+        if state["resharded"]:
+            self.scheduler.last_epoch = self.step
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
+                group["lr"] = lr
+            self.data.train_batches.resume_from_global(state["micro_batches_seen"], state["world_size"])
+            msg = (f"resumed from {path} (saved on {state['world_size']} ranks, now {self.dist.world_size}): "
+                   f"draft weights re-partitioned from the consolidated state; optimizer moments restart")
+        else:
+            self.data.train_batches.load_state_dict(state["sampler"])
+            msg = f"resumed from {path} at step {self.step}"
+        if self.dist.is_main:
+            print(msg, flush=True)
+            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+
+    # ---- one step ----------------------------------------------------------------------------
+    def _forward(self, batch):
+        dcfg = self.cfg.draft
+        return self.engine(_to_device(batch, self.device), ttt_steps=dcfg.ttt_steps, step_decay=dcfg.step_decay)
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        from trainer.distributed import all_reduce_sum
+
+        bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0])
+        return all_reduce_sum(bad).item() == 0
+
+    def train_step(self) -> Optional[Dict[str, float]]:
+        """Micro-batches until DeepSpeed takes one optimizer step; None when a non-finite loss skipped one.
+
+        A skipped micro-batch gets no backward and no engine step, so the accumulation carries on
+        with the next good one and the optimizer only ever sees finite gradients.
+        """
+        while True:
+            batch = next(self.data.train_batches)
+            self.micro_batches_seen += 1
+            out = self._forward(batch)
+            loss = out.loss
+            if self.micro_batches_seen in self.cfg.trainer.fail_on_nonfinite_at:
+                loss = loss * float("nan")
+            if not self._all_finite(loss):
+                self.num_bad_steps += 1
+                self.bad_in_a_row += 1
+                return None
+            boundary = self.engine.is_gradient_accumulation_boundary()
+            self.engine.backward(loss)
+            self.engine.step()
+            self._totals = _accumulate(self._totals, out)
+            if boundary:
+                break
+        totals, self._totals = self._totals, None
+        self.bad_in_a_row = 0
+        self.step += 1
+        return _summarise(totals)
+
+    # ---- loop --------------------------------------------------------------------------------
+    def fit(self) -> Path:
+        tcfg: TrainerConfig = self.cfg.trainer
+        self.engine.train()
+        started = time.time()
+        while self.step < tcfg.max_steps:
+            lr = self.optimizer.param_groups[0]["lr"]
+            metrics = self.train_step()
+            if metrics is None:
+                self.logger.print(f"non-finite loss at micro-batch {self.micro_batches_seen}: step skipped "
+                                  f"({self.bad_in_a_row} in a row, {self.num_bad_steps} in all)")
+                if self.bad_in_a_row > tcfg.max_bad_steps:
+                    self.save_checkpoint()
+                    raise RuntimeError(f"{self.bad_in_a_row} non-finite losses in a row (trainer.max_bad_steps="
+                                       f"{tcfg.max_bad_steps}); checkpoint saved at step {self.step} in "
+                                       f"{self.run_dir / 'ckpt'}; lower trainer.lr or check the data")
+                continue
+            metrics.update(lr=lr, num_bad_steps=self.num_bad_steps,
+                           elapsed_s=round(time.time() - started, 3))
+            if tcfg.eval_every and self.step % tcfg.eval_every == 0:
+                metrics.update({f"eval_{k}": v for k, v in self.evaluate().items()})
+            self.logger.log(self.step, metrics)
+            self.logger.advance()
+            if tcfg.ckpt_every and self.step % tcfg.ckpt_every == 0 and self.step < tcfg.max_steps:
+                self.save_checkpoint()
+            if self._preempted():
+                self.save_checkpoint()
+                self.logger.print(f"preempted at step {self.step}: checkpoint written, exiting")
+                self.logger.close()
+                return self.run_dir
+        self.save_checkpoint()
+        final = self.save_final()
+        self.logger.close()
+        return final
+
+    def _preempted(self) -> bool:
+        from trainer.distributed import all_reduce_sum
+
+        flag = torch.tensor([1.0 if self.preemption.requested else 0.0])
+        return all_reduce_sum(flag).item() > 0
+
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        from trainer.distributed import all_reduce_sum
+
+        self.engine.eval()
+        totals = None
+        for index, batch in enumerate(self.data.eval_batches()):
+            if index >= self.cfg.trainer.eval_max_batches:
+                break
+            totals = _accumulate(totals, self._forward(batch))
+        self.engine.train()
+        if totals is None:
+            return {}
+        keys = ("loss", "loss_per_step", "correct", "count", "oov", "n")
+        flat = torch.cat([totals[k].reshape(-1) for k in keys])
+        all_reduce_sum(flat)
+        summed, offset = {}, 0
+        for key in keys:
+            size = totals[key].numel()
+            summed[key] = flat[offset:offset + size].reshape(totals[key].shape)
+            offset += size
+        return _summarise(summed)
+
+    # ---- outputs -----------------------------------------------------------------------------
+    def checkpoint_files(self) -> Dict[str, bytes]:
+        from omegaconf import OmegaConf
+        from safetensors.torch import save
+
+        return {
+            "config.yaml": OmegaConf.to_yaml(self.cfg, resolve=True).encode(),
+            "vocab.safetensors": save({"d2t": self.vocab["d2t"].contiguous(), "t2d": self.vocab["t2d"].contiguous()}),
+        }
+
+    def save_checkpoint(self) -> Path:
+        state = {"micro_batches_seen": self.micro_batches_seen, "bad_in_a_row": self.bad_in_a_row,
+                 "num_bad_steps": self.num_bad_steps, "sampler": self.data.train_batches.state_dict()}
+        return self.checkpointer.save(self.step, self.engine, state, self.checkpoint_files())
+
+    def save_final(self) -> Path:
+        from trainer.distributed import barrier
+        from trainer.export import save_aerie_draft
+
+        final = self.run_dir / "final"
+        state = _gathered_draft_state(self.draft)
+        if self.dist.is_main:
+            save_aerie_draft(self.draft, final, state_dict=state,
+                             metadata={"target": self.spec.name_or_path, "step": self.step})
+            from trainer.logger import save_resolved_config
+
+            save_resolved_config(self.cfg, final)
+        barrier()
+        return final
+
+
+def _gathered_draft_state(draft: nn.Module) -> Dict[str, torch.Tensor]:
+    """Full draft weights on every rank (gathering ZeRO-3 partitions), frozen embedding excluded."""
+    import deepspeed
+
+    params = [p for n, p in draft.named_parameters() if not n.startswith("embed_tokens")]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        return {n: t.detach().clone().float() if t.is_floating_point() else t.detach().clone()
+                for n, t in draft.state_dict().items() if not n.startswith("embed_tokens")}
+
+
+def _accumulate(totals, out):
+    loss = out.loss.detach().float()
+    fresh = {"loss": loss, "loss_per_step": out.loss_per_step.detach().float(),
+             "correct": out.correct_per_step.detach().float(), "count": out.count_per_step.detach().float(),
+             "oov": out.num_out_of_vocab.detach().float(), "n": torch.tensor(1.0)}
+    if totals is None:
+        return fresh
+    return {k: totals[k] + fresh[k] for k in fresh}
+
+
+def _summarise(totals) -> Dict[str, float]:
+    """Mean losses over micro-batches, accuracy over positions, tau_sim = 1 + sum_i prod_{j<=i} acc_j."""
+    n = float(totals["n"])
+    acc = (totals["correct"] / totals["count"].clamp(min=1)).tolist()
+    tau, run = 1.0, 1.0
+    for a in acc:
+        run *= a
+        tau += run
+    metrics = {"loss": float(totals["loss"]) / n}
+    metrics.update({f"loss_{i}": v / n for i, v in enumerate(totals["loss_per_step"].tolist())})
+    metrics.update({f"acc_{i}": v for i, v in enumerate(acc)})
+    metrics["tau_sim"] = tau
+    metrics["num_tokens"] = float(totals["count"][0])
+    metrics["num_out_of_vocab"] = float(totals["oov"])
+    return metrics
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records logged after `step` by a run that died before its next checkpoint."""
+    if not path.is_file():
+        return
+    from trainer.logger import atomic_write_text
+
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def run_train(cfg) -> None:
+    trainer = Trainer(cfg)
+    out = trainer.fit()
+    if trainer.dist.is_main:
+        print(f"draft written to {out}" if out.name == "final" else f"run state in {out}", flush=True)

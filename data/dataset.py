@@ -61,18 +61,31 @@ def _tokenize_batch(batch: dict, tokenizer, cfg: DataConfig, adapter: Optional[C
     return out
 
 
+def _features():
+    import datasets
+
+    return datasets.Features({"id": datasets.Value("string"),
+                              "input_ids": datasets.Sequence(datasets.Value("int32")),
+                              "loss_mask": datasets.Sequence(datasets.Value("int8")),
+                              "length": datasets.Value("int32")})
+
+
+def _load_split(cache: str, name: str):
+    import datasets
+
+    if os.path.exists(os.path.join(cache, name, "empty")):  # datasets cannot reload a saved 0-row dataset
+        return datasets.Dataset.from_dict({c: [] for c in COLUMNS}, features=_features())
+    return datasets.load_from_disk(os.path.join(cache, name))
+
+
 def tokenize_records(records: List[dict], tokenizer, cfg: DataConfig, adapter: Optional[Callable] = None):
     import datasets
 
     raw = datasets.Dataset.from_dict({"id": [r["id"] for r in records],
                                       "messages": [json.dumps(r["messages"]) for r in records]})
-    features = datasets.Features({"id": datasets.Value("string"),
-                                  "input_ids": datasets.Sequence(datasets.Value("int32")),
-                                  "loss_mask": datasets.Sequence(datasets.Value("int8")),
-                                  "length": datasets.Value("int32")})
     num_proc = cfg.num_proc if cfg.num_proc > 1 and len(records) >= 2 * cfg.num_proc else None
     return raw.map(_tokenize_batch, batched=True, batch_size=64, num_proc=num_proc, remove_columns=raw.column_names,
-                   features=features, fn_kwargs={"tokenizer": tokenizer, "cfg": cfg, "adapter": adapter},
+                   features=_features(), fn_kwargs={"tokenizer": tokenizer, "cfg": cfg, "adapter": adapter},
                    desc="tokenising")
 
 
@@ -81,14 +94,11 @@ def build_tokenized_datasets(cfg: DataConfig, tokenizer, adapter: Optional[Calla
 
     `adapter`, when given, replaces the text template: adapter({"id", "messages"}) -> {"input_ids", "loss_mask"}.
     """
-    import datasets
-
     fingerprint = dataset_fingerprint(cfg, tokenizer, adapter)
     cache = os.path.join(default_cache_dir(cfg), fingerprint)
     done = os.path.join(cache, "done.json")
     if os.path.exists(done):
-        return (datasets.load_from_disk(os.path.join(cache, "train")),
-                datasets.load_from_disk(os.path.join(cache, "eval")))
+        return _load_split(cache, "train"), _load_split(cache, "eval")
     records, report = load_conversations(cfg)
     print(report.summary())
     train_records, eval_records = split_train_eval(records, cfg)
@@ -97,9 +107,11 @@ def build_tokenized_datasets(cfg: DataConfig, tokenizer, adapter: Optional[Calla
         ds = tokenize_records(split_records, tokenizer, cfg, adapter)
         tmp = os.path.join(cache, f"{name}.tmp{os.getpid()}")
         ds.save_to_disk(tmp)
+        if len(ds) == 0:
+            open(os.path.join(tmp, "empty"), "w").close()
         shutil.rmtree(os.path.join(cache, name), ignore_errors=True)
         os.replace(tmp, os.path.join(cache, name))
-        splits.append(datasets.load_from_disk(os.path.join(cache, name)))
+        splits.append(_load_split(cache, name))
     train, evals = splits
     dropped = len(train_records) + len(eval_records) - len(train) - len(evals)
     if dropped:

@@ -17,6 +17,8 @@ from data.sources import DataConfig
 from models.draft.eagle3 import DraftConfig
 from models.targets.base import TargetConfig
 from trainer.engine import DeepSpeedConfig
+from trainer.evaluate import EvalConfig
+from trainer.export import ExportConfig
 from trainer.logger import LoggerConfig
 from trainer.train import TrainerConfig
 
@@ -47,6 +49,8 @@ class AerieConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _modality_schema(name: str):

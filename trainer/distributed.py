@@ -63,16 +63,27 @@ def device_for(info: DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_distributed(timeout_minutes: int = 30) -> DistInfo:
-    """Initialise torch.distributed (NCCL on GPU, gloo on CPU) through DeepSpeed when world size > 1."""
+    """Initialise torch.distributed through DeepSpeed (NCCL on GPU, gloo on CPU); a lone process is world size 1."""
     info = dist_info()
     device_for(info)
-    if info.world_size > 1 and not dist.is_initialized():
+    if not dist.is_initialized():
         import datetime
 
         import deepspeed
 
-        deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes))
+        if "RANK" not in os.environ:  # plain `aerie train`: a one-process group on loopback
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+        deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False)
     return info
 
 

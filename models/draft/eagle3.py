@@ -241,7 +241,8 @@ class Eagle3LlamaDraft(nn.Module):
     (B, T, num_aux * target_hidden; fc is applied) or a previous out hidden (B, T, H); it is told apart by its
     last dimension (pass is_aux when both sizes are equal).  ids_or_embeds are the token ids (long, (B, T)) or
     token embeddings (B, T, H) of the token after each position.  The T new positions attend to everything in
-    the cache and causally among themselves, and are appended to the cache.  Returns draft-vocab logits
+    the cache and causally among themselves, and are appended to the cache (all rows share the cache length:
+    batch only sequences of equal length).  Returns draft-vocab logits
     (B, T, Vd) and the out hidden (B, T, H) before the final norm (the input of the next draft step).
     """
 
@@ -306,14 +307,16 @@ class Eagle3LlamaDraft(nn.Module):
 
     def load_embedding(self, weight: Tensor) -> None:
         if tuple(weight.shape) != tuple(self.embed_tokens.weight.shape):
-            raise ValueError(f"embedding weight {tuple(weight.shape)} != expected {tuple(self.embed_tokens.weight.shape)}")
+            expected = tuple(self.embed_tokens.weight.shape)
+            raise ValueError(f"embedding weight shape {tuple(weight.shape)} != expected {expected}")
         with torch.no_grad():
             self.embed_tokens.weight.copy_(weight)
 
     def set_draft_vocab(self, d2t: Tensor, t2d: Tensor) -> None:
         vd, v = self.config.draft_vocab_size, self.config.vocab_size
         if tuple(d2t.shape) != (vd,) or tuple(t2d.shape) != (v,):
-            raise ValueError(f"draft vocab shapes d2t {tuple(d2t.shape)}, t2d {tuple(t2d.shape)}; expected ({vd},), ({v},)")
+            shapes = f"d2t {tuple(d2t.shape)}, t2d {tuple(t2d.shape)}"
+            raise ValueError(f"draft vocab shapes {shapes}; expected ({vd},), ({v},)")
         target_ids = torch.arange(vd) + d2t.long().cpu()
         t2d_cpu = t2d.bool().cpu()
         if int(t2d_cpu.sum()) != vd or not bool(t2d_cpu[target_ids.clamp(0, v - 1)].all()) or target_ids.max() >= v:

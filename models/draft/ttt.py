@@ -129,8 +129,9 @@ def ttt_forward(
 
     def head(step, out_hidden):
         rows, cols = selected[step]
-        logits = draft.compute_logits(out_hidden[rows, cols]).float()
-        teacher_probs = teacher_logits[rows, cols + 1 + step].float().softmax(-1)
+        logits = draft.compute_logits(out_hidden[rows, cols])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        teacher_probs = teacher_logits[rows, cols + 1 + step].to(logits.dtype).softmax(-1)
         loss_sum = F.cross_entropy(logits, teacher_probs, reduction="sum")
         hits = draft.to_target_ids(logits.argmax(-1)) == teacher_argmax[rows, cols + 1 + step]
         return loss_sum, hits.sum()

@@ -253,12 +253,16 @@ class HFTargetModel(TargetModel):
 
 
 def _load_tokenizer_and_processor(cfg: TargetConfig, multimodal: bool):
-    """Tokenizer (and processor for multimodal targets) when the checkpoint ships them, else None."""
+    """Tokenizer (and processor for multimodal targets) when the checkpoint dir has them, else None."""
     if not os.path.isdir(cfg.path) or not any(
             os.path.exists(os.path.join(cfg.path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
         return None, None
     from transformers import AutoProcessor, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
-    processor = AutoProcessor.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code) if multimodal else None
+    has_processor = any(os.path.exists(os.path.join(cfg.path, f))
+                        for f in ("preprocessor_config.json", "processor_config.json"))
+    processor = None
+    if multimodal and has_processor:
+        processor = AutoProcessor.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
     return tokenizer, processor

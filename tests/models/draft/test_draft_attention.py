@@ -35,7 +35,9 @@ def naive_attention(q, keys, values, scale, document_ids):
 def random_inputs(document_ids, steps, heads=4, kv_heads=2, head_dim=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     batch, length = document_ids.shape
-    rand = lambda h: torch.randn(batch, h, length, head_dim, generator=g, dtype=torch.float64).requires_grad_()  # noqa: E731
+    def rand(h):
+        return torch.randn(batch, h, length, head_dim, generator=g, dtype=torch.float64).requires_grad_()
+
     return rand(heads), [rand(kv_heads) for _ in range(steps + 1)], [rand(kv_heads) for _ in range(steps + 1)]
 
 
@@ -58,7 +60,7 @@ def test_ttt_attention_matches_naive_mask(document_ids, attention, step):
         import models.draft.attention as attention_module
 
         original = attention_module.causal_attention_with_lse
-        attention_module.causal_attention_with_lse = lambda q, k, v, s, d, seg: _portable_causal_attention(q, k, v, s, d)
+        attention_module.causal_attention_with_lse = lambda q, k, v, s, d, _: _portable_causal_attention(q, k, v, s, d)
         try:
             out = lean_ttt_attention(q, keys, values, scale, document_ids, segments)
         finally:

@@ -1,0 +1,120 @@
+"""Data pipeline benchmark: tokenisation throughput, hidden-state store bytes/token, store reader throughput.
+
+Each figure is printed with a ratio against a baseline measured in the same process:
+- loss-mask templating (data.template, auto method) vs plain apply_chat_template(tokenize=True);
+- datasets.map with num_proc=2 vs num_proc=1;
+- bytes/token of each store layout vs the 8*H bf16 baseline (computed, and measured on written shards);
+- reader tokens/s (dequantised on CPU, or raw fp8 for on-device dequantisation) vs a training step's
+  consumption rate (--train-tokens-per-s).
+
+    .venv/bin/python bench/data.py [--num-samples 300] [--train-tokens-per-s 50000]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from data.dataset import tokenize_records  # noqa: E402
+from data.serve import FIXTURE_MODEL  # noqa: E402
+from data.sources import DataConfig, load_conversations  # noqa: E402
+from data.store import HiddenStateStoreReader, HiddenStateStoreWriter, bytes_per_token  # noqa: E402
+from data.template import tokenize_conversation  # noqa: E402
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def bench_tokenisation(tokenizer, records, max_length):
+    def plain():
+        return [tokenizer.apply_chat_template(r["messages"], tokenize=True)["input_ids"][:max_length]
+                for r in records]
+
+    def masked():
+        return [tokenize_conversation(tokenizer, r["messages"], max_length)["input_ids"] for r in records]
+
+    base, t_base = timed(plain)
+    ours, t_ours = timed(masked)
+    tokens = sum(map(len, ours))
+    print(f"tokenise {len(records)} conversations (max_length={max_length}, {tokens} tokens):")
+    print(f"  plain apply_chat_template : {len(records) / t_base:8.1f} samples/s {sum(map(len, base)) / t_base:10.0f} tok/s")
+    print(f"  template + loss mask      : {len(records) / t_ours:8.1f} samples/s {tokens / t_ours:10.0f} tok/s"
+          f"   ratio vs plain {t_base / t_ours:.2f}x")
+    times = {}
+    for num_proc in (1, 2):
+        cfg = DataConfig(max_length=max_length, num_proc=num_proc)
+        _, times[num_proc] = timed(lambda: tokenize_records(records, tokenizer, cfg))
+    print(f"  datasets.map num_proc=1   : {len(records) / times[1]:8.1f} samples/s")
+    print(f"  datasets.map num_proc=2   : {len(records) / times[2]:8.1f} samples/s"
+          f"   ratio vs num_proc=1 {times[1] / times[2]:.2f}x")
+
+
+def write_store(path, layout, hidden_size, vocab_size, num_samples, length, topk=16):
+    g = torch.Generator().manual_seed(0)
+    writer = HiddenStateStoreWriter(path, layout, hidden_size, 3, [2, 4, 5], vocab_size, "bench", topk=topk,
+                                    shard_bytes=32 << 20)
+    for i in range(num_samples):
+        sample = {"input_ids": torch.randint(0, vocab_size, (length,), generator=g),
+                  "loss_mask": torch.ones(length, dtype=torch.long),
+                  "aux_hidden_states": torch.randn(length, 3 * hidden_size, generator=g)}
+        if layout == "full":
+            sample["last_hidden_state"] = torch.randn(length, hidden_size, generator=g)
+        else:
+            sample.update(teacher_topk_logprobs=-torch.rand(length, topk, generator=g),
+                          teacher_topk_ids=torch.randint(0, vocab_size, (length, topk), generator=g),
+                          teacher_argmax=torch.randint(0, vocab_size, (length,), generator=g))
+        writer.add(**sample)
+    writer.close()
+    return writer
+
+
+def bench_store(train_tokens_per_s, num_samples=64, length=512):
+    print("store bytes/token (3 aux layers, top-k 16) vs the 8*H bf16 baseline:")
+    for hidden_size, vocab_size in ((4096, 128256), (256, 8192)):
+        for layout in ("full", "compact"):
+            size = bytes_per_token(layout, hidden_size, 3, vocab_size, include_tokens=False)
+            print(f"  H={hidden_size:5d} V={vocab_size:6d} {layout:8s}: {size:6d} B/token = {size / hidden_size:.2f}*H"
+                  f"   ratio vs 8*H {size / (8 * hidden_size):.3f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for layout in ("full", "compact"):
+            path = os.path.join(tmp, layout)
+            writer = write_store(path, layout, 256, 8192, num_samples, length)
+            on_disk = sum(s["bytes"] for s in writer.manifest["shards"])
+            num_tokens = num_samples * length
+            print(f"  measured H=256 {layout:8s}: {on_disk / num_tokens:7.1f} B/token on disk (incl. ids, mask, "
+                  f"headers)   ratio vs 8*H {on_disk / num_tokens / (8 * 256):.3f}")
+            modes = [("bf16", True)] + ([("raw fp8", False)] if layout == "compact" else [])
+            for mode, dequantize in modes:
+                reader = HiddenStateStoreReader(path, dtype=torch.bfloat16, dequantize=dequantize)
+                _, seconds = timed(lambda: sum(s["aux_hidden_states"].shape[0] for s in reader))
+                rate = num_tokens / seconds
+                print(f"  reader {layout:8s} H=256 -> {mode:7s}: {rate:10.0f} tok/s   ratio vs training "
+                      f"{train_tokens_per_s:.0f} tok/s {rate / train_tokens_per_s:.2f}x")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-samples", type=int, default=300)
+    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--train-tokens-per-s", type=float, default=50000.0,
+                        help="tokens a training step consumes per second (the reader must stay ahead of it)")
+    args = parser.parse_args()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURE_MODEL)
+    records, _ = load_conversations(DataConfig())
+    bench_tokenisation(tokenizer, records[: args.num_samples], args.max_length)
+    bench_store(args.train_tokens_per_s)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Token frequencies over loss-masked tokens and the saved draft vocabulary (d2t / t2d) with a staleness check.
+
+Saved as one safetensors file (d2t, t2d, counts; the dataset fingerprint in its metadata, written atomically) and a
+JSON sidecar for people.  Loading with a different fingerprint raises ValueError: the vocab is stale.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def _count_arrow_batches(batches, vocab_size: int) -> np.ndarray:
+    import pyarrow.compute as pc
+
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for batch in batches:
+        ids = pc.list_flatten(batch.column("input_ids")).to_numpy()
+        mask = pc.list_flatten(batch.column("loss_mask")).to_numpy()
+        ids = ids[mask != 0]
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise ValueError(f"token id {int(ids.max())} outside vocab_size={vocab_size}")
+        counts += np.bincount(ids, minlength=vocab_size)
+    return counts
+
+
+def _count_batch(table, vocab_size: int) -> dict:
+    return {"counts": [_count_arrow_batches([table], vocab_size)]}
+
+
+def count_token_frequencies(dataset, vocab_size: int, num_proc: int = 1) -> Tensor:
+    """(vocab_size,) int64 counts of loss-masked input ids; summed over ranks when torch.distributed is up.
+
+    Each rank counts its shard of the dataset (dataset.shard(world_size, rank)); num_proc > 1 splits that shard
+    over worker processes with datasets.map.
+    """
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed and dist.get_world_size() > 1:
+        dataset = dataset.shard(dist.get_world_size(), dist.get_rank(), contiguous=True)
+    dataset = dataset.select_columns(["input_ids", "loss_mask"]).with_format("arrow")
+    if num_proc > 1 and len(dataset) >= num_proc:
+        per_batch = dataset.map(_count_batch, batched=True, batch_size=max(1, -(-len(dataset) // num_proc)),
+                                num_proc=num_proc, remove_columns=dataset.column_names,
+                                fn_kwargs={"vocab_size": vocab_size}, desc="counting tokens")
+        counts = np.sum(np.asarray(per_batch.with_format(None)["counts"], dtype=np.int64), axis=0)
+    else:
+        counts = _count_arrow_batches(dataset.iter(batch_size=4096), vocab_size)
+    result = torch.from_numpy(np.asarray(counts, dtype=np.int64))
+    if distributed:
+        backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        result = result.to(backend_device)
+        dist.all_reduce(result)
+        result = result.cpu()
+    return result
+
+
+def save_vocab(path: str, d2t: Tensor, t2d: Tensor, counts: Tensor, fingerprint: str,
+               metadata: Optional[dict] = None) -> None:
+    from safetensors.torch import save_file
+
+    meta = {"dataset_fingerprint": fingerprint, "draft_vocab_size": int(d2t.numel()), "vocab_size": int(t2d.numel()),
+            "num_counted_tokens": int(counts.sum()), **(metadata or {})}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file({"d2t": d2t.long().contiguous(), "t2d": t2d.bool().contiguous(), "counts": counts.long().contiguous()},
+              tmp, metadata={"aerie": json.dumps(meta)})
+    os.replace(tmp, path)
+    side = f"{os.path.splitext(path)[0]}.json"
+    with open(f"{side}.tmp{os.getpid()}", "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(f"{side}.tmp{os.getpid()}", side)
+
+
+def load_vocab(path: str, fingerprint: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor, dict]:
+    """(d2t, t2d, counts, metadata); ValueError when `fingerprint` is given and differs from the saved one."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise ValueError(f"draft vocab file {path} does not exist")
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("aerie", "{}"))
+        tensors = {k: f.get_tensor(k) for k in ("d2t", "t2d", "counts")}
+    if fingerprint is not None and meta.get("dataset_fingerprint") != fingerprint:
+        raise ValueError(f"draft vocab {path} is stale: built for dataset fingerprint "
+                         f"{meta.get('dataset_fingerprint')!r}, current data is {fingerprint!r}; rebuild it")
+    return tensors["d2t"], tensors["t2d"], tensors["counts"], meta
+
+
+def build_and_save_vocab(dataset, vocab_size: int, draft_vocab_size: int, path: str, fingerprint: str,
+                         num_proc: int = 1) -> Tuple[Tensor, Tensor, Tensor]:
+    """Counts, builds the draft vocab (models.draft.vocab) and saves it (rank 0 only); returns (d2t, t2d, counts)."""
+    import torch.distributed as dist
+
+    from models.draft.vocab import build_draft_vocab
+
+    counts = count_token_frequencies(dataset, vocab_size, num_proc)
+    d2t, t2d = build_draft_vocab(counts, min(draft_vocab_size, vocab_size))
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or dist.get_rank() == 0:
+        save_vocab(path, d2t, t2d, counts, fingerprint)
+    if distributed:
+        dist.barrier()
+    return d2t, t2d, counts

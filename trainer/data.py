@@ -1,0 +1,171 @@
+"""What the Trainer eats: the target (or its teacher head), tokenised splits, the draft vocab and batches.
+
+Batches are token-budget micro-batches (packed rows or length-grouped padding); every rank
+walks its own shard of a seeded per-epoch order, and the position in it is two integers
+(epoch, batches done) so a resume replays exactly the batches an uninterrupted run would see.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import torch
+
+
+class EpochBatches:
+    """An endless iterator of collated micro-batches over one rank's shard of the data."""
+
+    def __init__(self, num_samples: int, make_sampler: Callable[[int], Any], fetch: Callable[[List[int]], dict]):
+        self.num_samples = num_samples
+        self.make_sampler = make_sampler  # epoch -> iterable of index lists for this rank
+        self.fetch = fetch                # index list -> collated batch
+        self.epoch = 0
+        self.done_in_epoch = 0
+        self._iter: Optional[Iterator] = None
+        self._epoch_len: Optional[int] = None
+
+    def _start(self) -> None:
+        batches = list(self.make_sampler(self.epoch))
+        if not batches:
+            raise ValueError("the training split yields no batch: raise trainer.max_tokens_per_batch or add data")
+        self._epoch_len = len(batches)
+        self._iter = iter(batches[self.done_in_epoch:])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._iter is None:
+            self._start()
+        indices = next(self._iter, None)
+        if indices is None:
+            self.epoch += 1
+            self.done_in_epoch = 0
+            self._start()
+            indices = next(self._iter)
+        self.done_in_epoch += 1
+        return self.fetch(indices)
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "done_in_epoch": self.done_in_epoch}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        self.epoch, self.done_in_epoch = int(state["epoch"]), int(state["done_in_epoch"])
+        self._iter = None
+
+    def resume_from_global(self, micro_batches_per_rank: int, old_world_size: int) -> None:
+        """After a world-size change: skip as many samples' worth of batches as the old ranks consumed."""
+        import torch.distributed as dist
+
+        new_world = dist.get_world_size() if dist.is_initialized() else 1
+        remaining = micro_batches_per_rank * old_world_size // new_world
+        self.epoch, self.done_in_epoch, self._iter = 0, 0, None
+        while True:
+            epoch_len = len(list(self.make_sampler(self.epoch)))
+            if remaining < epoch_len:
+                self.done_in_epoch = remaining
+                return
+            remaining -= epoch_len
+            self.epoch += 1
+
+
+@dataclass
+class TrainData:
+    spec: Any                                   # TargetSpec
+    vocab: Dict[str, torch.Tensor]              # d2t, t2d
+    embed_tokens_weight: torch.Tensor
+    train_batches: EpochBatches
+    eval_batches: Callable[[], Iterator[dict]]
+    target: Any = None                          # online: the TargetModel
+    teacher_head: Any = None                    # offline: final norm + lm_head
+
+
+def _token_batches(dataset, cfg, dist, epoch_seed: int, shuffle: bool):
+    from data.batching import TokenBudgetBatchSampler
+
+    return TokenBudgetBatchSampler(list(dataset["length"]), max_tokens_per_batch=cfg.trainer.max_tokens_per_batch,
+                                   packed=cfg.trainer.packed, shuffle=shuffle, seed=epoch_seed,
+                                   rank=dist.rank, world_size=dist.world_size)
+
+
+def _fetcher(dataset, packed: bool, max_tokens: int):
+    from data.batching import collate
+
+    def fetch(indices: List[int]) -> dict:
+        rows = dataset.select(indices)
+        samples = [{"input_ids": r["input_ids"], "loss_mask": r["loss_mask"]} for r in rows]
+        return collate(samples, packed=packed, max_tokens=max_tokens)
+
+    return fetch
+
+
+def _batches(dataset, cfg, dist, shuffle: bool) -> EpochBatches:
+    sampler = _token_batches(dataset, cfg, dist, cfg.seed, shuffle)
+
+    def make_sampler(epoch: int):
+        sampler.set_epoch(epoch)
+        return iter(sampler)
+
+    return EpochBatches(len(dataset), make_sampler,
+                        _fetcher(dataset, cfg.trainer.packed, cfg.trainer.max_tokens_per_batch))
+
+
+def build_train_data(cfg, dist, ds_config: dict) -> TrainData:
+    from data.dataset import build_tokenized_datasets, dataset_fingerprint
+    from models.registry import TARGETS
+
+    if cfg.trainer.mode == "offline":
+        return build_offline_data(cfg, dist)
+    target = TARGETS.get(cfg.target.backend).load(cfg.target, ds_config)
+    tokenizer = target.tokenizer
+    train, evals = _main_first(dist, lambda: build_tokenized_datasets(cfg.data, tokenizer))
+    vocab = draft_vocab(train, cfg, dataset_fingerprint(cfg.data, tokenizer), target.spec.vocab_size)
+    return TrainData(spec=target.spec, vocab=vocab, embed_tokens_weight=target.embed_tokens_weight(),
+                     train_batches=_batches(train, cfg, dist, shuffle=True),
+                     eval_batches=_eval_batches(evals, cfg, dist), target=target)
+
+
+def draft_vocab(train, cfg, fingerprint: str, vocab_size: int) -> Dict[str, torch.Tensor]:
+    """The run's draft vocab: reused from <run_dir>/vocab.safetensors when built from the same data, else counted."""
+    from data.vocab import build_and_save_vocab, load_vocab
+
+    path = Path(cfg.run_dir) / "vocab.safetensors"
+    size = min(cfg.draft.draft_vocab_size, vocab_size)
+    if path.is_file():
+        d2t, t2d, _, _ = load_vocab(str(path), fingerprint)  # ValueError when stale
+        if d2t.numel() == size:
+            return {"d2t": d2t, "t2d": t2d}
+    d2t, t2d, _ = build_and_save_vocab(train, vocab_size, size, str(path), fingerprint, num_proc=cfg.data.num_proc)
+    return {"d2t": d2t, "t2d": t2d}
+
+
+def _eval_batches(dataset, cfg, dist) -> Callable[[], Iterator[dict]]:
+    """One fixed-order pass over this rank's shard of the eval split."""
+    fetch = _fetcher(dataset, cfg.trainer.packed, cfg.trainer.max_tokens_per_batch)
+
+    def run() -> Iterator[dict]:
+        if len(dataset) == 0:
+            return
+        sampler = _token_batches(dataset, cfg, dist, cfg.seed, shuffle=False)
+        sampler.set_epoch(0)
+        for indices in sampler:
+            yield fetch(indices)
+
+    return run
+
+
+def _main_first(dist, build: Callable):
+    """Rank 0 builds (and caches) first; the others then read its cache."""
+    from trainer.distributed import barrier
+
+    if dist.is_main:
+        result = build()
+        barrier()
+        return result
+    barrier()
+    return build()
+
+
+def build_offline_data(cfg, dist) -> TrainData:
+    raise ValueError("offline mode needs the hidden-state store (data/store.py)")

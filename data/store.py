@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, is_dataclass
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -251,6 +251,58 @@ class HiddenStateStoreReader:
                                                m["sample_ids"][entry["first_sample"] + i])
                 except SafetensorError as e:
                     raise ValueError(f"{file}: corrupt shard ({e})") from e
+
+    def _locate(self, index: int):
+        """(part dir, manifest, shard entry, index within the shard) of global sample `index`."""
+        if not hasattr(self, "_table"):
+            self._table = [(d, m, entry) for d, m in self.parts for entry in m["shards"]]
+            self._firsts, first = [], 0
+            for _, _, entry in self._table:
+                self._firsts.append(first)
+                first += entry["num_samples"]
+            self._open: Dict[str, object] = {}
+        import bisect
+
+        if not 0 <= index < len(self.all_lengths):
+            raise IndexError(f"sample {index} outside the store's {len(self.all_lengths)} samples")
+        slot = bisect.bisect_right(self._firsts, index) - 1
+        d, m, entry = self._table[slot]
+        return d, m, entry, index - self._firsts[slot]
+
+    def sample(self, index: int) -> Dict[str, Tensor]:
+        """Random access to global sample `index`; shards stay memory-mapped once opened (checked on first use)."""
+        from safetensors import SafetensorError, safe_open
+
+        d, m, entry, local = self._locate(index)
+        file = os.path.join(d, entry["file"])
+        try:
+            if file not in self._open:
+                self._check_shard(file, entry)
+                handle = safe_open(file, framework="pt")
+                offsets = handle.get_tensor("offsets").tolist()
+                if len(offsets) != entry["num_samples"] + 1 or offsets[-1] != entry["num_tokens"]:
+                    raise ValueError(f"{file}: corrupt shard (offsets disagree with the manifest)")
+                self._open[file] = (handle, offsets)
+            handle, offsets = self._open[file]
+            a, b = offsets[local], offsets[local + 1]
+            tensors = {k: handle.get_slice(k)[a:b] for k in handle.keys() if k != "offsets"}
+        except SafetensorError as e:
+            raise ValueError(f"{file}: corrupt shard ({e})") from e
+        return self._sample(tensors, m["sample_ids"][entry["first_sample"] + local])
+
+    def token_rows(self) -> Iterator[Tuple[Tensor, Tensor]]:
+        """(input_ids, loss_mask) of every sample in store order, reading only those two tensors."""
+        from safetensors import safe_open
+
+        for d, m in self.parts:
+            for entry in m["shards"]:
+                file = os.path.join(d, entry["file"])
+                self._check_shard(file, entry)
+                with safe_open(file, framework="pt") as f:
+                    offsets = f.get_tensor("offsets").tolist()
+                    ids, mask = f.get_tensor("input_ids").long(), f.get_tensor("loss_mask").long()
+                for a, b in zip(offsets[:-1], offsets[1:]):
+                    yield ids[a:b], mask[a:b]
 
     def _sample(self, t: Dict[str, Tensor], sample_id: str) -> Dict[str, Tensor]:
         out = {"id": sample_id, "input_ids": t["input_ids"].long(), "loss_mask": t["loss_mask"].long()}

@@ -14,6 +14,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 # name -> ("module:function", one-line help). Each function takes the composed DictConfig.
 COMMANDS: Dict[str, Tuple[str, str]] = {
     "train": ("trainer.train:run_train", "train an Eagle3 draft head, online (target in the loop) or offline (from a dump)"),
+    "dump": ("trainer.dump:run_dump_command", "run the target once over the data and write the offline hidden-state store"),
     "export": ("trainer.export:run_export", "write a trained draft for vLLM, SGLang or speculators (export.format=...)"),
     "eval": ("trainer.evaluate:run_eval", "speculative decoding with the target: acceptance length, per-position rates"),
 }

@@ -14,6 +14,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 
 from data.sources import DataConfig
+from data.store import StoreConfig
 from models.draft.eagle3 import DraftConfig
 from models.targets.base import TargetConfig
 from trainer.engine import DeepSpeedConfig
@@ -44,6 +45,7 @@ class AerieConfig:
     target: TargetConfig = field(default_factory=TargetConfig)
     modality: Any = MISSING
     data: DataConfig = field(default_factory=DataConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     draft: DraftConfig = field(default_factory=DraftConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)

@@ -167,5 +167,109 @@ def _main_first(dist, build: Callable):
     return build()
 
 
+def teacher_from_store_batch(batch: Dict[str, torch.Tensor], teacher_head, draft_token_ids: torch.Tensor):
+    """Teacher (logits over the draft vocab, target argmax) from a store batch.
+
+    Full layout: the stored last hidden state through the target's final norm + lm_head.  Compact layout:
+    the stored top-k log-probs scattered onto the draft vocab; the rest of the draft vocab gets a logit far
+    below them, so the softmax renormalises over the top-k entries the draft can produce.
+    """
+    if "last_hidden_state" in batch:
+        return teacher_head.teacher_from_hidden(batch["last_hidden_state"], draft_token_ids)
+    topk_ids, topk_logprobs = batch["teacher_topk_ids"], batch["teacher_topk_logprobs"]
+    lookup = torch.full((int(max(draft_token_ids.max(), topk_ids.max())) + 1,), -1, dtype=torch.long,
+                        device=topk_ids.device)
+    lookup[draft_token_ids.to(topk_ids.device)] = torch.arange(draft_token_ids.numel(), device=topk_ids.device)
+    draft_index = lookup[topk_ids]
+    inside = draft_index >= 0
+    logits = torch.full((*topk_ids.shape[:-1], draft_token_ids.numel()), -1e4, dtype=torch.float32,
+                        device=topk_ids.device)
+    floor = topk_logprobs.min(dim=-1, keepdim=True).values - 30.0
+    values = torch.where(inside, topk_logprobs.float(), floor.float())
+    logits.scatter_(-1, draft_index.clamp(min=0), values)
+    return logits, batch["teacher_argmax"]
+
+
+STORE_FLOAT_KEYS = ("aux_hidden_states", "last_hidden_state", "teacher_topk_logprobs")
+STORE_INT_KEYS = ("teacher_topk_ids", "teacher_argmax")
+
+
+def collate_store(samples: List[dict], packed: bool, max_tokens: int) -> dict:
+    """Store samples -> the contract batch plus their per-token tensors laid out the same way."""
+    from data.batching import collate
+
+    batch = collate(samples, packed=packed, max_tokens=max_tokens)
+    rows, length = batch["input_ids"].shape
+    for key in STORE_FLOAT_KEYS + STORE_INT_KEYS:
+        if key not in samples[0]:
+            continue
+        first = samples[0][key]
+        out = torch.zeros((rows, length, *first.shape[1:]), dtype=first.dtype)
+        for row in range(rows):
+            for doc in batch["document_ids"][row].unique().tolist():
+                if doc < 0:
+                    continue
+                where = (batch["document_ids"][row] == doc).nonzero().squeeze(-1)
+                sample = samples[doc if packed else row]
+                out[row, where] = sample[key][: where.numel()]
+        batch[key] = out
+    return batch
+
+
 def build_offline_data(cfg, dist) -> TrainData:
-    raise ValueError("offline mode needs the hidden-state store (data/store.py)")
+    """Batches from the hidden-state store of `aerie dump`; the teacher is the target's norm + lm_head alone."""
+    from data.store import HiddenStateStoreReader
+    from models.targets.teacher import load_lm_head_only
+    from trainer.export import load_target_embedding, target_spec_from_config
+
+    store = Path(cfg.store.path)
+    reader, eval_reader = (HiddenStateStoreReader(str(store / split)) for split in ("train", "eval"))
+    spec = target_spec_from_config(cfg.target)
+    if list(reader.manifest["aux_layer_ids"]) != list(spec.aux_layer_ids):
+        raise ValueError(f"{store}: dumped aux layers {reader.manifest['aux_layer_ids']} differ from the target's "
+                         f"{spec.aux_layer_ids}; dump again or set target.aux_layer_ids")
+    teacher_head = load_lm_head_only(cfg.target) if reader.manifest["layout"] == "full" else None
+    vocab = store_draft_vocab(reader, cfg, spec.vocab_size)
+    packed, budget = cfg.trainer.packed, cfg.trainer.max_tokens_per_batch
+
+    def fetcher(source):
+        return lambda indices: collate_store([source.sample(i) for i in indices], packed, budget)
+
+    def sampler_for(source, shuffle):
+        from data.batching import TokenBudgetBatchSampler
+
+        return TokenBudgetBatchSampler(source.all_lengths, max_tokens_per_batch=budget, packed=packed,
+                                       shuffle=shuffle, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
+
+    train_sampler = sampler_for(reader, shuffle=True)
+
+    def make_sampler(epoch: int):
+        train_sampler.set_epoch(epoch)
+        return iter(train_sampler)
+
+    fetch_eval = fetcher(eval_reader)
+
+    def eval_batches() -> Iterator[dict]:
+        if not eval_reader.all_lengths:
+            return
+        sampler = sampler_for(eval_reader, shuffle=False)
+        sampler.set_epoch(0)
+        for indices in sampler:
+            yield fetch_eval(indices)
+
+    return TrainData(spec=spec, vocab=vocab, embed_tokens_weight=load_target_embedding(cfg.target.path),
+                     train_batches=EpochBatches(len(reader.all_lengths), make_sampler, fetcher(reader)),
+                     eval_batches=eval_batches,
+                     teacher_head=teacher_head)
+
+
+def store_draft_vocab(reader, cfg, vocab_size: int) -> Dict[str, torch.Tensor]:
+    """The draft vocab counted over the store's loss-masked tokens, cached in the run dir by store fingerprint."""
+    import datasets
+
+    rows = {"input_ids": [], "loss_mask": []}
+    for input_ids, loss_mask in reader.token_rows():
+        rows["input_ids"].append(input_ids.tolist())
+        rows["loss_mask"].append(loss_mask.tolist())
+    fingerprint = "store-" + str(reader.manifest.get("dataset_fingerprint") or reader.manifest["target_fingerprint"])
+    return draft_vocab(datasets.Dataset.from_dict(rows), cfg, fingerprint, vocab_size)

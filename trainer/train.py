@@ -21,7 +21,6 @@ from torch import nn
 @dataclass
 class TrainerConfig:
     mode: str = "online"                 # online | offline
-    store_dir: str = ""                  # offline: the store written by `aerie dump`
     max_steps: int = 1000                # optimizer steps
     lr: float = 1e-4
     min_lr_ratio: float = 0.1
@@ -62,7 +61,7 @@ class TrainModule(nn.Module):
             if self._target is not None:
                 out = self._target.forward(batch, draft_token_ids)
                 return out.aux_hidden_states, out.teacher_logits, out.teacher_argmax, out.inputs_embeds
-            from data.store import teacher_from_store_batch
+            from trainer.data import teacher_from_store_batch
 
             logits, argmax = teacher_from_store_batch(batch, self.teacher_head, draft_token_ids)
             return batch["aux_hidden_states"], logits, argmax, None

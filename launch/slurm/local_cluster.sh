@@ -54,6 +54,7 @@ SlurmdUser=root
 AuthType=auth/munge
 CryptoType=crypto/munge
 MpiDefault=none
+MailProg=/bin/true
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -104,8 +105,8 @@ start_munge() {
     die "munged did not start (see /var/log/munge/munged.log)"
 }
 
-running() {  # pid file names a live process
-    [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+running() {  # pidfile daemon: the pid file names a live process of that daemon
+    [ -f "$1" ] && [ "$(cat "/proc/$(cat "$1")/comm" 2>/dev/null)" = "$2" ]
 }
 
 node_state() {
@@ -113,7 +114,7 @@ node_state() {
 }
 
 cluster_up() {
-    running "$STATE/run/slurmctld.pid" && running "$STATE/run/slurmd.pid" || return 1
+    running "$STATE/run/slurmctld.pid" slurmctld && running "$STATE/run/slurmd.pid" slurmd || return 1
     case "$(node_state)" in idle*|mix*|alloc*|comp*) return 0 ;; *) return 1 ;; esac
 }
 
@@ -125,8 +126,8 @@ start() {
     install_packages
     write_conf
     start_munge
-    running "$STATE/run/slurmctld.pid" || slurmctld -i
-    running "$STATE/run/slurmd.pid" || slurmd -N "$NODE"
+    running "$STATE/run/slurmctld.pid" slurmctld || slurmctld -i
+    running "$STATE/run/slurmd.pid" slurmd || slurmd -N "$NODE"
     local state=""
     for _ in $(seq $((WAIT * 2))); do
         state=$(node_state)
@@ -141,7 +142,7 @@ start() {
 
 stop_daemon() {  # pidfile name
     local pidfile=$1 pid
-    running "$pidfile" || return 0
+    running "$pidfile" "$2" || return 0
     pid=$(cat "$pidfile")
     kill "$pid"
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.2; done

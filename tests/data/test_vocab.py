@@ -42,6 +42,7 @@ def _rank_main(rank, world_size, init_file, path, result_file):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_counts_all_reduced_across_ranks(tmp_path):
     import torch.multiprocessing as mp

@@ -133,6 +133,7 @@ def wait_for(predicate, timeout, what):
 def test_slurm_two_tasks_preempted_requeued_resumes_exactly(slurm, reference, data_file, tmp_path):
     job_name = f"aerie-test-{os.getpid()}"
     logs, run_dir = tmp_path / "logs", tmp_path / "outputs" / job_name
+    logs.mkdir()  # Slurm opens --output before the script runs
     env = {**os.environ, "AERIE_PYTHON": PYTHON, "AERIE_LOG_DIR": str(logs), "AERIE_RUN_ROOT": str(tmp_path / "outputs"),
            "MASTER_PORT": str(free_port())}
     # run_dir comes from the job name: drop the explicit one
@@ -144,7 +145,7 @@ def test_slurm_two_tasks_preempted_requeued_resumes_exactly(slurm, reference, da
     assert submit.returncode == 0, submit.stderr
     job_id = submit.stdout.strip().split(";")[0]
     try:
-        wait_for(lambda: len(read_metrics(run_dir)) >= 1 or job_field(job_id, "JobState") not in ("PENDING", "RUNNING"),
+        wait_for(lambda: len(read_metrics(run_dir)) >= 1 or job_field(job_id, "JobState") not in ("PENDING", "CONFIGURING", "RUNNING"),
                  300, "the first training step")
         assert job_field(job_id, "JobState") == "RUNNING", (logs / f"{job_name}-{job_id}.out").read_text()
         sh("scancel", "--batch", "--signal=USR1", job_id)
@@ -216,7 +217,8 @@ def test_two_nodes_in_network_namespaces(two_namespaces, reference, data_file, t
                 p.kill()
     node_logs = [(tmp_path / f"node{r}.log").read_text() for r in range(2)]
     assert codes == [0, 0], "\n".join(log[-3000:] for log in node_logs)
-    assert "MASTER_ADDR=10.200.0.1" in node_logs[1] or "10.200.0.1" in node_logs[1]
+    assert "--master_addr=10.200.0.1" in node_logs[1] and "--node_rank=1" in node_logs[1], node_logs[1][-3000:]
+    assert "'10.200.0.2': [1]" in node_logs[1], node_logs[1][-3000:]  # global rank 1 lives on the second node
     check_run(run_dir, world_size=2)
     values = losses(run_dir)
     assert values[MAX_STEPS] < values[1]

@@ -11,6 +11,15 @@ from trainer import evaluate as ev
 FIXTURE = "/work/shared/fixtures/tiny-chat-llama"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # batch-1 decoding of tiny models is overhead-bound; extra threads only spin on a shared 2-core machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_target(vocab=512, hidden=64, layers=4, seed=0, logit_scale=1.0):
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
@@ -23,14 +32,14 @@ def tiny_target(vocab=512, hidden=64, layers=4, seed=0, logit_scale=1.0):
     return model
 
 
-def draft_for(target, draft_vocab, seed=1, perm=None):
+def draft_for(target, draft_vocab, seed=1, perm=None, aux=(1, 2, 3)):
     c = target.config
     torch.manual_seed(seed)
     config = Eagle3ModelConfig(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
                                num_attention_heads=4, num_key_value_heads=2, head_dim=c.hidden_size // 4,
                                rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None, max_position_embeddings=256,
                                vocab_size=c.vocab_size, draft_vocab_size=draft_vocab, target_hidden_size=c.hidden_size,
-                               num_aux_layers=3, aux_layer_ids=[1, 2, 3])
+                               num_aux_layers=3, aux_layer_ids=list(aux))
     draft = Eagle3LlamaDraft(config)
     ids = torch.randperm(c.vocab_size)[:draft_vocab] if perm is None else perm
     t2d = torch.zeros(c.vocab_size, dtype=torch.bool)
@@ -88,8 +97,8 @@ def chi_square_p_value(counts, probs):
 @pytest.mark.slow
 def test_sampling_follows_the_target_distribution():
     vocab, trials = 8, 2000
-    target = tiny_target(vocab=vocab, hidden=32, layers=4, seed=4, logit_scale=25.0)
-    draft = draft_for(target, vocab, perm=torch.arange(vocab))
+    target = tiny_target(vocab=vocab, hidden=32, layers=2, seed=4, logit_scale=25.0)
+    draft = draft_for(target, vocab, perm=torch.arange(vocab), aux=(1, 1, 1))
     with torch.no_grad():
         draft.norm.weight.zero_()  # q uniform, far from the peaked target p
     prompt = [1, 2, 3]
@@ -193,3 +202,24 @@ def test_evaluate_on_the_tiny_chat_target(tmp_path):
     result = ev.SpeculativeDecoder(target, draft).generate(first, 12, 3, eos_token_ids=ev.eos_ids(tokenizer, target))
     assert result.tokens == greedy_reference(target, first, 12)
     assert (tmp_path / "out" / "acceptance.png").is_file() and (tmp_path / "out" / "acceptance.csv").is_file()
+
+
+@pytest.mark.slow
+def test_run_eval_from_composed_config(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from models.draft.eagle3 import DraftConfig
+    from trainer.export import load_target_embedding, save_aerie_draft, target_spec_from_config
+
+    spec = target_spec_from_config({"path": FIXTURE})
+    draft = Eagle3LlamaDraft.from_target(DraftConfig(draft_vocab_size=512), spec)
+    draft.set_draft_vocab(torch.zeros(512, dtype=torch.long), torch.arange(spec.vocab_size) < 512)
+    save_aerie_draft(draft, tmp_path / "final")
+    cfg = OmegaConf.create({"eval": {**ev.EvalConfig(draft=str(tmp_path / "final"), prompts="humaneval", max_prompts=1,
+                                                      max_new_tokens=5, num_speculative_tokens=[2],
+                                                      temperature=1.0, out_dir=str(tmp_path / "eval")).__dict__},
+                            "target": {"path": FIXTURE, "dtype": "float32"}})
+    summary = ev.run_eval(cfg)
+    assert json.loads(capsys.readouterr().out)["results"][0]["num_speculative_tokens"] == 2
+    assert 1 <= summary["results"][0]["tau"] <= 3 and (tmp_path / "eval" / "summary.json").is_file()
+    assert load_target_embedding(FIXTURE).shape == (spec.vocab_size, spec.hidden_size)

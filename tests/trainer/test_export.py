@@ -1,4 +1,5 @@
 """Aerie draft format, DeepSpeed checkpoint loading and the vLLM / SGLang / speculators exports."""
+import dataclasses
 import json
 import os
 
@@ -244,3 +245,22 @@ def test_load_draft_from_deepspeed_checkpoint(tmp_path, monkeypatch):
     assert set(load_file(str(out / "model.safetensors"))) == set(engine_expects("speculators"))
     with pytest.raises(ValueError, match="neither"):
         ex.load_draft(tmp_path)
+
+
+def test_run_export_from_composed_config(tmp_path):
+    from omegaconf import OmegaConf
+
+    draft = make_draft()
+    ex.save_aerie_draft(draft, tmp_path / "final", metadata={"target": "unused"})
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": V,
+                                                                  "hidden_size": H}))
+    cfg = OmegaConf.create({"export": dataclasses.asdict(ex.ExportConfig(
+        format="sglang", draft=str(tmp_path / "final"), out_dir=str(tmp_path / "sgl"), num_speculative_tokens=4)),
+        "target": {"path": str(tmp_path / "target")}})
+    out = ex.run_export(cfg)
+    config = json.loads((out / "config.json").read_text())
+    assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 3, 4]
+    assert config["aerie"] == {"num_speculative_tokens": 4, "target": str(tmp_path / "target")}
+    reloaded = ex.load_export(out, "sglang", embed_weight=draft.embed_tokens.weight)
+    assert torch.allclose(logits_of(reloaded), logits_of(draft), atol=0.05)  # bf16 export

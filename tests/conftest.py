@@ -13,7 +13,7 @@ TINY_CHAT = REPO / "assets" / "tiny-chat-llama"
 # Small enough for 2 CPU cores: a few conversations, short rows, a 3-step TTT unroll.
 TINY_TRAIN_OVERRIDES = [
     "data.max_samples=48", "data.max_eval_samples=8", "data.max_length=192",
-    "trainer.max_tokens_per_batch=384", "draft.draft_vocab_size=1024", "draft.ttt_steps=3",
+    "trainer.max_tokens_per_batch=256", "draft.draft_vocab_size=1024", "draft.ttt_steps=3",
     "trainer.warmup_steps=2", "trainer.lr=1e-3", "trainer.eval_every=0", "logger.progress=false",
 ]
 

@@ -152,12 +152,15 @@ class CheckpointManager:
 
         consolidated = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
         module = engine.module
-        params = dict(module.named_parameters())
-        missing = [name for name in consolidated if name not in params]
-        assert not missing, f"checkpoint has parameters the model lacks: {missing[:5]}"
+        params, buffers = dict(module.named_parameters()), dict(module.named_buffers())
+        unknown = [name for name in consolidated if name not in params and name not in buffers]
+        assert not unknown, f"checkpoint has tensors the model lacks: {unknown[:5]}"
         import deepspeed
 
         for name, value in consolidated.items():
+            if name in buffers:
+                buffers[name].copy_(value.to(buffers[name].dtype))
+                continue
             param = params[name]
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                 if self.rank == 0 or not hasattr(param, "ds_id"):

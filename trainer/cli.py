@@ -2,7 +2,7 @@
 
     aerie train target=tiny_chat trainer.max_steps=100
     aerie train --cfg job            # print the composed config
-    deepspeed --num_gpus 8 -m trainer.cli train deepspeed=zero3   # --local_rank=N is accepted
+    deepspeed --num_gpus 8 --module trainer.cli train deepspeed=zero3   # --local_rank=N is accepted
 """
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 # name -> ("module:function", one-line help). Each function takes the composed DictConfig.
 COMMANDS: Dict[str, Tuple[str, str]] = {
     "train": ("trainer.train:run_train", "train an Eagle3 draft head, online (target in the loop) or offline (from a dump)"),
+    "inspect": ("trainer.commands:run_inspect_command", "show a tokenised sample with its loss mask highlighted, and dataset statistics"),
+    "vocab": ("trainer.commands:run_vocab_command", "count loss-masked tokens and write the draft vocabulary (d2t / t2d)"),
+    "regen": ("trainer.commands:run_regen_command", "regenerate the answers through an OpenAI-compatible server (vLLM, SGLang, aerie serve)"),
+    "serve": ("trainer.commands:run_serve_command", "serve the target over an OpenAI-compatible chat API (for local regeneration)"),
     "dump": ("trainer.dump:run_dump_command", "run the target once over the data and write the offline hidden-state store"),
     "export": ("trainer.export:run_export", "write a trained draft for vLLM, SGLang or speculators (export.format=...)"),
     "eval": ("trainer.evaluate:run_eval", "speculative decoding with the target: acceptance length, per-position rates"),

@@ -50,8 +50,7 @@ class TrainModule(nn.Module):
         self.draft = draft
         if target is not None:
             self.target_module = target.module  # registered so ZeRO-3 partitions and gathers it
-        if teacher_head is not None:
-            self.teacher_head = teacher_head
+        self.teacher_head = teacher_head  # offline, full layout: the target's final norm + lm_head (frozen)
         self.__dict__["_target"] = target  # the TargetModel wrapper, not a submodule
 
     def teacher(self, batch: Dict[str, torch.Tensor]):

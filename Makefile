@@ -23,7 +23,7 @@ test: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PYTHON) -m pytest -q -rs $(PYTEST_ARGS)
 
 train: $(STAMP)
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/aerie quickstart
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/aerie quickstart experiment=quickstart
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -35,6 +35,8 @@ class TrainerConfig:
     precision: str = "auto"              # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     eval_every: int = 100                # 0 disables periodic evaluation
     eval_max_batches: int = 20
+    spec_eval_every: int = 0             # real speculative decoding (cfg.eval prompts, k, T) every N steps; 0: off
+    spec_eval_max_prompts: int = 8
     ckpt_every: int = 200                # 0: only at the end (and on preemption)
     keep_last: int = 2
     resume: str = "auto"                 # auto | never | <path to a step dir>
@@ -215,6 +217,12 @@ class Trainer:
     # ---- loop --------------------------------------------------------------------------------
     def fit(self) -> Path:
         tcfg: TrainerConfig = self.cfg.trainer
+        final = self.run_dir / "final"
+        if self.step >= tcfg.max_steps and (final / "model.safetensors").is_file():
+            self.logger.print(f"already trained to step {self.step} (trainer.max_steps={tcfg.max_steps}); "
+                              f"the draft is in {final}; raise trainer.max_steps to continue")
+            self.logger.close()
+            return final
         self.engine.train()
         started = time.time()
         while self.step < tcfg.max_steps:
@@ -233,6 +241,8 @@ class Trainer:
                            elapsed_s=round(time.time() - started, 3))
             if tcfg.eval_every and self.step % tcfg.eval_every == 0:
                 metrics.update({f"eval_{k}": v for k, v in self.evaluate().items()})
+            if tcfg.spec_eval_every and self.step % tcfg.spec_eval_every == 0:
+                metrics.update(self.speculative_eval())
             self.logger.log(self.step, metrics)
             self.logger.advance()
             if tcfg.ckpt_every and self.step % tcfg.ckpt_every == 0 and self.step < tcfg.max_steps:
@@ -275,6 +285,32 @@ class Trainer:
             summed[key] = flat[offset:offset + size].reshape(totals[key].shape)
             offset += size
         return _summarise(summed)
+
+    @torch.no_grad()
+    def speculative_eval(self) -> Dict[str, float]:
+        """Real acceptance length of the current draft with the in-loop target (rank 0 decodes, others wait)."""
+        from omegaconf import OmegaConf
+
+        from trainer.distributed import barrier, broadcast_object
+        from trainer.evaluate import EvalConfig, evaluate_draft
+
+        if self.target is None or self.cfg.deepspeed.zero_stage == 3:
+            raise ValueError("trainer.spec_eval_every needs online mode with the whole target on each rank "
+                             "(deepspeed zero1/zero2); use `aerie eval` on checkpoints otherwise")
+        metrics = {}
+        if self.dist.is_main:
+            ecfg = EvalConfig(**{**OmegaConf.to_container(self.cfg.eval, resolve=True), "out_dir": "",
+                                 "max_prompts": self.cfg.trainer.spec_eval_max_prompts})
+            self.draft.eval()
+            summary = evaluate_draft(self.target.module, self.draft, self.target.tokenizer, ecfg)
+            self.draft.train()
+            for run in summary["results"]:
+                k = run["num_speculative_tokens"]
+                metrics[f"spec_tau_k{k}"] = run["tau"]
+                metrics.update({f"spec_accept_k{k}_{i}": a for i, a in enumerate(run["acceptance_per_position"])})
+        metrics = broadcast_object(metrics)
+        barrier()
+        return metrics
 
     # ---- outputs -----------------------------------------------------------------------------
     def checkpoint_files(self) -> Dict[str, bytes]:

@@ -11,6 +11,7 @@ import os
 import shutil
 from typing import Any, Callable, List, Optional, Tuple
 
+from data.io import atomic_write_text
 from data.sources import DataConfig, load_conversations, source_fingerprint, split_train_eval
 from data.template import tokenize_conversation
 
@@ -121,11 +122,3 @@ def build_tokenized_datasets(cfg: DataConfig, tokenizer, adapter: Optional[Calla
     atomic_write_text(done, json.dumps(meta, indent=1))
     return train, evals
 
-
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -23,6 +23,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from data.io import atomic_write_text
 from data.sources import DataConfig, load_conversations, source_fingerprint, split_train_eval
 
 
@@ -122,12 +123,7 @@ def regenerate_conversation(client: Client, cfg: RegenConfig, model: str, index:
 
 
 def _write_atomic(path: str, lines: List[str]) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(lines))
 
 
 class ShardJournal:

@@ -21,6 +21,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from data.io import atomic_write_bytes
+
 FP8_MAX = 448.0  # largest finite torch.float8_e4m3fn
 MANIFEST = "manifest.json"
 LAYOUTS = ("compact", "full")
@@ -34,15 +36,6 @@ class StoreConfig:
     shard_bytes: int = 512 << 20       # a shard is closed once it holds this much
     batch_max_tokens: int = 4096       # padded tokens per target forward in run_dump
     verify: str = "size"               # reader check per shard: size | sha256
-
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def quantize_fp8(x: Tensor, num_groups: int):
@@ -157,13 +150,13 @@ class HiddenStateStoreWriter:
         data = save(tensors, metadata={"first_sample": str(self.num_samples)})
         m = self.manifest
         name = f"shard-{len(m['shards']):05d}.safetensors"
-        _atomic_write_bytes(os.path.join(self.path, name), data)
+        atomic_write_bytes(os.path.join(self.path, name), data)
         m["shards"].append({"file": name, "first_sample": self.num_samples, "num_samples": len(lengths),
                             "num_tokens": sum(lengths), "bytes": len(data),
                             "sha256": hashlib.sha256(data).hexdigest()})
         m["sample_ids"] += self._buffer_ids
         m["sample_lengths"] += lengths
-        _atomic_write_bytes(os.path.join(self.path, MANIFEST), json.dumps(m).encode())
+        atomic_write_bytes(os.path.join(self.path, MANIFEST), json.dumps(m).encode())
         self._buffer, self._buffer_ids, self._buffer_bytes = [], [], 0
 
     def close(self) -> None:

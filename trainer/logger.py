@@ -10,6 +10,8 @@ from typing import Any, Dict, Optional
 
 from tqdm.auto import tqdm
 
+from data.io import atomic_write_text
+
 
 @dataclass
 class LoggerConfig:
@@ -17,14 +19,6 @@ class LoggerConfig:
     wandb_project: str = "aerie"
     progress: bool = True
     log_every: int = 1
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def save_resolved_config(cfg: Any, directory: Path, name: str = "config.yaml") -> Path:

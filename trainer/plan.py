@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
 GIB = 1 << 30
-DS_OPTIONS = ("zero2", "zero3", "zero3_offload")   # tried in this order at each world size
+DS_OPTIONS = ("zero2", "zero3", "zero3_offload")
 
 
 @dataclass
@@ -136,16 +135,28 @@ def resolve_arch(target_path: str, config_json: str = "") -> TargetArch:
 
 @dataclass
 class MemoryBreakdown:
-    """Bytes per rank by component, for one mode / DeepSpeed option / world size."""
+    """Bytes per rank by component, for one mode / DeepSpeed option / world size.
+
+    Rows named in `phases` exist only during that phase of a step (target forward, TTT forward+backward,
+    optimizer step); the peak is the resident rows plus the largest phase.
+    """
     mode: str
     deepspeed: str
     world_size: int
     components: Dict[str, float] = field(default_factory=dict)
+    phases: Dict[str, str] = field(default_factory=dict)   # transient row -> its phase
     store_bytes_per_step: float = 0.0       # offline: bytes read from the store per micro-batch
+
+    def phase_totals(self) -> Dict[str, float]:
+        totals: Dict[str, float] = {}
+        for name, phase in self.phases.items():
+            totals[phase] = totals.get(phase, 0.0) + self.components[name]
+        return totals
 
     @property
     def total(self) -> float:
-        return sum(self.components.values())
+        resident = sum(v for name, v in self.components.items() if name not in self.phases)
+        return resident + max(self.phase_totals().values(), default=0.0)
 
     def gib(self) -> Dict[str, float]:
         return {name: value / GIB for name, value in self.components.items()}
@@ -174,7 +185,7 @@ def draft_sizes(arch: TargetArch, draft_cfg, num_aux_layers: int) -> Dict[str, i
     trainable = num_aux_layers * hidden * hidden + hidden * vd + hidden
     for index in range(draft_cfg.num_layers):
         width = 2 * hidden if index == 0 else hidden
-        trainable += width * (q + 2 * kv) + q * hidden + 3 * hidden * inter + (4 if index == 0 else 3) * hidden
+        trainable += width * (q + 2 * kv) + q * hidden + 3 * hidden * inter + (3 if index == 0 else 2) * hidden
     return dict(hidden=hidden, q=q, kv=kv, intermediate=inter, draft_vocab=vd, trainable=trainable,
                 embedding=arch.vocab_size * hidden)
 
@@ -226,6 +237,11 @@ def plan_memory(arch: TargetArch, draft_cfg, trainer_cfg, ds_cfg, world_size: in
     sizes = draft_sizes(arch, draft_cfg, num_aux_layers)
     vd, trainable = sizes["draft_vocab"], sizes["trainable"]
     parts: Dict[str, float] = {}
+    phases: Dict[str, str] = {}
+    fwd, ttt, opt = "target forward", "TTT fwd+bwd", "optimizer step"
+    chunk = min(logits_chunk_size, length)
+    # full-vocab logits of one chunk (target dtype, then float32) and its normed fp32 hidden states
+    teacher_chunk = chunk * (vocab * (bt + (4 if bt != 4 else 0)) + hidden * 4)
 
     if mode in ("online", "dump"):
         shard = 1.0 / world if stage == 3 else 1.0
@@ -233,19 +249,23 @@ def plan_memory(arch: TargetArch, draft_cfg, trainer_cfg, ds_cfg, world_size: in
         if stage == 3:
             largest = max(arch.layer_params(), vocab * hidden)
             parts["target gathered (ZeRO-3)"] = (largest + ds_cfg.stage3_prefetch_bucket_size) * bt
+            phases["target gathered (ZeRO-3)"] = fwd
         q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
         router = arch.num_experts * 4 if arch.num_experts else 0
-        per_token = (3 * hidden + 2 * q + 2 * kv + 3 * arch.active_intermediate()) * bt + 2 * hidden * 4 + router
-        per_token += (2 * num_aux_layers + 2) * hidden * bt        # captured aux inputs, their concat, embeds, last
-        parts["target activations"] = length * per_token + length * length * (1 + bt)   # + the document mask
-        chunk = min(logits_chunk_size, length)
-        parts["teacher logits"] = chunk * vocab * (bt + (4 if bt != 4 else 0)) + length * vd * 4
+        # one decoder layer at a time: residual stream, fp32 norm, then attention or MLP temporaries
+        layer = (3 * hidden + max(4 * q + 3 * kv, 3 * arch.active_intermediate())) * bt + 2 * hidden * 4 + router
+        captured = (num_aux_layers + 2) * hidden * bt                 # aux layer inputs, embeds, last hidden
+        parts["target activations"] = length * captured + max(length * layer, teacher_chunk) \
+            + length * length * (1 + bt)                              # + the packed-document mask
+        phases["target activations"] = fwd
+        parts["teacher logits + aux states"] = length * (vd * 4 + 8 + num_aux_layers * hidden * bt)
     else:
         layout_full = store_layout == "full"
-        parts["teacher logits"] = length * vd * 4
+        parts["teacher logits + aux states"] = length * (vd * 4 + 8)
         if layout_full:
-            parts["teacher logits"] += min(logits_chunk_size, length) * vocab * (bt + (4 if bt != 4 else 0))
             parts["teacher head (norm + lm_head)"] = (vocab + 1) * hidden * bt
+            parts["teacher chunk logits"] = teacher_chunk
+            phases["teacher chunk logits"] = fwd
         per_token = num_aux_layers * hidden * 4 + (hidden * 4 if layout_full else store_topk * 12) + 40
         parts["store batch"] = length * per_token
 
@@ -255,23 +275,33 @@ def plan_memory(arch: TargetArch, draft_cfg, trainer_cfg, ds_cfg, world_size: in
         offload = ds_cfg.offload_optimizer
         parts["draft weights"] = trainable * bd * draft_shard
         parts["draft embedding (frozen)"] = sizes["embedding"] * bd * draft_shard
-        if stage == 3:
-            parts["draft gathered (ZeRO-3)"] = (trainable + sizes["embedding"]) * bd
-        grads = trainable * bd * (1.0 / world if stage >= 2 else 1.0)
-        if stage >= 1:   # DeepSpeed's reduce bucket (two with overlap_comm on GPU)
-            bucket = ds_cfg.reduce_bucket_size if device == "cuda" else min(ds_cfg.reduce_bucket_size, trainable)
-            grads += bucket * bd * (2 if ds_cfg.overlap_comm and device == "cuda" else 1)
-        parts["draft grads"] = grads
+        if mode == "online":  # Trainer.data keeps the embedding it handed to the draft (on the device)
+            parts["embedding copy (trainer data)"] = sizes["embedding"] * bt
         has_master = stage >= 1 or bd == 2
         parts["fp32 master"] = 0.0 if offload or not has_master else trainable * 4 * optimizer_shard
         parts["Adam moments"] = 0.0 if offload else trainable * 8 * optimizer_shard
         parts["TTT activations"] = ttt_activation_bytes(sizes, draft_cfg.num_layers, draft_cfg.ttt_steps, length, bd,
                                                         num_aux_layers, trained_fraction)
-        parts["TTT inputs"] = length * (num_aux_layers * hidden * (bt + (bd if bd != bt else 0)) + hidden * bd)
+        # token embeddings, plus one step's loss and MLP temporaries in backward
+        parts["TTT activations"] += length * (hidden * bd + 2 * vd * 4 * trained_fraction + 2 * sizes["intermediate"] * bd)
+        phases["TTT activations"] = ttt
+        if stage == 3:
+            parts["draft gathered (ZeRO-3)"] = (trainable + sizes["embedding"]) * bd
+            phases["draft gathered (ZeRO-3)"] = ttt
+        grads = trainable * bd * (1.0 / world if stage >= 2 else 1.0)
+        if stage >= 1:   # DeepSpeed's reduce bucket during backward (two with overlap_comm on GPU)
+            bucket = ds_cfg.reduce_bucket_size if device == "cuda" else min(ds_cfg.reduce_bucket_size, trainable)
+            parts["reduce bucket"] = bucket * bd * (2 if ds_cfg.overlap_comm and device == "cuda" else 1)
+            phases["reduce bucket"] = "draft backward"
+        parts["draft grads"] = grads
+        phases["draft grads"] = opt
+        # the step's fp32 copy of the gradient partition and the AdamW update's temporaries
+        parts["fp32 grads + Adam temporaries"] = 0.0 if offload else trainable * 8 * optimizer_shard
+        phases["fp32 grads + Adam temporaries"] = opt
     parts["framework overhead"] = overhead_gb * GIB
     label = ds_label or f"zero{stage}" + ("_offload" if ds_cfg.offload_param or ds_cfg.offload_optimizer else "")
     store = bytes_per_token(store_layout, hidden, num_aux_layers, vocab, store_topk) * length if mode == "offline" else 0
-    return MemoryBreakdown(mode, label, world_size, parts, store_bytes_per_step=float(store))
+    return MemoryBreakdown(mode, label, world_size, parts, phases, store_bytes_per_step=float(store))
 
 
 def deepspeed_option(name: str, base):
@@ -296,13 +326,15 @@ def world_sizes(gpus_per_node: int, max_world_size: int) -> List[int]:
 
 def smallest_setup(arch: TargetArch, draft_cfg, trainer_cfg, base_ds, gpu_memory_gb: float, gpus_per_node: int,
                    max_world_size: int, mode: str, **kwargs) -> Optional[MemoryBreakdown]:
-    """The first (world size, DeepSpeed option) that fits, smallest world first and zero2 < zero3 < offload."""
-    for world in world_sizes(gpus_per_node, max_world_size):
-        for name in DS_OPTIONS:
-            ds = deepspeed_option(name, base_ds)
-            plan = plan_memory(arch, draft_cfg, trainer_cfg, ds, world, mode=mode, ds_label=name, **kwargs)
-            if plan.fits(gpu_memory_gb):
-                return plan
+    """The smallest world size that fits with zero2, else zero3; zero3_offload (parameters and optimizer state in
+    host memory, much slower) only when nothing fits on the GPUs up to max_world_size."""
+    for names in (DS_OPTIONS[:2], DS_OPTIONS[2:]):
+        for world in world_sizes(gpus_per_node, max_world_size):
+            for name in names:
+                ds = deepspeed_option(name, base_ds)
+                plan = plan_memory(arch, draft_cfg, trainer_cfg, ds, world, mode=mode, ds_label=name, **kwargs)
+                if plan.fits(gpu_memory_gb):
+                    return plan
     return None
 
 
@@ -328,17 +360,21 @@ def recommend(arch: TargetArch, draft_cfg, trainer_cfg, base_ds, gpu_memory_gb: 
 
 
 def format_table(plans: List[MemoryBreakdown]) -> str:
-    """Components as rows, one column per plan, GiB per rank."""
+    """Components as rows, one column per plan, GiB per rank; a transient row names its phase in brackets."""
     names: List[str] = []
+    phase = {}
     for plan in plans:
         names += [n for n in plan.components if n not in names]
+        phase.update(plan.phases)
+    labels = {n: f"{n} [{phase[n]}]" if n in phase else n for n in names}
+    labels["total"] = "peak (resident + largest phase)"
     heads = [f"{p.mode} {p.deepspeed} x{p.world_size}" for p in plans]
-    width = max(len(n) for n in names + ["total"])
+    width = max(len(label) for label in labels.values())
     cols = [max(len(h), 8) for h in heads]
     lines = ["GiB per rank".ljust(width) + "  " + "  ".join(h.rjust(c) for h, c in zip(heads, cols))]
     for name in names + ["total"]:
         values = [p.total if name == "total" else p.components.get(name, 0.0) for p in plans]
-        lines.append(name.ljust(width) + "  " + "  ".join(f"{v / GIB:.2f}".rjust(c) for v, c in zip(values, cols)))
+        lines.append(labels[name].ljust(width) + "  " + "  ".join(f"{v / GIB:.2f}".rjust(c) for v, c in zip(values, cols)))
     return "\n".join(lines)
 
 

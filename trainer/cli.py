@@ -21,6 +21,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "dump": ("trainer.dump:run_dump_command", "run the target once over the data and write the offline hidden-state store"),
     "export": ("trainer.export:run_export", "write a trained draft for vLLM, SGLang or speculators (export.format=...)"),
     "eval": ("trainer.evaluate:run_eval", "speculative decoding with the target: acceptance length, per-position rates"),
+    "plan": ("trainer.plan:run_plan", "per-rank GPU memory of online/offline training and the smallest setup that fits"),
     "quickstart": ("trainer.quickstart:run_quickstart", "train, evaluate and export in one go (what `make train` runs)"),
 }
 

@@ -23,6 +23,7 @@ from trainer.engine import DeepSpeedConfig
 from trainer.evaluate import EvalConfig
 from trainer.export import ExportConfig
 from trainer.logger import LoggerConfig
+from trainer.plan import PlanConfig
 from trainer.train import TrainerConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +58,7 @@ class AerieConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 def _modality_schema(name: str):

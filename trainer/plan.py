@@ -275,8 +275,6 @@ def plan_memory(arch: TargetArch, draft_cfg, trainer_cfg, ds_cfg, world_size: in
         offload = ds_cfg.offload_optimizer
         parts["draft weights"] = trainable * bd * draft_shard
         parts["draft embedding (frozen)"] = sizes["embedding"] * bd * draft_shard
-        if mode == "online":  # Trainer.data keeps the embedding it handed to the draft (on the device)
-            parts["embedding copy (trainer data)"] = sizes["embedding"] * bt
         has_master = stage >= 1 or bd == 2
         parts["fp32 master"] = 0.0 if offload or not has_master else trainable * 4 * optimizer_shard
         parts["Adam moments"] = 0.0 if offload else trainable * 8 * optimizer_shard

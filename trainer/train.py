@@ -122,6 +122,7 @@ class Trainer:
         draft_cls = DRAFTS.get(cfg.draft.arch)
         self.draft = draft_cls.from_target(cfg.draft, self.spec)
         self.draft.load_embedding(self.data.embed_tokens_weight)
+        self.data.embed_tokens_weight = None  # the draft holds its own frozen copy; drop the V x H duplicate
         self.draft.set_draft_vocab(self.vocab["d2t"], self.vocab["t2d"])
         self.module = TrainModule(self.draft, target=self.target, teacher_head=self.teacher_head)
 

@@ -75,6 +75,8 @@ def worker(args) -> None:
             "tokens_per_s": sum(float(g[0]) for g in gathered) / max(float(g[1]) for g in gathered),
             "peak_rss_mib_per_rank": [round(float(g[2])) for g in gathered],
             "share": {k: v / total for k, v in phases.items()}}), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _port() -> str:

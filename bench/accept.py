@@ -21,7 +21,7 @@ from models.draft.eagle3 import DraftConfig, Eagle3LlamaDraft  # noqa: E402
 from trainer.evaluate import EvalConfig, evaluate_draft, load_target_for_eval  # noqa: E402
 from trainer.export import load_draft, target_spec_from_config  # noqa: E402
 
-FIXTURE = "/work/shared/fixtures/tiny-chat-llama"
+FIXTURE = str(Path(__file__).resolve().parents[1] / "assets" / "tiny-chat-llama")
 
 
 def untrained_like(trained, target_path: str, embed: torch.Tensor, draft_vocab_size: int) -> Eagle3LlamaDraft:

@@ -3,6 +3,7 @@ chunked vs full-vocabulary teacher logits. Ratios are against baselines measured
 
     .venv/bin/python bench/target.py
 """
+from pathlib import Path
 import os
 import resource
 import subprocess
@@ -13,7 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-FIXTURE = "/work/shared/fixtures/tiny-chat-llama"
+FIXTURE = str(Path(__file__).resolve().parents[1] / "assets" / "tiny-chat-llama")
 VOCAB, HIDDEN, POSITIONS, CHUNK = 150_000, 256, 4096, 1024
 
 

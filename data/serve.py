@@ -3,6 +3,7 @@
 Implements POST /v1/chat/completions (non-streaming; messages, temperature, top_p, max_tokens, seed) and
 GET /v1/models.  Generation runs one request at a time under a lock; the HTTP side is threaded.
 """
+from pathlib import Path
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 
-FIXTURE_MODEL = "/work/shared/fixtures/tiny-chat-llama"
+FIXTURE_MODEL = str(Path(__file__).resolve().parents[1] / "assets" / "tiny-chat-llama")  # the embedded default target
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Shared fixtures for the data tests: the tiny ChatML fixture tokenizer."""
+from pathlib import Path
 import pytest
 
-FIXTURE = "/work/shared/fixtures/tiny-chat-llama"
+FIXTURE = str(Path(__file__).resolve().parents[2] / "assets" / "tiny-chat-llama")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
 """Speculative decoding in `aerie eval`: exactness at T=0, target distribution at T=1, metrics and reports."""
+from pathlib import Path
 import json
 
 import pytest
@@ -8,7 +9,7 @@ import transformers
 from models.draft.eagle3 import Eagle3LlamaDraft, Eagle3ModelConfig
 from trainer import evaluate as ev
 
-FIXTURE = "/work/shared/fixtures/tiny-chat-llama"
+FIXTURE = str(Path(__file__).resolve().parents[2] / "assets" / "tiny-chat-llama")
 
 
 @pytest.fixture(autouse=True)

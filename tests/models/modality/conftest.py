@@ -1,9 +1,10 @@
 """Tiny Qwen2.5-VL / Qwen2-Audio targets + processors built locally, and media files written by the tests."""
+from pathlib import Path
 import numpy as np
 import pytest
 import torch
 
-FIXTURE = "/work/shared/fixtures/tiny-chat-llama"
+FIXTURE = str(Path(__file__).resolve().parents[3] / "assets" / "tiny-chat-llama")
 VISION_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
 AUDIO_TOKENS = ["<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"]
 

@@ -3,7 +3,6 @@
 Implements POST /v1/chat/completions (non-streaming; messages, temperature, top_p, max_tokens, seed) and
 GET /v1/models.  Generation runs one request at a time under a lock; the HTTP side is threaded.
 """
-from pathlib import Path
 from __future__ import annotations
 
 import json
@@ -12,6 +11,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Optional
 
 FIXTURE_MODEL = str(Path(__file__).resolve().parents[1] / "assets" / "tiny-chat-llama")  # the embedded default target

@@ -14,6 +14,7 @@ setup(
         # 2.13.0 is the CPU build laid on CI machines; any 2.4+ CUDA build works on a cluster.
         "torch>=2.4,<2.15",
         "deepspeed>=0.16,<0.20",
+        "accelerate>=1.1",  # transformers needs it to load a target under ZeRO-3 (zero.Init)
         "transformers>=4.56,<6",
         "datasets>=3.0,<6",
         "safetensors>=0.4",

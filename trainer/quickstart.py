@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 
 
 def run_quickstart(cfg) -> dict:
@@ -15,12 +15,16 @@ def run_quickstart(cfg) -> dict:
     from trainer.export import run_export
     from trainer.train import Trainer
 
+    path = Path(cfg.run_dir) / "quickstart_summary.json"
     trainer = Trainer(cfg)
+    already_done = trainer.step >= cfg.trainer.max_steps
     final = trainer.fit()
-    if final.name != "final":  # preempted: the checkpoint is written, nothing to evaluate yet
+    if final.name != "final" or not trainer.dist.is_main:  # preempted (checkpoint written), or not rank 0
         return {}
-    if not trainer.dist.is_main:
-        return {}
+    if already_done and path.is_file():
+        report = json.loads(path.read_text())
+        _print_summary(cfg, report, path)
+        return report
     summary = run_eval(cfg)
     exports = {}
     for fmt in ("vllm", "sglang"):
@@ -32,16 +36,18 @@ def run_quickstart(cfg) -> dict:
                                                   "tokens_per_target_forward", "estimated_speedup")}
                              for run in summary["results"]],
               "eval_reports": summary.get("files", {})}
-    path = Path(cfg.run_dir) / "quickstart_summary.json"
     path.write_text(json.dumps(report, indent=2))
-    lines = ["", "=" * 72, f"Aerie quickstart: draft for {cfg.target.path}",
-             f"  trained draft   {final}"]
+    _print_summary(cfg, report, path)
+    return report
+
+
+def _print_summary(cfg, report: dict, path: Path) -> None:
+    lines = ["", "=" * 72, f"Aerie quickstart: draft for {cfg.target.path}", f"  trained draft   {report['draft']}"]
     for run in report["acceptance"]:
         rates = " ".join(f"{a:.2f}" for a in run["acceptance_per_position"])
         lines.append(f"  k={run['num_speculative_tokens']}  tau={run['tau']:.2f}  (T={cfg.eval.temperature}, "
                      f"{cfg.eval.prompts})  per-position acceptance: {rates}")
-    for fmt, out in exports.items():
+    for fmt, out in report["exports"].items():
         lines.append(f"  {fmt:<6} export  {out}")
     lines += [f"  summary         {path}", "=" * 72]
     print("\n".join(lines), flush=True)
-    return report

@@ -14,7 +14,7 @@ def test_offline_full_store_matches_online(tmp_path, data_cache):
     """Same data, same batches: offline losses from the lossless store equal the online ones (bf16 storage)."""
     online, offline = tmp_path / "online", tmp_path / "offline"
     run_aerie("train", *_common(online, data_cache))
-    run_aerie("dump", *_common(offline, data_cache), "store.layout=full")
+    run_aerie("dump", *_common(offline, data_cache))  # full is the default layout
     assert (offline / "store" / "train" / "manifest.json").is_file()
     run_aerie("train", *_common(offline, data_cache), "trainer.mode=offline")
     a, b = read_metrics(online), read_metrics(offline)
@@ -27,7 +27,7 @@ def test_offline_full_store_matches_online(tmp_path, data_cache):
 
 def test_offline_compact_store_trains(tmp_path, data_cache):
     run_dir = tmp_path / "run"
-    run_aerie("dump", *_common(run_dir, data_cache))  # compact is the default layout
+    run_aerie("dump", *_common(run_dir, data_cache), "store.layout=compact")
     out = run_aerie("train", *_common(run_dir, data_cache), "trainer.mode=offline", "trainer.eval_every=2")
     metrics = read_metrics(run_dir)
     assert metrics[-1]["loss"] < metrics[0]["loss"] and "eval_loss" in metrics[1]

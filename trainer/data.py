@@ -16,20 +16,17 @@ import torch
 class EpochBatches:
     """An endless iterator of collated micro-batches over one rank's shard of the data."""
 
-    def __init__(self, num_samples: int, make_sampler: Callable[[int], Any], fetch: Callable[[List[int]], dict]):
-        self.num_samples = num_samples
+    def __init__(self, make_sampler: Callable[[int], Any], fetch: Callable[[List[int]], dict]):
         self.make_sampler = make_sampler  # epoch -> iterable of index lists for this rank
         self.fetch = fetch                # index list -> collated batch
         self.epoch = 0
         self.done_in_epoch = 0
         self._iter: Optional[Iterator] = None
-        self._epoch_len: Optional[int] = None
 
     def _start(self) -> None:
         batches = list(self.make_sampler(self.epoch))
         if not batches:
             raise ValueError("the training split yields no batch: raise trainer.max_tokens_per_batch or add data")
-        self._epoch_len = len(batches)
         self._iter = iter(batches[self.done_in_epoch:])
 
     def __iter__(self):
@@ -81,34 +78,46 @@ class TrainData:
     teacher_head: Any = None                    # offline: final norm + lm_head
 
 
-def _token_batches(dataset, cfg, dist, epoch_seed: int, shuffle: bool):
+def _sampler(lengths: List[int], cfg, dist, shuffle: bool):
     from data.batching import TokenBudgetBatchSampler
 
-    return TokenBudgetBatchSampler(list(dataset["length"]), max_tokens_per_batch=cfg.trainer.max_tokens_per_batch,
-                                   packed=cfg.trainer.packed, shuffle=shuffle, seed=epoch_seed,
+    return TokenBudgetBatchSampler(lengths, max_tokens_per_batch=cfg.trainer.max_tokens_per_batch,
+                                   packed=cfg.trainer.packed, shuffle=shuffle, seed=cfg.seed,
                                    rank=dist.rank, world_size=dist.world_size)
 
 
-def _fetcher(dataset, packed: bool, max_tokens: int):
+def _dataset_fetcher(dataset, cfg) -> Callable[[List[int]], dict]:
     from data.batching import collate
 
     def fetch(indices: List[int]) -> dict:
-        rows = dataset.select(indices)
-        samples = [{"input_ids": r["input_ids"], "loss_mask": r["loss_mask"]} for r in rows]
-        return collate(samples, packed=packed, max_tokens=max_tokens)
+        samples = [{"input_ids": r["input_ids"], "loss_mask": r["loss_mask"]} for r in dataset.select(indices)]
+        return collate(samples, packed=cfg.trainer.packed, max_tokens=cfg.trainer.max_tokens_per_batch)
 
     return fetch
 
 
-def _batches(dataset, cfg, dist, shuffle: bool) -> EpochBatches:
-    sampler = _token_batches(dataset, cfg, dist, cfg.seed, shuffle)
+def _train_batches(lengths: List[int], fetch, cfg, dist) -> EpochBatches:
+    """Endless shuffled micro-batches over this rank's shard."""
+    sampler = _sampler(lengths, cfg, dist, shuffle=True)
 
     def make_sampler(epoch: int):
         sampler.set_epoch(epoch)
         return iter(sampler)
 
-    return EpochBatches(len(dataset), make_sampler,
-                        _fetcher(dataset, cfg.trainer.packed, cfg.trainer.max_tokens_per_batch))
+    return EpochBatches(make_sampler, fetch)
+
+
+def _eval_batches(lengths: List[int], fetch, cfg, dist) -> Callable[[], Iterator[dict]]:
+    """One fixed-order pass over this rank's shard of the eval split."""
+    def run() -> Iterator[dict]:
+        if not lengths:
+            return
+        sampler = _sampler(lengths, cfg, dist, shuffle=False)
+        sampler.set_epoch(0)
+        for indices in sampler:
+            yield fetch(indices)
+
+    return run
 
 
 def build_train_data(cfg, dist, ds_config: dict) -> TrainData:
@@ -122,8 +131,9 @@ def build_train_data(cfg, dist, ds_config: dict) -> TrainData:
     train, evals = _main_first(dist, lambda: build_tokenized_datasets(cfg.data, tokenizer))
     vocab = draft_vocab(train, cfg, dataset_fingerprint(cfg.data, tokenizer), target.spec.vocab_size)
     return TrainData(spec=target.spec, vocab=vocab, embed_tokens_weight=target.embed_tokens_weight(),
-                     train_batches=_batches(train, cfg, dist, shuffle=True),
-                     eval_batches=_eval_batches(evals, cfg, dist), target=target)
+                     train_batches=_train_batches(list(train["length"]), _dataset_fetcher(train, cfg), cfg, dist),
+                     eval_batches=_eval_batches(list(evals["length"]), _dataset_fetcher(evals, cfg), cfg, dist),
+                     target=target)
 
 
 def draft_vocab(train, cfg, fingerprint: str, vocab_size: int) -> Dict[str, torch.Tensor]:
@@ -138,21 +148,6 @@ def draft_vocab(train, cfg, fingerprint: str, vocab_size: int) -> Dict[str, torc
             return {"d2t": d2t, "t2d": t2d}
     d2t, t2d, _ = build_and_save_vocab(train, vocab_size, size, str(path), fingerprint, num_proc=cfg.data.num_proc)
     return {"d2t": d2t, "t2d": t2d}
-
-
-def _eval_batches(dataset, cfg, dist) -> Callable[[], Iterator[dict]]:
-    """One fixed-order pass over this rank's shard of the eval split."""
-    fetch = _fetcher(dataset, cfg.trainer.packed, cfg.trainer.max_tokens_per_batch)
-
-    def run() -> Iterator[dict]:
-        if len(dataset) == 0:
-            return
-        sampler = _token_batches(dataset, cfg, dist, cfg.seed, shuffle=False)
-        sampler.set_epoch(0)
-        for indices in sampler:
-            yield fetch(indices)
-
-    return run
 
 
 def _main_first(dist, build: Callable):
@@ -235,31 +230,9 @@ def build_offline_data(cfg, dist) -> TrainData:
     def fetcher(source):
         return lambda indices: collate_store([source.sample(i) for i in indices], packed, budget)
 
-    def sampler_for(source, shuffle):
-        from data.batching import TokenBudgetBatchSampler
-
-        return TokenBudgetBatchSampler(source.all_lengths, max_tokens_per_batch=budget, packed=packed,
-                                       shuffle=shuffle, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
-
-    train_sampler = sampler_for(reader, shuffle=True)
-
-    def make_sampler(epoch: int):
-        train_sampler.set_epoch(epoch)
-        return iter(train_sampler)
-
-    fetch_eval = fetcher(eval_reader)
-
-    def eval_batches() -> Iterator[dict]:
-        if not eval_reader.all_lengths:
-            return
-        sampler = sampler_for(eval_reader, shuffle=False)
-        sampler.set_epoch(0)
-        for indices in sampler:
-            yield fetch_eval(indices)
-
     return TrainData(spec=spec, vocab=vocab, embed_tokens_weight=load_target_embedding(cfg.target.path),
-                     train_batches=EpochBatches(len(reader.all_lengths), make_sampler, fetcher(reader)),
-                     eval_batches=eval_batches,
+                     train_batches=_train_batches(reader.all_lengths, fetcher(reader), cfg, dist),
+                     eval_batches=_eval_batches(eval_reader.all_lengths, fetcher(eval_reader), cfg, dist),
                      teacher_head=teacher_head)
 
 

@@ -7,12 +7,11 @@ lm_head alone.  Both feed the same TTT objective inside one DeepSpeed engine.
 from __future__ import annotations
 
 import json
-import math
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn

@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional
 
 from data.io import atomic_write_text
 from data.sources import DataConfig, load_conversations, source_fingerprint, split_train_eval

@@ -1,5 +1,4 @@
 """`aerie plan`: component formulas, ZeRO partitioning, setup search, presets, and prediction vs a measured peak."""
-import dataclasses
 import json
 import shutil
 import subprocess
@@ -15,7 +14,7 @@ from models.draft.eagle3 import DraftConfig, Eagle3LlamaDraft
 from models.targets.base import TargetSpec
 from tests.conftest import REPO, TINY_CHAT, aerie_env
 from trainer.engine import DeepSpeedConfig
-from trainer.plan import (GIB, PRESET_ARCHS, TargetArch, arch_from_hf_config, deepspeed_option, draft_sizes,
+from trainer.plan import (PRESET_ARCHS, TargetArch, arch_from_hf_config, deepspeed_option, draft_sizes,
                           plan_memory, recommend, resolve_arch, run_plan, smallest_setup)
 from trainer.train import TrainerConfig
 

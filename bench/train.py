@@ -49,12 +49,12 @@ def worker(args) -> None:
         t0 = time.perf_counter()
         batch = next(trainer.data.train_batches)
         t1 = time.perf_counter()
-        aux, logits, argmax, embeds = module.teacher(batch)
+        aux, logits, argmax, embeds, positions = module.teacher(batch)
         t2 = time.perf_counter()
         from models.draft.ttt import ttt_forward
 
         out = ttt_forward(module.draft, batch["input_ids"], aux.to(module.draft.fc.weight.dtype), logits, argmax,
-                          batch["loss_mask"], batch["position_ids"], batch["document_ids"],
+                          batch["loss_mask"], positions, batch["document_ids"],
                           ttt_steps=dcfg.ttt_steps, step_decay=dcfg.step_decay, inputs_embeds=embeds)
         engine.backward(out.loss)
         t3 = time.perf_counter()

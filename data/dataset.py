@@ -1,4 +1,5 @@
-"""Tokenised train/eval datasets: sources -> chat template + loss mask -> `datasets.Dataset`, cached on disk.
+"""Tokenised train/eval datasets: sources -> modality adapter (chat template + loss mask, media placeholders)
+-> `datasets.Dataset`, cached on disk.
 
 The cache key covers the source (files' sizes and mtimes), the split/template settings and the tokenizer, so a
 rerun with the same inputs memory-maps the cached Arrow files without reading the source again.
@@ -9,11 +10,10 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Any, Callable, List, Optional
+from typing import Any, List
 
 from data.io import atomic_write_text
 from data.sources import DataConfig, load_conversations, source_fingerprint, split_train_eval
-from data.template import tokenize_conversation
 
 COLUMNS = ("id", "input_ids", "loss_mask", "length")
 
@@ -36,71 +36,82 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
+def text_adapter(cfg: DataConfig, tokenizer):
+    from models.modality.text import TextAdapter
+
+    return TextAdapter(tokenizer=tokenizer, data=cfg)
+
+
 def dataset_fingerprint(cfg: DataConfig, tokenizer, adapter: Any = None) -> str:
-    """Identifies the tokenised data (source + settings + tokenizer); used for caches and vocab staleness."""
+    """Identifies the tokenised data (source + settings + tokenizer + adapter); used for caches and vocab staleness."""
+    adapter = adapter if adapter is not None else text_adapter(cfg, tokenizer)
     parts = [source_fingerprint(cfg), tokenizer_fingerprint(tokenizer), cfg.max_length, cfg.system_prompt,
-             cfg.chat_template_kwargs, cfg.mask_method, getattr(adapter, "fingerprint", None) or
-             (type(adapter).__qualname__ if adapter is not None else None)]
+             cfg.chat_template_kwargs, cfg.mask_method, adapter.fingerprint]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _tokenize_batch(batch: dict, tokenizer, cfg: DataConfig, adapter: Optional[Callable]) -> dict:
-    out = {c: [] for c in COLUMNS}
-    for rid, messages_json in zip(batch["id"], batch["messages"]):
-        messages = json.loads(messages_json)
-        if adapter is not None:
-            sample = adapter({"id": rid, "messages": messages})
-        else:
-            sample = tokenize_conversation(tokenizer, messages, cfg.max_length, cfg.system_prompt,
-                                           cfg.chat_template_kwargs, cfg.mask_method)
+def _tokenize_batch(batch: dict, adapter) -> dict:
+    out = {c: [] for c in _columns(adapter)}
+    for record_json in batch["record"]:
+        record = json.loads(record_json)
+        sample = adapter.encode(record)
         if not any(sample["loss_mask"]):
             continue  # nothing left to train on after truncation
-        out["id"].append(rid)
+        out["id"].append(record["id"])
         out["input_ids"].append(sample["input_ids"])
         out["loss_mask"].append(sample["loss_mask"])
         out["length"].append(len(sample["input_ids"]))
+        if "record" in out:
+            out["record"].append(record_json)
     return out
 
 
-def _features():
+def _columns(adapter) -> tuple:
+    """Multimodal rows keep their record, so batches can re-read the media (kept out of the Arrow cache)."""
+    return COLUMNS + (("record",) if adapter is not None and adapter.is_multimodal else ())
+
+
+def _features(columns=COLUMNS):
     import datasets
 
-    return datasets.Features({"id": datasets.Value("string"),
-                              "input_ids": datasets.Sequence(datasets.Value("int32")),
-                              "loss_mask": datasets.Sequence(datasets.Value("int8")),
-                              "length": datasets.Value("int32")})
+    features = {"id": datasets.Value("string"), "input_ids": datasets.Sequence(datasets.Value("int32")),
+                "loss_mask": datasets.Sequence(datasets.Value("int8")), "length": datasets.Value("int32"),
+                "record": datasets.Value("string")}
+    return datasets.Features({c: features[c] for c in columns})
 
 
-def _load_split(cache: str, name: str):
+def _load_split(cache: str, name: str, columns=COLUMNS):
     import datasets
 
     if os.path.exists(os.path.join(cache, name, "empty")):  # datasets cannot reload a saved 0-row dataset
-        return datasets.Dataset.from_dict({c: [] for c in COLUMNS}, features=_features())
+        return datasets.Dataset.from_dict({c: [] for c in columns}, features=_features(columns))
     return datasets.load_from_disk(os.path.join(cache, name))
 
 
-def tokenize_records(records: List[dict], tokenizer, cfg: DataConfig, adapter: Optional[Callable] = None):
+def tokenize_records(records: List[dict], tokenizer, cfg: DataConfig, adapter: Any = None):
+    """records -> Dataset(id, input_ids, loss_mask, length[, record]) through `adapter.encode` (default: text)."""
     import datasets
 
-    raw = datasets.Dataset.from_dict({"id": [r["id"] for r in records],
-                                      "messages": [json.dumps(r["messages"]) for r in records]})
+    adapter = adapter if adapter is not None else text_adapter(cfg, tokenizer)
+    raw = datasets.Dataset.from_dict({"record": [json.dumps(r) for r in records]})
     num_proc = cfg.num_proc if cfg.num_proc > 1 and len(records) >= 2 * cfg.num_proc else None
     return raw.map(_tokenize_batch, batched=True, batch_size=64, num_proc=num_proc, remove_columns=raw.column_names,
-                   features=_features(), fn_kwargs={"tokenizer": tokenizer, "cfg": cfg, "adapter": adapter},
-                   desc="tokenising")
+                   features=_features(_columns(adapter)), fn_kwargs={"adapter": adapter}, desc="tokenising")
 
 
-def build_tokenized_datasets(cfg: DataConfig, tokenizer, adapter: Optional[Callable] = None):
-    """(train, eval) datasets with columns id, input_ids, loss_mask, length.
+def build_tokenized_datasets(cfg: DataConfig, tokenizer, adapter: Any = None):
+    """(train, eval) datasets with columns id, input_ids, loss_mask, length (+ record for multimodal adapters).
 
-    `adapter`, when given, replaces the text template: adapter({"id", "messages"}) -> {"input_ids", "loss_mask"}.
+    `adapter`: the modality adapter (models/modality) that reads records and encodes them; default text chat.
     """
+    adapter = adapter if adapter is not None else text_adapter(cfg, tokenizer)
     fingerprint = dataset_fingerprint(cfg, tokenizer, adapter)
     cache = os.path.join(default_cache_dir(cfg), fingerprint)
     done = os.path.join(cache, "done.json")
+    columns = _columns(adapter)
     if os.path.exists(done):
-        return _load_split(cache, "train"), _load_split(cache, "eval")
-    records, report = load_conversations(cfg)
+        return _load_split(cache, "train", columns), _load_split(cache, "eval", columns)
+    records, report = load_conversations(cfg, adapter.record_kind, adapter.media_path_keys)
     print(report.summary())
     train_records, eval_records = split_train_eval(records, cfg)
     splits = []
@@ -112,7 +123,7 @@ def build_tokenized_datasets(cfg: DataConfig, tokenizer, adapter: Optional[Calla
             open(os.path.join(tmp, "empty"), "w").close()
         shutil.rmtree(os.path.join(cache, name), ignore_errors=True)
         os.replace(tmp, os.path.join(cache, name))
-        splits.append(_load_split(cache, name))
+        splits.append(_load_split(cache, name, columns))
     train, evals = splits
     dropped = len(train_records) + len(eval_records) - len(train) - len(evals)
     if dropped:

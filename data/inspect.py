@@ -45,11 +45,11 @@ def dataset_stats(dataset) -> dict:
 
 
 def run_inspect(cfg: DataConfig, tokenizer, num_samples: int = 1, colour: Optional[bool] = None,
-                out: TextIO = sys.stdout) -> dict:
+                out: TextIO = sys.stdout, adapter=None) -> dict:
     """Prints the first `num_samples` train samples highlighted, then train/eval statistics; returns the stats."""
     from data.dataset import build_tokenized_datasets
 
-    train, evals = build_tokenized_datasets(cfg, tokenizer)
+    train, evals = build_tokenized_datasets(cfg, tokenizer, adapter)
     for i in range(min(num_samples, len(train))):
         row = train[i]
         print(f"--- sample {i} id={row['id']} length={row['length']} trained={sum(row['loss_mask'])}", file=out)

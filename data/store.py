@@ -4,7 +4,10 @@ A store is a directory of safetensors shards plus ``manifest.json``.  Each shard
 concatenated along the token axis (``offsets`` gives the sample boundaries).  Layouts:
 - "full":    bf16 aux states (num_aux*H) + bf16 last hidden state (H)                       = 8*H bytes/token (3 aux)
 - "compact": fp8 e4m3 aux states with a float32 scale per token and layer, the teacher's top-k log-probs (fp16)
-             and their target ids (int16 when vocab < 32768, else int32), and the teacher's full-vocab argmax.
+             and their target ids, ``tail_samples`` target ids drawn from the rest of the teacher distribution
+             (systematic sampling, each worth (1 - top-k mass) / tail_samples: with the top-k entries an unbiased
+             estimate of the whole distribution), ids int16 when vocab < 32768 else int32, and the teacher's
+             full-vocab argmax.  Version 1 compact stores (no tail samples) are still read.
 Shards are written to a temporary name and renamed, then the manifest is replaced, so a crash loses at most the
 shard being filled; reopening the writer resumes after the last complete shard.  Sizes and sha256 are recorded;
 the reader refuses truncated or corrupt shards.
@@ -26,6 +29,7 @@ from data.io import atomic_write_bytes
 FP8_MAX = 448.0  # largest finite torch.float8_e4m3fn
 MANIFEST = "manifest.json"
 LAYOUTS = ("compact", "full")
+VERSION = 2  # 2: compact stores may hold teacher_tail_ids
 
 
 @dataclass
@@ -33,6 +37,7 @@ class StoreConfig:
     path: str = ""
     layout: str = "compact"            # compact | full
     topk: int = 16                     # teacher log-probs kept per position (compact)
+    tail_samples: int = 20             # ids sampled from the teacher's mass outside the top-k (compact)
     shard_bytes: int = 512 << 20       # a shard is closed once it holds this much
     batch_max_tokens: int = 4096       # padded tokens per target forward in run_dump
     verify: str = "size"               # reader check per shard: size | sha256
@@ -52,13 +57,14 @@ def dequantize_fp8(q: Tensor, scales: Tensor, dtype=torch.float32) -> Tensor:
 
 
 def bytes_per_token(layout: str, hidden_size: int, num_aux_layers: int = 3, vocab_size: int = 32000,
-                    topk: int = 16, include_tokens: bool = True) -> int:
+                    topk: int = 16, include_tokens: bool = True, tail_samples: int = 20) -> int:
     """Stored bytes per token (include_tokens adds input_ids int32 + loss_mask uint8)."""
     if layout == "full":
         size = 2 * num_aux_layers * hidden_size + 2 * hidden_size
     elif layout == "compact":
         index_bytes = 2 if vocab_size < 32768 else 4
-        size = num_aux_layers * hidden_size + 4 * num_aux_layers + topk * (2 + index_bytes) + 4
+        size = (num_aux_layers * hidden_size + 4 * num_aux_layers + topk * (2 + index_bytes)
+                + tail_samples * index_bytes + 4)
     else:
         raise ValueError(f"store layout {layout!r} unknown; choose {' or '.join(LAYOUTS)}")
     return size + (5 if include_tokens else 0)
@@ -69,15 +75,18 @@ class HiddenStateStoreWriter:
 
     def __init__(self, path: str, layout: str, hidden_size: int, num_aux_layers: int, aux_layer_ids: List[int],
                  vocab_size: int, target_fingerprint: str, topk: int = 16, shard_bytes: int = 512 << 20,
-                 dataset_fingerprint: str = "", teacher_vocab: str = "full"):
+                 dataset_fingerprint: str = "", teacher_vocab: str = "full", tail_samples: int = 20):
         if layout not in LAYOUTS:
             raise ValueError(f"store layout {layout!r} unknown; choose {' or '.join(LAYOUTS)}")
+        if topk < 1 or tail_samples < 0:
+            raise ValueError(f"store topk must be >= 1 and tail_samples >= 0, got {topk} and {tail_samples}")
         self.path, self.layout, self.shard_bytes = path, layout, shard_bytes
-        header = {"format": "aerie-hidden-states", "version": 1, "layout": layout, "hidden_size": hidden_size,
+        header = {"format": "aerie-hidden-states", "version": VERSION, "layout": layout, "hidden_size": hidden_size,
                   "num_aux_layers": num_aux_layers, "aux_layer_ids": list(aux_layer_ids), "vocab_size": vocab_size,
                   "target_fingerprint": target_fingerprint, "dataset_fingerprint": dataset_fingerprint,
                   "aux_dtype": "bfloat16" if layout == "full" else "float8_e4m3fn",
                   "topk": topk if layout == "compact" else 0, "teacher_vocab": teacher_vocab,
+                  "tail_samples": tail_samples if layout == "compact" else 0,
                   "topk_index_dtype": "int16" if vocab_size < 32768 else "int32"}
         os.makedirs(path, exist_ok=True)
         manifest_path = os.path.join(path, MANIFEST)
@@ -94,7 +103,8 @@ class HiddenStateStoreWriter:
         self._buffer: List[Dict[str, Tensor]] = []
         self._buffer_ids: List[str] = []
         self._buffer_bytes = 0
-        self._bytes_per_token = bytes_per_token(layout, hidden_size, num_aux_layers, vocab_size, topk)
+        self._bytes_per_token = bytes_per_token(layout, hidden_size, num_aux_layers, vocab_size, topk,
+                                                tail_samples=header["tail_samples"])
 
     @property
     def num_samples(self) -> int:
@@ -104,9 +114,10 @@ class HiddenStateStoreWriter:
     def add(self, input_ids: Tensor, loss_mask: Tensor, aux_hidden_states: Tensor,
             last_hidden_state: Optional[Tensor] = None, teacher_topk_logprobs: Optional[Tensor] = None,
             teacher_topk_ids: Optional[Tensor] = None, teacher_argmax: Optional[Tensor] = None,
-            sample_id: Optional[str] = None) -> None:
+            teacher_tail_ids: Optional[Tensor] = None, sample_id: Optional[str] = None) -> None:
         """One sample: input_ids/loss_mask (L,), aux_hidden_states (L, num_aux*H), then last_hidden_state (L, H)
-        for "full", or teacher_topk_logprobs/ids (L, k) and teacher_argmax (L,) for "compact"."""
+        for "full", or teacher_topk_logprobs/ids (L, k), teacher_tail_ids (L, tail_samples) and teacher_argmax (L,)
+        for "compact"."""
         m = self.manifest
         length = input_ids.shape[0]
         if aux_hidden_states.shape != (length, m["num_aux_layers"] * m["hidden_size"]):
@@ -125,12 +136,19 @@ class HiddenStateStoreWriter:
             if teacher_topk_logprobs.shape != (length, m["topk"]):
                 raise ValueError(f"teacher_topk_logprobs shape {tuple(teacher_topk_logprobs.shape)} != "
                                  f"({length}, {m['topk']})")
+            tail = m["tail_samples"]
+            if tail and (teacher_tail_ids is None or teacher_tail_ids.shape != (length, tail)):
+                got = None if teacher_tail_ids is None else tuple(teacher_tail_ids.shape)
+                raise ValueError(f"compact layout with tail_samples={tail} needs teacher_tail_ids of shape "
+                                 f"({length}, {tail}), got {got}")
             q, scales = quantize_fp8(aux_hidden_states.detach().cpu(), m["num_aux_layers"])
             index_dtype = torch.int16 if m["topk_index_dtype"] == "int16" else torch.int32
             sample.update(aux_hidden_states=q, aux_scales=scales,
                           teacher_topk_logprobs=teacher_topk_logprobs.detach().cpu().to(torch.float16),
                           teacher_topk_ids=teacher_topk_ids.detach().cpu().to(index_dtype),
                           teacher_argmax=teacher_argmax.detach().cpu().to(torch.int32))
+            if tail:
+                sample["teacher_tail_ids"] = teacher_tail_ids.detach().cpu().to(index_dtype)
         self._buffer.append(sample)
         self._buffer_ids.append(str(sample_id) if sample_id is not None
                                 else str(self.num_samples + len(self._buffer_ids)))
@@ -177,7 +195,8 @@ class HiddenStateStoreReader:
 
     Rank r of world_size w gets the samples whose global index i satisfies i % w == r; yields dicts with
     input_ids, loss_mask (long), aux_hidden_states (dequantised to `dtype`), and last_hidden_state (full) or
-    teacher_topk_logprobs (float32), teacher_topk_ids, teacher_argmax (long) (compact), plus "id".
+    teacher_topk_logprobs (float32), teacher_topk_ids, teacher_argmax, teacher_tail_ids (long; absent in version 1
+    stores) (compact), plus "id".
     dequantize=False (compact) yields the fp8 aux_hidden_states with their aux_scales instead, so that the
     consumer can dequantize_fp8 on its accelerator (CPU fp8 conversion is the reader's bottleneck).
     """
@@ -191,9 +210,15 @@ class HiddenStateStoreReader:
         self.parts = []
         for d in _store_dirs(path):
             with open(os.path.join(d, MANIFEST)) as f:
-                self.parts.append((d, json.load(f)))
+                m = json.load(f)
+            if m.get("version") not in (1, VERSION):
+                raise ValueError(f"{d}: hidden-state store version {m.get('version')} is not readable by this Aerie "
+                                 f"(reads versions 1 to {VERSION}); dump it again")
+            m.setdefault("tail_samples", 0)  # version 1
+            self.parts.append((d, m))
         self.manifest = self.parts[0][1]
-        keys = ("layout", "hidden_size", "num_aux_layers", "aux_layer_ids", "target_fingerprint", "topk")
+        keys = ("layout", "hidden_size", "num_aux_layers", "aux_layer_ids", "target_fingerprint", "topk",
+                "tail_samples")
         for d, m in self.parts[1:]:
             if any(m[k] != self.manifest[k] for k in keys):
                 raise ValueError(f"{d}: store part does not match {self.parts[0][0]} in {keys}")
@@ -310,7 +335,24 @@ class HiddenStateStoreReader:
             out["teacher_topk_logprobs"] = t["teacher_topk_logprobs"].float()
             out["teacher_topk_ids"] = t["teacher_topk_ids"].long()
             out["teacher_argmax"] = t["teacher_argmax"].long()
+            if "teacher_tail_ids" in t:
+                out["teacher_tail_ids"] = t["teacher_tail_ids"].long()
         return out
+
+
+def sample_tail(logprobs: Tensor, topk_index: Tensor, num_samples: int,
+                generator: Optional[torch.Generator] = None) -> Tensor:
+    """(T, V) log-probs, (T, k) top-k columns -> (T, num_samples) columns drawn from the mass outside the top-k.
+
+    Systematic sampling along the vocabulary: column i is drawn num_samples * p_i / tail times in expectation
+    (tail = mass outside the top-k), so the top-k probabilities plus tail / num_samples per drawn column are an
+    unbiased estimate of the distribution.  Columns with p_i >= tail / num_samples are always drawn.
+    """
+    probs = logprobs.float().exp().scatter(-1, topk_index, 0.0)
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
+    points = (u + torch.arange(num_samples, device=probs.device)) / num_samples * cdf[:, -1:]
+    return torch.searchsorted(cdf, points, right=True).clamp_max(probs.shape[-1] - 1)
 
 
 def target_fingerprint(spec) -> str:
@@ -325,7 +367,8 @@ def run_dump(target, dataset, cfg: StoreConfig, draft_token_ids: Optional[Tensor
 
     Rank r dumps samples r, r+w, ... into cfg.path/part-{r:05d} (cfg.path itself when world_size == 1) and resumes
     after the complete shards already there.  draft_token_ids (default: the whole target vocabulary) is the id
-    set the compact layout's top-k log-probs are normalised over; stored ids are target ids.
+    set the compact layout's top-k log-probs are normalised over; stored ids are target ids.  Tail samples are
+    seeded by the sample's index, so a resumed or re-sharded dump writes the same store.
     """
     from data.batching import collate
 
@@ -339,25 +382,30 @@ def run_dump(target, dataset, cfg: StoreConfig, draft_token_ids: Optional[Tensor
     path = cfg.path if world_size == 1 else os.path.join(cfg.path, f"part-{rank:05d}")
     writer = HiddenStateStoreWriter(path, cfg.layout, spec.hidden_size, len(spec.aux_layer_ids), spec.aux_layer_ids,
                                     spec.vocab_size, target_fingerprint(spec), cfg.topk, cfg.shard_bytes,
-                                    dataset_fingerprint, teacher_vocab)
+                                    dataset_fingerprint, teacher_vocab, cfg.tail_samples)
     device = next(target.module.parameters()).device
     draft_token_ids = draft_token_ids.to(device)
     todo = list(range(rank, len(dataset), world_size))[writer.num_samples:]
     batch_rows: List[dict] = []
+    batch_index: List[int] = []
 
     def run(rows: List[dict]) -> None:
         batch = {k: v.to(device) for k, v in collate(rows, packed=False, max_tokens=10 ** 9).items()}
         out = target.forward(batch, draft_token_ids, return_last_hidden=cfg.layout == "full")
-        for b, row in enumerate(rows):
+        for b, (row, index) in enumerate(zip(rows, batch_index)):
             n = len(row["input_ids"])
             extra = {}
             if cfg.layout == "full":
                 extra["last_hidden_state"] = out.last_hidden_state[b, :n]
             else:
                 logprobs = torch.log_softmax(out.teacher_logits[b, :n].float(), dim=-1)
-                values, index = logprobs.topk(min(cfg.topk, logprobs.shape[-1]), dim=-1)
-                extra.update(teacher_topk_logprobs=values, teacher_topk_ids=draft_token_ids[index],
+                values, topk_index = logprobs.topk(min(cfg.topk, logprobs.shape[-1]), dim=-1)
+                extra.update(teacher_topk_logprobs=values, teacher_topk_ids=draft_token_ids[topk_index],
                              teacher_argmax=out.teacher_argmax[b, :n])
+                if cfg.tail_samples:
+                    generator = torch.Generator(device=device).manual_seed(index)
+                    tail = sample_tail(logprobs, topk_index, cfg.tail_samples, generator)
+                    extra["teacher_tail_ids"] = draft_token_ids[tail]
             writer.add(batch["input_ids"][b, :n], batch["loss_mask"][b, :n], out.aux_hidden_states[b, :n],
                        sample_id=row.get("id"), **extra)
 
@@ -366,8 +414,9 @@ def run_dump(target, dataset, cfg: StoreConfig, draft_token_ids: Optional[Tensor
         width = max([len(r["input_ids"]) for r in batch_rows] + [len(row["input_ids"])])
         if batch_rows and width * (len(batch_rows) + 1) > cfg.batch_max_tokens:
             run(batch_rows)
-            batch_rows = []
+            batch_rows, batch_index = [], []
         batch_rows.append(row)
+        batch_index.append(i)
     if batch_rows:
         run(batch_rows)
     writer.close()

@@ -93,14 +93,16 @@ def load_vocab(path: str, fingerprint: Optional[str] = None) -> Tuple[Tensor, Te
 
 
 def build_and_save_vocab(dataset, vocab_size: int, draft_vocab_size: int, path: str, fingerprint: str,
-                         num_proc: int = 1) -> Tuple[Tensor, Tensor, Tensor]:
-    """Counts, builds the draft vocab (models.draft.vocab) and saves it (rank 0 only); returns (d2t, t2d, counts)."""
+                         num_proc: int = 1, candidates: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Counts, builds the draft vocab (models.draft.vocab) and saves it (rank 0 only); returns (d2t, t2d, counts).
+
+    candidates: the target ids the draft vocab may hold (the modality adapter's; None: any)."""
     import torch.distributed as dist
 
     from models.draft.vocab import build_draft_vocab
 
     counts = count_token_frequencies(dataset, vocab_size, num_proc)
-    d2t, t2d = build_draft_vocab(counts, min(draft_vocab_size, vocab_size))
+    d2t, t2d = build_draft_vocab(counts, min(draft_vocab_size, vocab_size), candidates)
     distributed = dist.is_available() and dist.is_initialized()
     if not distributed or dist.get_rank() == 0:
         save_vocab(path, d2t, t2d, counts, fingerprint)

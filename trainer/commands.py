@@ -9,16 +9,21 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 
-def _tokenizer(cfg):
-    from transformers import AutoTokenizer
+def _adapter(cfg):
+    """The modality adapter over the target's tokenizer (and processor), without loading the target's weights."""
+    from models.registry import MODALITIES
+    from models.targets.hf import load_tokenizer_and_processor
+    from trainer.data import build_adapter
 
-    return AutoTokenizer.from_pretrained(cfg.target.path, trust_remote_code=cfg.target.trust_remote_code)
+    tokenizer, processor = load_tokenizer_and_processor(cfg.target, MODALITIES.get(cfg.modality.name).is_multimodal)
+    return build_adapter(cfg, tokenizer, processor)
 
 
 def run_inspect_command(cfg) -> None:
     from data.inspect import run_inspect
 
-    run_inspect(OmegaConf.to_object(cfg.data), _tokenizer(cfg))
+    adapter = _adapter(cfg)
+    run_inspect(OmegaConf.to_object(cfg.data), adapter.tokenizer, adapter=adapter)
 
 
 def run_vocab_command(cfg) -> None:
@@ -28,9 +33,11 @@ def run_vocab_command(cfg) -> None:
     from trainer.distributed import init_distributed
 
     dist = init_distributed()
-    tokenizer = _tokenizer(cfg)
-    train, _ = _main_first(dist, lambda: build_tokenized_datasets(cfg.data, tokenizer))
-    vocab = draft_vocab(train, cfg, dataset_fingerprint(cfg.data, tokenizer), len(tokenizer))
+    adapter = _adapter(cfg)
+    tokenizer, data_cfg = adapter.tokenizer, adapter.data
+    train, _ = _main_first(dist, lambda: build_tokenized_datasets(data_cfg, tokenizer, adapter))
+    vocab = draft_vocab(train, cfg, dataset_fingerprint(data_cfg, tokenizer, adapter), len(tokenizer),
+                        adapter.draft_vocab_candidates())
     if dist.is_main:
         print(f"draft vocab of {vocab['d2t'].numel()} tokens written to {Path(cfg.run_dir) / 'vocab.safetensors'}")
 

@@ -6,11 +6,13 @@ walks its own shard of a seeded per-epoch order, and the position in it is two i
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
+from omegaconf import OmegaConf
 
 
 class EpochBatches:
@@ -86,11 +88,16 @@ def _sampler(lengths: List[int], cfg, dist, shuffle: bool):
                                    rank=dist.rank, world_size=dist.world_size)
 
 
-def _dataset_fetcher(dataset, cfg) -> Callable[[List[int]], dict]:
+def _dataset_fetcher(dataset, cfg, adapter) -> Callable[[List[int]], dict]:
+    """Indices -> collated batch; multimodal rows are re-encoded from their record to load the media."""
     from data.batching import collate
 
     def fetch(indices: List[int]) -> dict:
-        samples = [{"input_ids": r["input_ids"], "loss_mask": r["loss_mask"]} for r in dataset.select(indices)]
+        rows = dataset.select(indices)
+        if adapter.is_multimodal:
+            samples = [adapter.encode(json.loads(r["record"])) for r in rows]
+            return adapter.collate(samples, packed=cfg.trainer.packed, max_tokens=cfg.trainer.max_tokens_per_batch)
+        samples = [{"input_ids": r["input_ids"], "loss_mask": r["loss_mask"]} for r in rows]
         return collate(samples, packed=cfg.trainer.packed, max_tokens=cfg.trainer.max_tokens_per_batch)
 
     return fetch
@@ -120,6 +127,29 @@ def _eval_batches(lengths: List[int], fetch, cfg, dist) -> Callable[[], Iterator
     return run
 
 
+def build_adapter(cfg, tokenizer=None, processor=None, encode: bool = True, offline: bool = False):
+    """The run's modality adapter (cfg.modality), after checking it is the one the target is loaded for.
+
+    encode: it will encode records, so the target's tokenizer (and processor, multimodal) must exist.
+    offline: refuse multimodal adapters (the store keeps no merged media embeddings)."""
+    from models.registry import MODALITIES
+
+    name = cfg.modality.name
+    adapter_cls = MODALITIES.get(name)
+    if cfg.target.modality != name:
+        raise ValueError(f"target {cfg.target.path!r} is a {cfg.target.modality!r} target (target.modality) but "
+                         f"modality={name}: add modality={cfg.target.modality} to the command line")
+    if offline and adapter_cls.is_multimodal:
+        raise ValueError(f"modality={name} trains online only (trainer.mode=online): the hidden-state store keeps "
+                         "no merged media embeddings or M-RoPE positions")
+    if encode and tokenizer is None:
+        raise ValueError(f"target {cfg.target.path!r} has no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    if encode and adapter_cls.is_multimodal and processor is None:
+        raise ValueError(f"target {cfg.target.path!r} has no processor files (preprocessor_config.json), which the "
+                         f"{name} adapter needs")
+    return adapter_cls(OmegaConf.to_object(cfg.modality), tokenizer, processor, data=OmegaConf.to_object(cfg.data))
+
+
 def build_train_data(cfg, dist, ds_config: dict) -> TrainData:
     from data.dataset import build_tokenized_datasets, dataset_fingerprint
     from models.registry import TARGETS
@@ -127,26 +157,39 @@ def build_train_data(cfg, dist, ds_config: dict) -> TrainData:
     if cfg.trainer.mode == "offline":
         return build_offline_data(cfg, dist)
     target = TARGETS.get(cfg.target.backend).load(cfg.target, ds_config)
-    tokenizer = target.tokenizer
-    train, evals = _main_first(dist, lambda: build_tokenized_datasets(cfg.data, tokenizer))
-    vocab = draft_vocab(train, cfg, dataset_fingerprint(cfg.data, tokenizer), target.spec.vocab_size)
+    adapter = build_adapter(cfg, target.tokenizer, target.processor)
+    data_cfg = OmegaConf.to_object(cfg.data)
+    train, evals = _main_first(dist, lambda: build_tokenized_datasets(data_cfg, target.tokenizer, adapter))
+    if adapter.is_multimodal and len(train) and max(train["length"]) > cfg.trainer.max_tokens_per_batch:
+        raise ValueError(f"a {cfg.modality.name} sample has {max(train['length'])} tokens > trainer.max_tokens_per_batch="
+                         f"{cfg.trainer.max_tokens_per_batch}; media tokens cannot be truncated: raise the budget "
+                         "or lower data.max_length")
+    vocab = draft_vocab(train, cfg, dataset_fingerprint(data_cfg, target.tokenizer, adapter), target.spec.vocab_size,
+                        adapter.draft_vocab_candidates())
     return TrainData(spec=target.spec, vocab=vocab, embed_tokens_weight=target.embed_tokens_weight(),
-                     train_batches=_train_batches(list(train["length"]), _dataset_fetcher(train, cfg), cfg, dist),
-                     eval_batches=_eval_batches(list(evals["length"]), _dataset_fetcher(evals, cfg), cfg, dist),
+                     train_batches=_train_batches(list(train["length"]), _dataset_fetcher(train, cfg, adapter), cfg,
+                                                  dist),
+                     eval_batches=_eval_batches(list(evals["length"]), _dataset_fetcher(evals, cfg, adapter), cfg, dist),
                      target=target)
 
 
-def draft_vocab(train, cfg, fingerprint: str, vocab_size: int) -> Dict[str, torch.Tensor]:
-    """The run's draft vocab: reused from <run_dir>/vocab.safetensors when built from the same data, else counted."""
+def draft_vocab(train, cfg, fingerprint: str, vocab_size: int, candidates: Optional[torch.Tensor] = None
+                ) -> Dict[str, torch.Tensor]:
+    """The run's draft vocab: reused from <run_dir>/vocab.safetensors when built from the same data, else counted.
+
+    Its size is draft.draft_vocab_size, clipped to the target vocab and to the adapter's candidate ids."""
     from data.vocab import build_and_save_vocab, load_vocab
 
     path = Path(cfg.run_dir) / "vocab.safetensors"
     size = min(cfg.draft.draft_vocab_size, vocab_size)
+    if candidates is not None:
+        size = min(size, int(candidates.unique().numel()))
     if path.is_file():
         d2t, t2d, _, _ = load_vocab(str(path), fingerprint)  # ValueError when stale
         if d2t.numel() == size:
             return {"d2t": d2t, "t2d": t2d}
-    d2t, t2d, _ = build_and_save_vocab(train, vocab_size, size, str(path), fingerprint, num_proc=cfg.data.num_proc)
+    d2t, t2d, _ = build_and_save_vocab(train, vocab_size, size, str(path), fingerprint, num_proc=cfg.data.num_proc,
+                                       candidates=candidates)
     return {"d2t": d2t, "t2d": t2d}
 
 
@@ -165,28 +208,32 @@ def _main_first(dist, build: Callable):
 def teacher_from_store_batch(batch: Dict[str, torch.Tensor], teacher_head, draft_token_ids: torch.Tensor):
     """Teacher (logits over the draft vocab, target argmax) from a store batch.
 
-    Full layout: the stored last hidden state through the target's final norm + lm_head.  Compact layout:
-    the stored top-k log-probs scattered onto the draft vocab; the rest of the draft vocab gets a logit far
-    below them, so the softmax renormalises over the top-k entries the draft can produce.
+    Full layout: the stored last hidden state through the target's final norm + lm_head.  Compact layout: the
+    stored top-k probabilities plus (1 - their sum) / n for each of the n stored tail samples (an unbiased
+    estimate of the teacher distribution), restricted to the draft vocab, whose softmax renormalises over it as
+    it does the full teacher; ids never stored get a logit far below.  Version 1 stores have no tail samples: the
+    softmax then renormalises over the top-k alone.
     """
     if "last_hidden_state" in batch:
         return teacher_head.teacher_from_hidden(batch["last_hidden_state"], draft_token_ids)
-    topk_ids, topk_logprobs = batch["teacher_topk_ids"], batch["teacher_topk_logprobs"]
-    lookup = torch.full((int(max(draft_token_ids.max(), topk_ids.max())) + 1,), -1, dtype=torch.long,
-                        device=topk_ids.device)
-    lookup[draft_token_ids.to(topk_ids.device)] = torch.arange(draft_token_ids.numel(), device=topk_ids.device)
-    draft_index = lookup[topk_ids]
-    inside = draft_index >= 0
-    logits = torch.full((*topk_ids.shape[:-1], draft_token_ids.numel()), -1e4, dtype=torch.float32,
-                        device=topk_ids.device)
-    floor = topk_logprobs.min(dim=-1, keepdim=True).values - 30.0
-    values = torch.where(inside, topk_logprobs.float(), floor.float())
-    logits.scatter_(-1, draft_index.clamp(min=0), values)
+    ids, probs = batch["teacher_topk_ids"], batch["teacher_topk_logprobs"].float().exp()
+    device, vocab = ids.device, draft_token_ids.numel()
+    tail_ids = batch.get("teacher_tail_ids")
+    if tail_ids is not None and tail_ids.shape[-1] > 0:
+        tail = (1.0 - probs.sum(-1, keepdim=True)).clamp(min=0.0) / tail_ids.shape[-1]
+        ids, probs = torch.cat([ids, tail_ids], -1), torch.cat([probs, tail.expand(tail_ids.shape)], -1)
+    # target id -> draft index; ids outside the draft vocab land in an extra column that is dropped
+    lookup = torch.full((int(max(draft_token_ids.max(), ids.max())) + 1,), vocab, dtype=torch.long, device=device)
+    lookup[draft_token_ids.to(device)] = torch.arange(vocab, device=device)
+    mass = torch.zeros((*ids.shape[:-1], vocab + 1), dtype=torch.float32, device=device)
+    mass.scatter_add_(-1, lookup[ids], probs)
+    mass = mass[..., :vocab]
+    logits = torch.where(mass > 0, mass.clamp(min=1e-30).log(), torch.full_like(mass, -1e4))
     return logits, batch["teacher_argmax"]
 
 
 STORE_FLOAT_KEYS = ("aux_hidden_states", "last_hidden_state", "teacher_topk_logprobs")
-STORE_INT_KEYS = ("teacher_topk_ids", "teacher_argmax")
+STORE_INT_KEYS = ("teacher_topk_ids", "teacher_argmax", "teacher_tail_ids")
 
 
 def collate_store(samples: List[dict], packed: bool, max_tokens: int) -> dict:
@@ -217,6 +264,7 @@ def build_offline_data(cfg, dist) -> TrainData:
     from models.targets.teacher import load_lm_head_only
     from trainer.export import load_target_embedding, target_spec_from_config
 
+    candidates = build_adapter(cfg, encode=False, offline=True).draft_vocab_candidates()
     store = Path(cfg.store.path)
     reader, eval_reader = (HiddenStateStoreReader(str(store / split)) for split in ("train", "eval"))
     spec = target_spec_from_config(cfg.target)
@@ -224,7 +272,7 @@ def build_offline_data(cfg, dist) -> TrainData:
         raise ValueError(f"{store}: dumped aux layers {reader.manifest['aux_layer_ids']} differ from the target's "
                          f"{spec.aux_layer_ids}; dump again or set target.aux_layer_ids")
     teacher_head = load_lm_head_only(cfg.target) if reader.manifest["layout"] == "full" else None
-    vocab = store_draft_vocab(reader, cfg, spec.vocab_size)
+    vocab = store_draft_vocab(reader, cfg, spec.vocab_size, candidates)
     packed, budget = cfg.trainer.packed, cfg.trainer.max_tokens_per_batch
 
     def fetcher(source):
@@ -236,7 +284,8 @@ def build_offline_data(cfg, dist) -> TrainData:
                      teacher_head=teacher_head)
 
 
-def store_draft_vocab(reader, cfg, vocab_size: int) -> Dict[str, torch.Tensor]:
+def store_draft_vocab(reader, cfg, vocab_size: int, candidates: Optional[torch.Tensor] = None
+                      ) -> Dict[str, torch.Tensor]:
     """The draft vocab counted over the store's loss-masked tokens, cached in the run dir by store fingerprint."""
     import datasets
 
@@ -245,4 +294,4 @@ def store_draft_vocab(reader, cfg, vocab_size: int) -> Dict[str, torch.Tensor]:
         rows["input_ids"].append(input_ids.tolist())
         rows["loss_mask"].append(loss_mask.tolist())
     fingerprint = "store-" + str(reader.manifest.get("dataset_fingerprint") or reader.manifest["target_fingerprint"])
-    return draft_vocab(datasets.Dataset.from_dict(rows), cfg, fingerprint, vocab_size)
+    return draft_vocab(datasets.Dataset.from_dict(rows), cfg, fingerprint, vocab_size, candidates)

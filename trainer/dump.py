@@ -23,18 +23,21 @@ def run_dump_command(cfg) -> None:
     from data.dataset import build_tokenized_datasets, dataset_fingerprint
     from data.store import run_dump
     from models.registry import TARGETS
-    from trainer.data import _main_first
+    from trainer.data import _main_first, build_adapter
     from trainer.distributed import barrier, init_distributed
     from trainer.engine import build_ds_config
     from trainer.logger import save_resolved_config
 
+    build_adapter(cfg, encode=False, offline=True)  # fails fast on a multimodal target, before loading it
     dist = init_distributed()
     ds_config = build_ds_config(cfg.deepspeed, cfg.trainer, dist.world_size)
     target = TARGETS.get(cfg.target.backend).load(cfg.target, ds_config)
     if cfg.deepspeed.zero_stage == 3:
         _inference_engine(target, ds_config)
-    splits = _main_first(dist, lambda: build_tokenized_datasets(cfg.data, target.tokenizer))
-    fingerprint = dataset_fingerprint(cfg.data, target.tokenizer)
+    adapter = build_adapter(cfg, target.tokenizer, target.processor)
+    data_cfg = OmegaConf.to_object(cfg.data)
+    splits = _main_first(dist, lambda: build_tokenized_datasets(data_cfg, target.tokenizer, adapter))
+    fingerprint = dataset_fingerprint(data_cfg, target.tokenizer, adapter)
     root = Path(cfg.store.path)
     for name, dataset in zip(("train", "eval"), splits):
         store_cfg = dataclasses.replace(OmegaConf.to_object(cfg.store), path=str(root / name))

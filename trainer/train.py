@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 
@@ -55,23 +56,26 @@ class TrainModule(nn.Module):
         self.__dict__["_target"] = target  # the TargetModel wrapper, not a submodule
 
     def teacher(self, batch: Dict[str, torch.Tensor]):
-        """(aux_hidden_states, teacher_logits, teacher_argmax, inputs_embeds) for a batch."""
+        """(aux_hidden_states, teacher_logits, teacher_argmax, inputs_embeds, position_ids) for a batch.
+
+        Multimodal targets give the draft their merged input embeddings and (M-RoPE) positions, as served."""
         draft_token_ids = self.draft.draft_token_ids()
         with torch.no_grad():
             if self._target is not None:
                 out = self._target.forward(batch, draft_token_ids)
-                return out.aux_hidden_states, out.teacher_logits, out.teacher_argmax, out.inputs_embeds
+                positions = out.position_ids if out.position_ids is not None else batch["position_ids"]
+                return out.aux_hidden_states, out.teacher_logits, out.teacher_argmax, out.inputs_embeds, positions
             from trainer.data import teacher_from_store_batch
 
             logits, argmax = teacher_from_store_batch(batch, self.teacher_head, draft_token_ids)
-            return batch["aux_hidden_states"], logits, argmax, None
+            return batch["aux_hidden_states"], logits, argmax, None, batch["position_ids"]
 
     def forward(self, batch: Dict[str, torch.Tensor], ttt_steps: int, step_decay: float):
         from models.draft.ttt import ttt_forward
 
-        aux, teacher_logits, teacher_argmax, inputs_embeds = self.teacher(batch)
+        aux, teacher_logits, teacher_argmax, inputs_embeds, positions = self.teacher(batch)
         return ttt_forward(self.draft, batch["input_ids"], aux.to(self.draft.fc.weight.dtype), teacher_logits,
-                           teacher_argmax, batch["loss_mask"], batch["position_ids"], batch["document_ids"],
+                           teacher_argmax, batch["loss_mask"], positions, batch["document_ids"],
                            ttt_steps=ttt_steps, step_decay=step_decay, inputs_embeds=inputs_embeds)
 
 
@@ -119,7 +123,9 @@ class Trainer:
         self.spec = self.data.spec
         self.vocab = self.data.vocab
         draft_cls = DRAFTS.get(cfg.draft.arch)
-        self.draft = draft_cls.from_target(cfg.draft, self.spec)
+        draft_cfg = OmegaConf.to_object(cfg.draft)
+        draft_cfg.draft_vocab_size = int(self.vocab["d2t"].numel())  # clipped to the adapter's candidate ids
+        self.draft = draft_cls.from_target(draft_cfg, self.spec)
         self.draft.load_embedding(self.data.embed_tokens_weight)
         self.data.embed_tokens_weight = None  # the draft holds its own frozen copy; drop the V x H duplicate
         self.draft.set_draft_vocab(self.vocab["d2t"], self.vocab["t2d"])

@@ -88,7 +88,7 @@ def rope_inv_freq(config: Eagle3ModelConfig) -> Tuple[Tensor, float]:
     """Inverse frequencies and cos/sin scaling from the target's rope_theta / rope_scaling."""
     scaling = dict(config.rope_scaling or {})
     rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
-    if rope_type == "default":
+    if rope_type in ("default", "mrope"):  # M-RoPE: default frequencies, split over (t, h, w) by RotaryEmbedding
         exponents = torch.arange(0, config.head_dim, 2, dtype=torch.int64).float() / config.head_dim
         return 1.0 / (config.rope_theta**exponents), 1.0
     if rope_type in ("dynamic", "longrope"):
@@ -110,13 +110,31 @@ def rope_inv_freq(config: Eagle3ModelConfig) -> Tuple[Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
+    """RoPE over (B, T) positions, or M-RoPE over (3, B, T) positions when rope_scaling has mrope_section.
+
+    M-RoPE (Qwen2-VL / Qwen2.5-VL): frequency j rotates by the temporal, height or width position according to
+    the section it falls in; with equal components (text) it is plain RoPE, so (B, T) positions also work."""
+
     def __init__(self, config: Eagle3ModelConfig):
         super().__init__()
         inv_freq, self.attention_scaling = rope_inv_freq(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        scaling = config.rope_scaling or {}
+        section = [int(n) for n in scaling.get("mrope_section") or []]
+        if section and scaling.get("mrope_interleaved"):
+            raise ValueError("rope_scaling.mrope_interleaved (Qwen3-VL layout) is not supported by the draft")
+        if section and sum(section) != inv_freq.numel():
+            raise ValueError(f"rope_scaling.mrope_section {section} must sum to head_dim/2 = {inv_freq.numel()}")
+        component = torch.repeat_interleave(torch.arange(len(section)), torch.tensor(section, dtype=torch.long))
+        self.register_buffer("mrope_component", component, persistent=False)
 
     def forward(self, position_ids: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
         freqs = position_ids.float()[..., None] * self.inv_freq
+        if position_ids.dim() == 3:  # (3, B, T) -> pick each frequency's component
+            if self.mrope_component.numel() == 0:
+                raise ValueError("3D (M-RoPE) position ids given to a draft whose rope_scaling has no mrope_section")
+            index = self.mrope_component.expand(1, *freqs.shape[1:])
+            freqs = freqs.gather(0, index).squeeze(0)
         angles = torch.cat([freqs, freqs], -1)  # (B, T, head_dim)
         return (angles.cos() * self.attention_scaling).to(dtype), (angles.sin() * self.attention_scaling).to(dtype)
 

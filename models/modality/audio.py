@@ -50,6 +50,8 @@ def num_encoder_frames(num_mel_frames: int) -> int:
 class AudioAdapter(ModalityAdapter):
     is_multimodal = True
     config_class = AudioConfig
+    record_kind = "raw"
+    media_path_keys = ("audio",)
 
     def _feature_extractor(self):
         if self.processor is None:
@@ -74,7 +76,7 @@ class AudioAdapter(ModalityAdapter):
         input_ids, loss_mask = list(tokens["input_ids"]), list(tokens["loss_mask"])
         audio_token_id = self.tokenizer.convert_tokens_to_ids(cfg.audio_token)
         if sum(1 for t in input_ids if t == audio_token_id) != num_frames:
-            raise ValueError(f"sample {sid}: audio placeholders cut by max_length={cfg.max_length}")
+            raise ValueError(f"sample {sid}: audio placeholders cut by data.max_length={self.data.max_length}")
         return {"id": sid, "input_ids": input_ids, "loss_mask": loss_mask,
                 "input_features": features["input_features"], "feature_attention_mask": features["attention_mask"]}
 

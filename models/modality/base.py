@@ -1,33 +1,43 @@
 """ModalityAdapter: raw sample -> token ids + loss mask (+ media tensors), batching, and target inputs.
 
-An adapter turns one raw sample into ``{"id", "input_ids", "loss_mask", ...media}`` (``encode``), lays
-encoded samples out in the contract batch layout (``collate``: padded rows, or packed rows with
-``document_ids``), and, for multimodal targets, gives the extra keyword inputs the target's
-multimodal base model needs (``model_inputs``) so the target returns the merged ``inputs_embeds``.
+An adapter turns one raw record into ``{"id", "input_ids", "loss_mask", ...media}`` (``encode``), lays
+encoded samples out in the contract batch layout (``collate``: ``data.batching.collate`` plus the media
+tensors), and, for multimodal targets, gives the extra keyword inputs the target's multimodal base model
+needs (``model_inputs``) so the target returns the merged ``inputs_embeds``.
+
+Records are either chat conversations (``record_kind = "conversation"``: validated by ``data.sources`` like
+text data, plus the adapter's ``media_path_keys``) or free-form rows the adapter validates itself
+(``"raw"``).  Templating settings (max_length, system prompt, template kwargs, mask method) are the data
+config's; the adapter's own config holds only what is specific to its modality.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
-import torch
 from torch import Tensor
 
 
 @dataclass
 class ModalityConfig:
-    max_length: int = 2048
-    system_prompt: Optional[str] = None
-    chat_template_kwargs: Optional[dict] = None
+    """Settings of one adapter (subclassed per modality)."""
 
 
 class ModalityAdapter:
     is_multimodal = False
     config_class = ModalityConfig
+    record_kind = "conversation"  # conversation | raw
+    media_path_keys: Tuple[str, ...] = ()  # record keys holding file paths (resolved against the data file's dir)
     pad_token_id = 0
 
-    def __init__(self, cfg: Optional[ModalityConfig] = None, tokenizer=None, processor=None):
+    def __init__(self, cfg: Optional[ModalityConfig] = None, tokenizer=None, processor=None, data=None):
+        """data: the DataConfig whose templating settings apply (default: DataConfig())."""
+        from data.sources import DataConfig
+
         self.cfg = cfg if cfg is not None else self.config_class()
+        self.data = data if data is not None else DataConfig()
         self.tokenizer = tokenizer
         self.processor = processor
 
@@ -37,6 +47,14 @@ class ModalityAdapter:
     def draft_vocab_candidates(self) -> Optional[Tensor]:
         """Target ids the draft vocabulary may hold (None = any id)."""
         return None
+
+    @property
+    def fingerprint(self) -> str:
+        """What the tokenised output depends on besides the data and the tokenizer."""
+        config = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "name"}
+        processor = getattr(self.processor, "to_dict", None)
+        return json.dumps([type(self).__qualname__, config, processor() if processor else None], sort_keys=True,
+                          default=str)
 
     @classmethod
     def model_inputs(cls, target, batch: dict) -> dict:
@@ -48,45 +66,32 @@ class ModalityAdapter:
         return {}
 
     def collate(self, encoded: List[dict], packed: bool = False, max_tokens: Optional[int] = None) -> dict:
-        """Encoded samples -> batch tensors (contract layout; padding on the right, document_ids -1).
+        """Encoded samples -> batch tensors (``data.batching.collate``) plus the samples' media tensors.
 
-        packed: fill rows of at most ``max_tokens`` tokens with whole samples, in order."""
-        rows: List[List[dict]] = []
-        for sample in encoded:
-            n = len(sample["input_ids"])
-            if packed:
-                if max_tokens is None:
-                    raise ValueError("collate(packed=True) needs max_tokens")
-                if n > max_tokens:
-                    raise ValueError(f"sample {sample.get('id')!r} has {n} tokens > max_tokens {max_tokens}")
-                if rows and sum(len(s["input_ids"]) for s in rows[-1]) + n <= max_tokens:
-                    rows[-1].append(sample)
-                    continue
-            rows.append([sample])
-        length = max(sum(len(s["input_ids"]) for s in row) for row in rows)
-        shape = (len(rows), length)
-        batch = {"input_ids": torch.full(shape, self.pad_token_id, dtype=torch.long),
-                 "loss_mask": torch.zeros(shape, dtype=torch.long),
-                 "position_ids": torch.zeros(shape, dtype=torch.long),
-                 "document_ids": torch.full(shape, -1, dtype=torch.long)}
-        for r, row in enumerate(rows):
-            start = 0
-            for d, sample in enumerate(row):
-                n = len(sample["input_ids"])
-                batch["input_ids"][r, start:start + n] = torch.as_tensor(sample["input_ids"])
-                batch["loss_mask"][r, start:start + n] = torch.as_tensor(sample["loss_mask"])
-                batch["position_ids"][r, start:start + n] = torch.arange(n)
-                batch["document_ids"][r, start:start + n] = d
-                start += n
-        batch.update(self.collate_media([s for row in rows for s in row]))
+        packed: all samples in one row.  Media placeholders cannot be cut, so a multimodal sample that does not
+        fit ``max_tokens`` is an error rather than truncated."""
+        from data.batching import collate
+
+        lengths = [len(s["input_ids"]) for s in encoded]
+        budget = max_tokens if max_tokens is not None else (sum(lengths) if packed else max(lengths))
+        if self.is_multimodal:
+            room = [budget - sum(lengths[:i]) for i in range(len(lengths))] if packed else [budget] * len(lengths)
+            for sample, n, free in zip(encoded, lengths, room):
+                if n > free:
+                    raise ValueError(f"sample {sample.get('id')!r} has {n} tokens but only {free} fit the batch "
+                                     f"(max_tokens={budget}); media tokens cannot be truncated: raise "
+                                     "trainer.max_tokens_per_batch or lower data.max_length")
+        batch = collate(encoded, packed=packed, max_tokens=budget, pad_token_id=self.pad_token_id)
+        batch.update(self.collate_media(encoded))
         return batch
 
 
 def tokenize(adapter: ModalityAdapter, messages: List[dict]) -> Dict[str, List[int]]:
-    from data.template import tokenize_conversation  # written by the data owner; imported lazily
+    from data.template import tokenize_conversation
 
-    return tokenize_conversation(adapter.tokenizer, messages, adapter.cfg.max_length, adapter.cfg.system_prompt,
-                                 adapter.cfg.chat_template_kwargs)
+    data = adapter.data
+    return tokenize_conversation(adapter.tokenizer, messages, data.max_length, data.system_prompt,
+                                 data.chat_template_kwargs, data.mask_method)
 
 
 def sample_id(sample: dict) -> str:

@@ -26,9 +26,10 @@ class SpeechTokensConfig(ModalityConfig):
 @MODALITIES.register("speech_tokens")
 class SpeechTokensAdapter(ModalityAdapter):
     config_class = SpeechTokensConfig
+    record_kind = "raw"
 
-    def __init__(self, cfg: Optional[SpeechTokensConfig] = None, tokenizer=None, processor=None):
-        super().__init__(cfg, tokenizer, processor)
+    def __init__(self, cfg: Optional[SpeechTokensConfig] = None, tokenizer=None, processor=None, data=None):
+        super().__init__(cfg, tokenizer, processor, data)
         if self.cfg.num_speech_tokens <= 0:
             raise ValueError("speech_tokens adapter needs num_speech_tokens > 0 (the codec codebook size)")
 
@@ -47,8 +48,9 @@ class SpeechTokensAdapter(ModalityAdapter):
         speech_ids = [cfg.speech_token_offset + int(c) for c in codes]
         if cfg.speech_end_id is not None:
             speech_ids.append(cfg.speech_end_id)
-        input_ids = (text_ids + speech_ids)[: cfg.max_length]
-        loss_mask = ([0] * len(text_ids) + [1] * len(speech_ids))[: cfg.max_length]
+        max_length = self.data.max_length
+        input_ids = (text_ids + speech_ids)[:max_length]
+        loss_mask = ([0] * len(text_ids) + [1] * len(speech_ids))[:max_length]
         return {"id": sid, "input_ids": input_ids, "loss_mask": loss_mask}
 
     def draft_vocab_candidates(self) -> Tensor:

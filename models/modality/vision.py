@@ -41,6 +41,7 @@ def open_image(path: str, sid: str):
 class VisionAdapter(ModalityAdapter):
     is_multimodal = True
     config_class = VisionConfig
+    media_path_keys = ("images",)
 
     def _image_processor(self):
         if self.processor is None:
@@ -73,7 +74,7 @@ class VisionAdapter(ModalityAdapter):
         expected = int(media["image_grid_thw"].prod(-1).sum() // merge ** 2) if images else 0
         if num_placeholders != expected:
             raise ValueError(f"sample {sid}: {num_placeholders} image placeholder tokens after tokenization, expected "
-                             f"{expected} (image cut by max_length={cfg.max_length}?)")
+                             f"{expected} (image cut by data.max_length={self.data.max_length}?)")
         loss_mask = [0 if t == image_token_id else m for t, m in zip(input_ids, loss_mask)]
         return {"id": sid, "input_ids": input_ids, "loss_mask": loss_mask, **media}
 

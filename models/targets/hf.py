@@ -175,7 +175,7 @@ class HFTargetModel(TargetModel):
                 deepspeed.init_distributed()
             hf_ds_config = HfDeepSpeedConfig(ds_config)  # from_pretrained sees it and loads under zero.Init
         module = model_cls.from_pretrained(cfg.path, **kwargs)
-        tokenizer, processor = _load_tokenizer_and_processor(cfg, adapter_cls.is_multimodal)
+        tokenizer, processor = load_tokenizer_and_processor(cfg, adapter_cls.is_multimodal)
         target = cls(module, cfg, tokenizer=tokenizer, processor=processor, name_or_path=cfg.path)
         target._hf_ds_config = hf_ds_config  # HfDeepSpeedConfig is held by weakref in transformers: keep it alive
         return target
@@ -252,17 +252,24 @@ class HFTargetModel(TargetModel):
             return weight.detach().clone()
 
 
-def _load_tokenizer_and_processor(cfg: TargetConfig, multimodal: bool):
-    """Tokenizer (and processor for multimodal targets) when the checkpoint dir has them, else None."""
-    if not os.path.isdir(cfg.path) or not any(
-            os.path.exists(os.path.join(cfg.path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-        return None, None
-    from transformers import AutoProcessor, AutoTokenizer
+def load_tokenizer_and_processor(cfg: TargetConfig, multimodal: bool):
+    """Tokenizer (and processor for multimodal targets); None for a local checkpoint dir without those files.
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
-    has_processor = any(os.path.exists(os.path.join(cfg.path, f))
-                        for f in ("preprocessor_config.json", "processor_config.json"))
+    The processor is the image processor / feature extractor the adapters call (what AutoProcessor wraps)."""
+    local = os.path.isdir(cfg.path)
+
+    def has(*names):
+        return not local or any(os.path.exists(os.path.join(cfg.path, f)) for f in names)
+
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    tokenizer = None
+    if has("tokenizer.json", "tokenizer_config.json"):
+        tokenizer = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
     processor = None
-    if multimodal and has_processor:
-        processor = AutoProcessor.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    if multimodal and has("preprocessor_config.json", "processor_config.json"):
+        try:
+            processor = AutoProcessor.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+        except (ImportError, OSError, ValueError, TypeError):  # e.g. no torchvision for the video processor
+            processor = AutoImageProcessor.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
     return tokenizer, processor

@@ -117,3 +117,26 @@ def test_builtin_sharegpt_package():
     train, evals = split_train_eval(records, DataConfig(
         heldout_ids_path=f"{FIXTURE}/heldout_ids.json"))
     assert 0 < len(evals) <= len(heldout) and not {r["id"] for r in train} & set(heldout)
+
+
+def test_media_records_keep_paths_resolved(tmp_path):
+    sub = tmp_path / "set"
+    sub.mkdir()
+    rows = [{"id": "v1", "images": ["img/a.png", "/abs/b.png"],
+             "messages": [{"role": "user", "content": "<image> what?"}, {"role": "assistant", "content": "a cat"}]},
+            {"id": "v2", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+    path = write(sub / "vl.jsonl", "\n".join(json.dumps(r) for r in rows))
+    records, _ = load_conversations(DataConfig(source="json", path=path), media_path_keys=("images",))
+    assert records[0]["images"] == [str(sub / "img" / "a.png"), "/abs/b.png"]
+    assert "images" not in records[1] and records[1]["messages"][1]["content"] == "yo"
+    rooted, _ = load_conversations(DataConfig(source="json", path=path, media_root="/data"), media_path_keys=("images",))
+    assert rooted[0]["images"][0] == "/data/img/a.png"
+
+    raw_rows = [{"id": "u1", "audio": "a.wav", "transcript": "hello"}, [1, 2], {"text": "hi", "speech_tokens": [1]}]
+    raw_path = write(sub / "asr.jsonl", "\n".join(json.dumps(r) for r in raw_rows))
+    raw, report = load_conversations(DataConfig(source="json", path=raw_path), "raw", ("audio",))
+    assert raw[0] == {"id": "u1", "audio": str(sub / "a.wav"), "transcript": "hello"}
+    assert raw[1]["id"] == "asr.jsonl:2" and raw[1]["speech_tokens"] == [1]
+    assert report.counts == {"not_an_object": 1}
+    with pytest.raises(ValueError, match=r"asr\.jsonl:2.*not_an_object"):
+        load_conversations(DataConfig(source="json", path=raw_path, strict=True), "raw", ("audio",))

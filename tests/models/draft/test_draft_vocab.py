@@ -32,3 +32,14 @@ def test_full_vocabulary_is_identity():
 def test_bad_size_raises():
     with pytest.raises(ValueError, match="draft_vocab_size"):
         build_draft_vocab(torch.ones(10), 11)
+
+
+def test_candidates_restrict_the_vocab():
+    counts = torch.tensor([100, 90, 1, 0, 5, 0, 0, 3])
+    d2t, t2d = build_draft_vocab(counts, 3, candidates=torch.tensor([4, 5, 6, 7]))
+    assert (torch.arange(3) + d2t).tolist() == [4, 5, 7]  # most frequent candidates, ties to the lower id
+    assert t2d.nonzero().squeeze(-1).tolist() == [4, 5, 7]
+    with pytest.raises(ValueError, match="number of candidate ids"):
+        build_draft_vocab(counts, 5, candidates=torch.tensor([4, 5, 6, 7]))
+    with pytest.raises(ValueError, match="candidates must be target ids"):
+        build_draft_vocab(counts, 1, candidates=torch.tensor([8]))

@@ -65,6 +65,30 @@ def test_rope_theta_and_scaling_come_from_target(spec_factory):
         )
 
 
+def test_mrope_matches_qwen2_5_vl_rotary(spec_factory):
+    from transformers import Qwen2_5_VLTextConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding
+
+    section = [2, 3, 3]  # head_dim 16 -> 8 frequencies
+    scaling = {"rope_type": "default", "mrope_section": section}
+    draft = Eagle3LlamaDraft.from_target(DraftConfig(draft_vocab_size=128), spec_factory(rope_scaling=scaling))
+    hf = Qwen2_5_VLRotaryEmbedding(Qwen2_5_VLTextConfig(
+        hidden_size=64, num_attention_heads=4, max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}))
+    positions = torch.stack([torch.arange(10).repeat(2, 1), torch.randint(0, 9, (2, 10)), torch.randint(0, 9, (2, 10))])
+    cos, sin = draft.rotary_emb(positions, torch.float32)
+    ref_cos, ref_sin = hf(torch.zeros(1, dtype=torch.float32), positions)
+    torch.testing.assert_close(cos, ref_cos)
+    torch.testing.assert_close(sin, ref_sin)
+    text = torch.arange(10).repeat(2, 1)  # equal components: plain RoPE over (B, T) positions
+    torch.testing.assert_close(draft.rotary_emb(text.expand(3, -1, -1), torch.float32), draft.rotary_emb(text, torch.float32))
+    plain = Eagle3LlamaDraft.from_target(DraftConfig(draft_vocab_size=128), spec_factory())
+    with pytest.raises(ValueError, match="mrope_section"):
+        plain.rotary_emb(positions, torch.float32)
+    with pytest.raises(ValueError, match="sum to head_dim/2"):
+        Eagle3LlamaDraft.from_target(DraftConfig(), spec_factory(rope_scaling={"mrope_section": [2, 2, 2]}))
+
+
 def test_config_errors(spec_factory):
     with pytest.raises(ValueError, match="hidden_size"):
         Eagle3LlamaDraft.from_target(DraftConfig(hidden_size=32), spec_factory())

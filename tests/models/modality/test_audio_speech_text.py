@@ -4,7 +4,7 @@ import torch
 
 from models.registry import MODALITIES, TARGETS
 from models.targets.base import TargetConfig
-from tests.models.modality.conftest import FIXTURE
+from tests.conftest import TINY_CHAT
 
 DRAFT_IDS = torch.tensor([1, 5, 200])
 
@@ -40,7 +40,7 @@ def test_speech_tokens_adapter_trains_only_speech(tmp_path):
 
     from tests.models.targets.conftest import save_tiny
 
-    tokenizer = AutoTokenizer.from_pretrained(FIXTURE)
+    tokenizer = AutoTokenizer.from_pretrained(str(TINY_CHAT))
     cls = MODALITIES.get("speech_tokens")
     adapter = cls(cls.config_class(speech_token_offset=400, num_speech_tokens=100, speech_start_id=398,
                                    speech_end_id=399), tokenizer)
@@ -62,7 +62,7 @@ def test_speech_tokens_adapter_trains_only_speech(tmp_path):
 def test_text_adapter_collate_layout():
     from transformers import AutoTokenizer
 
-    adapter = MODALITIES.get("text")(None, AutoTokenizer.from_pretrained(FIXTURE))
+    adapter = MODALITIES.get("text")(None, AutoTokenizer.from_pretrained(str(TINY_CHAT)))
     enc = [adapter.encode({"id": str(i), "messages": [{"role": "user", "content": "hi " * (i + 1)},
                                                       {"role": "assistant", "content": "ok"}]}) for i in range(3)]
     assert all(sum(e["loss_mask"]) > 0 for e in enc)

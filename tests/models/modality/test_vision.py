@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from models.registry import MODALITIES, TARGETS
+from data.sources import DataConfig
 from models.targets.base import TargetConfig
 
 DRAFT_IDS = torch.tensor([1, 5, 200])
@@ -11,7 +12,7 @@ DRAFT_IDS = torch.tensor([1, 5, 200])
 def setup(vl_target_dir):
     path, tokenizer, processor = vl_target_dir
     target = TARGETS.get("hf").load(TargetConfig(path=path, dtype="float32", aux_layer_ids=[1, 2, 3], modality="vision"))
-    adapter = MODALITIES.get("vision")(MODALITIES.get("vision").config_class(max_length=256), tokenizer, processor)
+    adapter = MODALITIES.get("vision")(None, tokenizer, processor, data=DataConfig(max_length=256))
     return target, adapter
 
 

@@ -260,13 +260,16 @@ def collate_store(samples: List[dict], packed: bool, max_tokens: int) -> dict:
 
 def build_offline_data(cfg, dist) -> TrainData:
     """Batches from the hidden-state store of `aerie dump`; the teacher is the target's norm + lm_head alone."""
-    from data.store import HiddenStateStoreReader
+    from data.store import MANIFEST, HiddenStateStoreReader
     from models.targets.teacher import load_lm_head_only
     from trainer.export import load_target_embedding, target_spec_from_config
 
     candidates = build_adapter(cfg, encode=False, offline=True).draft_vocab_candidates()
     store = Path(cfg.store.path)
-    reader, eval_reader = (HiddenStateStoreReader(str(store / split)) for split in ("train", "eval"))
+    reader = HiddenStateStoreReader(str(store / "train"))
+    eval_dir = store / "eval"  # an empty eval split dumps nothing
+    has_eval = (eval_dir / MANIFEST).is_file() or any(eval_dir.glob(f"part-*/{MANIFEST}"))
+    eval_reader = HiddenStateStoreReader(str(eval_dir)) if has_eval else None
     spec = target_spec_from_config(cfg.target)
     if list(reader.manifest["aux_layer_ids"]) != list(spec.aux_layer_ids):
         raise ValueError(f"{store}: dumped aux layers {reader.manifest['aux_layer_ids']} differ from the target's "
@@ -280,7 +283,8 @@ def build_offline_data(cfg, dist) -> TrainData:
 
     return TrainData(spec=spec, vocab=vocab, embed_tokens_weight=load_target_embedding(cfg.target.path),
                      train_batches=_train_batches(reader.all_lengths, fetcher(reader), cfg, dist),
-                     eval_batches=_eval_batches(eval_reader.all_lengths, fetcher(eval_reader), cfg, dist),
+                     eval_batches=_eval_batches(eval_reader.all_lengths if eval_reader else [], fetcher(eval_reader),
+                                                cfg, dist),
                      teacher_head=teacher_head)
 
 

@@ -256,6 +256,8 @@ def test_version_1_store_still_read(tmp_path):
     got = list(HiddenStateStoreReader(str(tmp_path)))
     assert len(got) == 4 and "teacher_tail_ids" not in got[0]
     assert torch.equal(got[2]["teacher_topk_ids"], items[2]["teacher_topk_ids"])
+    w = HiddenStateStoreWriter(str(tmp_path), "compact", H, A, [1, 2, 3], V, "target-x", topk=K, tail_samples=0)
+    assert w.num_samples == 4  # resumable by this writer
     manifest["version"] = 3
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="version 3 is not readable"):

@@ -1,4 +1,6 @@
 """`aerie dump` then offline `aerie train`: the store replaces the target in the loop."""
+import json
+
 import pytest
 
 from tests.conftest import TINY_TRAIN_OVERRIDES, read_metrics, run_aerie
@@ -14,9 +16,9 @@ def test_offline_full_store_matches_online(tmp_path, data_cache):
     """Same data, same batches: offline losses from the lossless store equal the online ones (bf16 storage)."""
     online, offline = tmp_path / "online", tmp_path / "offline"
     run_aerie("train", *_common(online, data_cache))
-    run_aerie("dump", *_common(offline, data_cache))  # full is the default layout
+    run_aerie("dump", *_common(offline, data_cache), "store.layout=full")
     assert (offline / "store" / "train" / "manifest.json").is_file()
-    run_aerie("train", *_common(offline, data_cache), "trainer.mode=offline")
+    run_aerie("train", *_common(offline, data_cache), "store.layout=full", "trainer.mode=offline")
     a, b = read_metrics(online), read_metrics(offline)
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
@@ -28,6 +30,8 @@ def test_offline_full_store_matches_online(tmp_path, data_cache):
 def test_offline_compact_store_trains(tmp_path, data_cache):
     run_dir = tmp_path / "run"
     run_aerie("dump", *_common(run_dir, data_cache), "store.layout=compact")
+    manifest = json.loads((run_dir / "store" / "train" / "manifest.json").read_text())
+    assert manifest["version"] == 2 and manifest["topk"] == 8 and manifest["tail_samples"] == 36
     out = run_aerie("train", *_common(run_dir, data_cache), "trainer.mode=offline", "trainer.eval_every=2")
     metrics = read_metrics(run_dir)
     assert metrics[-1]["loss"] < metrics[0]["loss"] and "eval_loss" in metrics[1]

@@ -188,7 +188,7 @@ def main() -> None:
           f"eval MT-Bench {args.prompts} prompts x {args.max_new_tokens} tokens, k=3  (work dir {root})")
     full = results["full"]
     for name, r in results.items():
-        print(f"  {name:13} {r['measured']:6.0f} B/token = {r['measured'] / r['hidden']:.2f}*H (H={r['hidden']}), "
+        print(f"  {name:14} {r['measured']:6.0f} B/token = {r['measured'] / r['hidden']:.2f}*H (H={r['hidden']}), "
               f"{r['at_4096']:.2f}*H at H=4096")
         for metric, label in (("taus", "decoding tau"), ("expected", "teacher-forced tau")):
             cells = []

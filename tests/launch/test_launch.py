@@ -152,6 +152,9 @@ def test_slurm_two_tasks_preempted_requeued_resumes_exactly(slurm, reference, da
         # the job checkpoints and requeues itself; a requeued job waits out Slurm's BeginTime delay, skip it
         wait_for(lambda: job_field(job_id, "Restarts") == "1" and job_field(job_id, "JobState") == "PENDING",
                  180, "the job to requeue")
+        # slurmd rejects a credential created in the same second as the revocation of the previous run's
+        # ("Job credential revoked"): let a second pass before skipping the delay
+        time.sleep(2)
         sh("scontrol", "update", f"JobId={job_id}", "StartTime=now")
         wait_for(lambda: job_field(job_id, "JobState") not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING"),
                  300, "the requeued job to finish")

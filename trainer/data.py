@@ -90,15 +90,13 @@ def _sampler(lengths: List[int], cfg, dist, shuffle: bool):
 
 def _dataset_fetcher(dataset, cfg, adapter) -> Callable[[List[int]], dict]:
     """Indices -> collated batch; multimodal rows are re-encoded from their record to load the media."""
-    from data.batching import collate
-
     def fetch(indices: List[int]) -> dict:
         rows = dataset.select(indices)
         if adapter.is_multimodal:
             samples = [adapter.encode(json.loads(r["record"])) for r in rows]
-            return adapter.collate(samples, packed=cfg.trainer.packed, max_tokens=cfg.trainer.max_tokens_per_batch)
-        samples = [{"input_ids": r["input_ids"], "loss_mask": r["loss_mask"]} for r in rows]
-        return collate(samples, packed=cfg.trainer.packed, max_tokens=cfg.trainer.max_tokens_per_batch)
+        else:
+            samples = [{"input_ids": r["input_ids"], "loss_mask": r["loss_mask"]} for r in rows]
+        return adapter.collate(samples, packed=cfg.trainer.packed, max_tokens=cfg.trainer.max_tokens_per_batch)
 
     return fetch
 

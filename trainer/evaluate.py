@@ -1,14 +1,22 @@
-"""`aerie eval`: speculative decoding with an HF target and an Eagle3 draft, measuring acceptance.
+"""`aerie eval`: speculative decoding of a target with an Eagle3 draft, measuring acceptance, on either engine.
 
-Chain drafting (top-1 chain of k tokens), batch size 1.  The target keeps a DynamicCache that is cropped after
-each verification; its aux hidden states (the input of the draft's aux layers, vLLM convention) are captured by
-forward pre-hooks.  T = 0: a draft token is accepted when it equals the target's argmax.  T > 0: standard
-speculative sampling: accept x with prob min(1, p(x)/q(x)), else resample from norm(max(p - q, 0)); p and q are
-the target's and the draft's softmax at temperature T (q mapped into the target vocabulary, zero elsewhere).
+engine=hf (Aerie's in-process decoder, also used in training): chain drafting (top-1 chain of k tokens), batch
+size 1.  The target keeps a DynamicCache that is cropped after each verification; its aux hidden states (the input
+of the draft's aux layers, vLLM convention) are captured by forward pre-hooks.  T = 0: a draft token is accepted
+when it equals the target's argmax.  T > 0, two verification modes (p, q: the target's and the draft's softmax at
+temperature T, q mapped into the target vocabulary, zero elsewhere):
+  - eval.verify=target_only (default; vLLM's and SGLang's default): the draft proposes its argmax x, accepted
+    with probability p(x), else the next token is sampled from p with x removed.  This is exact speculative
+    sampling with q = one-hot(x), so the output still follows p.
+  - eval.verify=exact (vLLM's draft_sample_method="probabilistic"): x ~ q, accepted with min(1, p(x)/q(x)), else
+    resampled from norm(max(p - q, 0)).
+engine=vllm: real vLLM in its own process (trainer/vllm_engine.py) on the vllm export of the draft (written first
+when missing), with the same prompts, k, T and max_new_tokens; acceptance comes from vLLM's own counters, and the
+target alone is also run to measure vLLM's tokens/s with the draft over without.
 
 Metrics (vLLM's definitions): tau = mean over verify steps of (accepted + 1); acceptance at position i = share of
-verify steps with at least i + 1 accepted tokens; estimated speedup = tau / (1 + k * c) with c = measured draft
-step time / target verify-forward time.
+verify steps with at least i + 1 accepted tokens.  speedup: engine=hf estimates tau / (1 + k * c) with c = measured
+draft step time / target verify-forward time; engine=vllm measures generated tokens/s with / without the draft.
 """
 from __future__ import annotations
 
@@ -21,7 +29,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +50,8 @@ class EvalConfig:
     temperature: float = 0.0
     seed: int = 0
     out_dir: str = ""  # summary.json, acceptance.csv, acceptance.png; "" writes nothing
+    verify: str = "target_only"  # T > 0: target_only (vLLM / SGLang default) | exact (vLLM probabilistic drafts)
+    export_dir: str = ""  # engine=vllm: the vllm export served; "" -> <run_dir>/export/vllm for <run_dir>/final
 
 
 @dataclass
@@ -114,6 +124,15 @@ def render_prompt(tokenizer, messages: List[dict]) -> List[int]:
 
 
 # ---- speculative decoding ---------------------------------------------------------------------------------------
+VERIFY_MODES = ("target_only", "exact")
+
+
+def check_verify(verify: str) -> str:
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"eval.verify={verify!r}: not one of {', '.join(VERIFY_MODES)}")
+    return verify
+
+
 def verify_greedy(target_argmax: Sequence[int], draft_tokens: Sequence[int]) -> Tuple[int, int]:
     """(accepted, next token): target_argmax has k + 1 entries (one per verified position)."""
     accepted = 0
@@ -191,12 +210,17 @@ class SpeculativeDecoder:
         result.num_draft_calls += 1
         return logits[0, -1].float(), hidden[:, -1:]
 
-    def _propose(self, draft_logits: Tensor, temperature: float, generator) -> Tuple[int, Optional[Tensor]]:
+    def _propose(self, draft_logits: Tensor, temperature: float, generator,
+                 verify: str) -> Tuple[int, Optional[Tensor]]:
         """(target id of the drafted token, q over the target vocab or None at T = 0)."""
         if temperature <= 0:
             return int(self.draft_ids[draft_logits.argmax()]), None
-        q_draft = torch.softmax(draft_logits / temperature, -1)
         q = torch.zeros(self.target.get_output_embeddings().weight.shape[0], device=self.device)
+        if verify == "target_only":  # a deterministic draft: q is the one-hot of its argmax
+            token = int(self.draft_ids[draft_logits.argmax()])
+            q[token] = 1.0
+            return token, q
+        q_draft = torch.softmax(draft_logits / temperature, -1)
         q[self.draft_ids] = q_draft
         index = int(torch.multinomial(q_draft, 1, generator=generator))
         return int(self.draft_ids[index]), q
@@ -204,10 +228,11 @@ class SpeculativeDecoder:
     @torch.no_grad()
     def generate(self, prompt_ids: List[int], max_new_tokens: int, num_speculative_tokens: int,
                  temperature: float = 0.0, generator: Optional[torch.Generator] = None,
-                 eos_token_ids: Sequence[int] = ()) -> DecodeResult:
+                 eos_token_ids: Sequence[int] = (), verify: str = "target_only") -> DecodeResult:
         from transformers import DynamicCache
 
         k, eos = int(num_speculative_tokens), set(int(i) for i in eos_token_ids)
+        check_verify(verify)
         if k < 1 or max_new_tokens < 1 or len(prompt_ids) < 1:
             raise ValueError("generate needs num_speculative_tokens >= 1, max_new_tokens >= 1 and a non-empty prompt")
         if temperature > 0 and generator is None:
@@ -215,7 +240,8 @@ class SpeculativeDecoder:
         handles = [self.layers[i].register_forward_pre_hook(self._hook(i), with_kwargs=True)
                    for i in sorted(set(self.aux_layer_ids))]
         try:
-            return self._generate(list(prompt_ids), max_new_tokens, k, temperature, generator, eos, DynamicCache())
+            return self._generate(list(prompt_ids), max_new_tokens, k, temperature, generator, eos, DynamicCache(),
+                                  verify)
         finally:
             for handle in handles:
                 handle.remove()
@@ -226,7 +252,7 @@ class SpeculativeDecoder:
             return int(logits.argmax())
         return int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator))
 
-    def _generate(self, prompt, max_new_tokens, k, temperature, generator, eos, cache) -> DecodeResult:
+    def _generate(self, prompt, max_new_tokens, k, temperature, generator, eos, cache, verify) -> DecodeResult:
         result = DecodeResult(tokens=[])
         logits, aux = self._target_forward(prompt, cache)
         result.num_target_forwards += 1
@@ -244,7 +270,7 @@ class SpeculativeDecoder:
                     draft_logits, hidden = self._draft_call(
                         result, self.draft.step, hidden, torch.tensor([[drafts[-1]]], device=self.device),
                         torch.tensor([[num_seen - 1 + j]], device=self.device), draft_cache, is_aux=False)
-                token, q = self._propose(draft_logits, temperature, generator)
+                token, q = self._propose(draft_logits, temperature, generator, verify)
                 drafts.append(token)
                 qs.append(q)
             draft_cache.crop(num_seen)
@@ -275,30 +301,60 @@ class SpeculativeDecoder:
 
 
 # ---- metrics and reports -----------------------------------------------------------------------------------------
+def acceptance_stats(num_steps: int, num_accepted_per_pos: Sequence[int], k: int, num_prompts: int,
+                     num_generated_tokens: int) -> dict:
+    """The engine-independent part of a run's summary, from counts alone (what vLLM's counters give).
+
+    num_accepted_per_pos[i]: verify steps with at least i + 1 accepted tokens.  tau_std: standard deviation of
+    (accepted + 1) over verify steps (the distribution of accepted is fully given by these counts)."""
+    counts = [int(c) for c in num_accepted_per_pos] + [0] * (k - len(num_accepted_per_pos))
+    nan = float("nan")
+    if not num_steps:
+        mean, second = nan, nan
+    else:  # P(accepted = j) = (counts[j-1] - counts[j]) / steps, counts[-1] = steps
+        share = [(a - b) / num_steps for a, b in zip([num_steps] + counts, counts + [0])]
+        mean = sum(j * p for j, p in enumerate(share))
+        second = sum(j * j * p for j, p in enumerate(share))
+    return {
+        "num_speculative_tokens": k,
+        "tau": 1 + mean,
+        "tau_std": max(second - mean * mean, 0.0) ** 0.5 if num_steps else nan,
+        "acceptance_per_position": [c / num_steps if num_steps else nan for c in counts],
+        "tokens_per_target_forward": (num_generated_tokens / (num_steps + num_prompts)
+                                      if num_steps + num_prompts else nan),
+        "num_verify_steps": num_steps,
+        "num_accepted_per_position": counts,
+        "num_generated_tokens": num_generated_tokens,
+        "num_prompts": num_prompts,
+    }
+
+
 def summarize(results: List[DecodeResult], k: int) -> dict:
-    accepted = torch.tensor([a for r in results for a in r.accepted], dtype=torch.float64)
-    steps = len(accepted)
+    accepted = [a for r in results for a in r.accepted]
     tokens = sum(len(r.tokens) for r in results)
     forwards = sum(r.num_target_forwards for r in results)
     draft_calls = sum(r.num_draft_calls for r in results)
     verify_forwards = forwards - len(results)
     draft_step = sum(r.draft_seconds for r in results) / max(draft_calls, 1)
     target_step = sum(r.verify_seconds for r in results) / max(verify_forwards, 1)
-    tau = float((accepted + 1).mean()) if steps else float("nan")
+    per_pos = [sum(a >= i + 1 for a in accepted) for i in range(k)]
+    stats = acceptance_stats(len(accepted), per_pos, k, len(results), tokens)
     cost = draft_step / target_step if target_step > 0 else float("nan")
-    return {
-        "num_speculative_tokens": k,
-        "tau": tau,
-        "acceptance_per_position": [float((accepted >= i + 1).double().mean()) if steps else float("nan")
-                                    for i in range(k)],
-        "tokens_per_target_forward": tokens / forwards if forwards else float("nan"),
-        "num_verify_steps": steps,
-        "num_generated_tokens": tokens,
-        "num_prompts": len(results),
-        "draft_step_ms": 1e3 * draft_step,
-        "target_forward_ms": 1e3 * target_step,
-        "estimated_speedup": tau / (1 + k * cost) if steps and cost == cost else float("nan"),
-    }
+    speedup = stats["tau"] / (1 + k * cost) if accepted and cost == cost else float("nan")
+    return {**stats, "draft_step_ms": 1e3 * draft_step, "target_forward_ms": 1e3 * target_step,
+            "speedup": speedup, "speedup_source": "estimated", "estimated_speedup": speedup}
+
+
+def summarize_vllm_run(run: dict, k: int, target_tokens_per_second: float) -> dict:
+    """A vLLM run's summary (worker result of trainer/vllm_engine.py), in the format of `summarize`."""
+    if len(run["num_accepted_tokens_per_pos"]) > k or run["num_draft_tokens"] != k * run["num_drafts"]:
+        raise RuntimeError(f"vLLM counters do not describe k={k} chains: {run}")
+    stats = acceptance_stats(run["num_drafts"], run["num_accepted_tokens_per_pos"], k,
+                             len(run["output_token_ids"]), run["num_generated_tokens"])
+    assert sum(stats["num_accepted_per_position"]) == run["num_accepted_tokens"], run
+    tokens_per_second = run["num_generated_tokens"] / run["generate_seconds"]
+    return {**stats, "tokens_per_second": tokens_per_second, "target_tokens_per_second": target_tokens_per_second,
+            "speedup": tokens_per_second / target_tokens_per_second, "speedup_source": "measured"}
 
 
 def write_reports(summary: dict, out_dir) -> Dict[str, Path]:
@@ -350,23 +406,129 @@ def eos_ids(tokenizer, target: nn.Module) -> List[int]:
     return sorted(ids)
 
 
-def evaluate_draft(target: nn.Module, draft: Eagle3LlamaDraft, tokenizer, cfg: EvalConfig) -> dict:
-    """Acceptance of `draft` on cfg.prompts for each k; writes the reports when cfg.out_dir is set."""
+def check_eval_config(cfg: EvalConfig) -> List[int]:
+    """The k values to run; ValueError on a bad eval setting."""
     if cfg.max_new_tokens < 1:
         raise ValueError(f"eval.max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
+    check_verify(cfg.verify)
+    return speculative_ks(cfg.num_speculative_tokens)
+
+
+def eval_summary(cfg: EvalConfig, engine: str, runs: List[dict], **extra) -> dict:
+    """The one report of both engines; summary.json / acceptance.csv / acceptance.png when cfg.out_dir is set."""
+    summary = {"engine": engine, "prompts": cfg.prompts, "temperature": cfg.temperature, "verify": cfg.verify,
+               "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "draft": cfg.draft, **extra, "results": runs}
+    if cfg.out_dir:
+        summary["files"] = {name: str(path) for name, path in write_reports(summary, cfg.out_dir).items()}
+    return summary
+
+
+def evaluate_draft(target: nn.Module, draft: Eagle3LlamaDraft, tokenizer, cfg: EvalConfig) -> dict:
+    """Acceptance of `draft` on cfg.prompts for each k (engine=hf); writes the reports when cfg.out_dir is set."""
+    ks = check_eval_config(cfg)
     prompts = [render_prompt(tokenizer, conv) for conv in load_prompts(cfg.prompts, cfg.max_prompts)]
     decoder = SpeculativeDecoder(target, draft)
     eos = eos_ids(tokenizer, target)
     runs = []
-    for k in speculative_ks(cfg.num_speculative_tokens):
+    for k in ks:
         generator = torch.Generator(device=decoder.device).manual_seed(int(cfg.seed))
-        results = [decoder.generate(ids, cfg.max_new_tokens, k, cfg.temperature, generator, eos) for ids in prompts]
+        results = [decoder.generate(ids, cfg.max_new_tokens, k, cfg.temperature, generator, eos, cfg.verify)
+                   for ids in prompts]
         runs.append(summarize(results, k))
-    summary = {"prompts": cfg.prompts, "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens,
-               "seed": cfg.seed, "draft": cfg.draft, "results": runs}
-    if cfg.out_dir:
-        summary["files"] = {name: str(path) for name, path in write_reports(summary, cfg.out_dir).items()}
-    return summary
+    return eval_summary(cfg, "hf", runs)
+
+
+# ---- engine=vllm --------------------------------------------------------------------------------------------------
+def vllm_speculative_config(export_dir, k: int, temperature: float, verify: str) -> dict:
+    """vLLM's speculative_config for a chain of k drafts verified like eval.verify (vLLM's default: greedy drafts)."""
+    config = {"method": "eagle3", "model": str(export_dir), "num_speculative_tokens": int(k)}
+    if temperature > 0 and check_verify(verify) == "exact":
+        config["draft_sample_method"] = "probabilistic"
+    return config
+
+
+def evaluate_with_vllm(export_dir, target_path: str, tokenizer, cfg: EvalConfig, engine,
+                       measure_speedup: bool = True) -> dict:
+    """Acceptance measured by vLLM (its spec_decode counters) for each k, and (measure_speedup) its tokens/s with
+    the draft over the target alone, run in the same worker."""
+    from trainer.vllm_engine import run_vllm
+
+    ks = check_eval_config(cfg)
+    prompts = [render_prompt(tokenizer, conv) for conv in load_prompts(cfg.prompts, cfg.max_prompts)]
+    longest = max(len(ids) for ids in prompts) + cfg.max_new_tokens
+    if longest > engine.max_model_len:
+        raise ValueError(f"engine.max_model_len={engine.max_model_len} is below the longest prompt + "
+                         f"eval.max_new_tokens ({longest}); raise engine.max_model_len")
+    common = {"prompt_token_ids": prompts, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+              "seed": cfg.seed}
+    runs = [{"name": "target", "speculative_config": None, **common}] if measure_speedup else []
+    runs += [{"name": f"k{k}", "speculative_config": vllm_speculative_config(export_dir, k, cfg.temperature,
+                                                                             cfg.verify), **common} for k in ks]
+    result = {run["name"]: run for run in run_vllm({"target": str(target_path), "runs": runs}, engine)["runs"]}
+    baseline = (result["target"]["num_generated_tokens"] / result["target"]["generate_seconds"]
+                if measure_speedup else float("nan"))
+    summaries = [summarize_vllm_run(result[f"k{k}"], k, baseline) for k in ks]
+    return eval_summary(cfg, "vllm", summaries, export=str(export_dir), target_tokens_per_second=baseline)
+
+
+def default_export_dir(draft: Union[str, Path]) -> Path:
+    """Where `aerie export` puts the vllm export of a draft: <run_dir>/export/vllm for <run_dir>/final."""
+    draft = Path(draft)
+    return draft.parent / "export" / "vllm" if draft.name == "final" else draft / "export-vllm"
+
+
+def _newest_mtime(path: Path) -> float:
+    return max((f.stat().st_mtime for f in path.rglob("*") if f.is_file()), default=0.0)
+
+
+def vllm_export_for_eval(draft: str, export_dir: str, target_cfg) -> Path:
+    """The vllm export to serve: eval.draft itself when it is one, else export_dir, (re)written from the draft when
+    missing or older than it; validated against the target and the draft before vLLM ever starts."""
+    from trainer.export import export, export_format, is_engine_export, load_draft, validate_export
+
+    draft_path = Path(draft)
+    if is_engine_export(draft_path):
+        if export_format(draft_path) != "vllm":
+            raise ValueError(f"eval.draft={draft}: a {export_format(draft_path)} export; engine=vllm serves vllm "
+                             f"exports (give the Aerie draft and it is exported)")
+        validate_export(draft_path, target=target_cfg)
+        return draft_path
+    source = load_draft(draft_path)  # ValueError naming the path when it is neither a draft nor a checkpoint
+    out = Path(export_dir) if export_dir else default_export_dir(draft_path)
+    if not is_engine_export(out) or _newest_mtime(out) < _newest_mtime(draft_path):
+        export(str(draft_path), out, "vllm", target=str(target_cfg["path"]))
+    validate_export(out, target=target_cfg, draft_config=source.config)
+    return out
+
+
+def evaluate_state_with_vllm(draft: Eagle3LlamaDraft, state: Dict[str, Tensor], cfg, ecfg: EvalConfig,
+                             work_dir: Path) -> dict:
+    """In-loop (trainer.spec_eval_engine=vllm): the current weights saved, exported for vLLM into work_dir and
+    measured by vLLM (no tokens/s baseline)."""
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    from trainer.export import export, save_aerie_draft, validate_export
+    from trainer.vllm_engine import engine_config
+
+    target_cfg = OmegaConf.to_container(cfg.target, resolve=True)
+    save_aerie_draft(draft, work_dir / "draft", state_dict=state, metadata={"target": target_cfg["path"]})
+    out = export(str(work_dir / "draft"), work_dir / "vllm", "vllm", target=target_cfg["path"])
+    validate_export(out, target=target_cfg, draft_config=draft.config)
+    tokenizer = AutoTokenizer.from_pretrained(target_cfg["path"],
+                                              trust_remote_code=bool(target_cfg.get("trust_remote_code")))
+    engine = engine_config(cfg)
+    engine.name = "vllm"
+    return evaluate_with_vllm(out, target_cfg["path"], tokenizer, ecfg, engine, measure_speedup=False)
+
+
+def load_eval_draft(path: str, embed_weight: Tensor) -> Eagle3LlamaDraft:
+    """An Aerie draft, checkpoint step dir, or engine export (rebuilt from the export alone)."""
+    from trainer.export import export_format, is_engine_export, load_draft, load_export
+
+    if is_engine_export(Path(path)):
+        return load_export(path, export_format(path), embed_weight)
+    return load_draft(path, embed_weight=embed_weight)
 
 
 def load_target_for_eval(target_cfg) -> Tuple[nn.Module, Any]:
@@ -386,16 +548,28 @@ def load_target_for_eval(target_cfg) -> Tuple[nn.Module, Any]:
 
 
 def run_eval(cfg) -> dict:
-    """`aerie eval`: cfg.eval (EvalConfig fields) and cfg.target (target.path ...); prints the JSON summary."""
+    """`aerie eval`: cfg.eval (EvalConfig fields), cfg.target (target.path ...) and cfg.engine (hf | vllm);
+    prints the JSON summary."""
     from omegaconf import OmegaConf
 
-    from trainer.export import load_draft
+    from trainer.vllm_engine import engine_config
 
     ecfg = EvalConfig(**OmegaConf.to_container(cfg.eval, resolve=True))
+    engine = engine_config(cfg)
     if not ecfg.draft or not cfg.target.path:
         raise ValueError("eval.draft and target.path are required")
-    target, tokenizer = load_target_for_eval(cfg.target)
-    draft = load_draft(ecfg.draft, embed_weight=target.get_input_embeddings().weight.detach().float().cpu())
-    summary = evaluate_draft(target, draft.to(next(target.parameters()).device), tokenizer, ecfg)
+    check_eval_config(ecfg)
+    if engine.name == "vllm":
+        from transformers import AutoTokenizer
+
+        target_cfg = OmegaConf.to_container(cfg.target, resolve=True)
+        export_dir = vllm_export_for_eval(ecfg.draft, ecfg.export_dir, target_cfg)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.target.path,
+                                                  trust_remote_code=bool(cfg.target.get("trust_remote_code")))
+        summary = evaluate_with_vllm(export_dir, cfg.target.path, tokenizer, ecfg, engine)
+    else:
+        target, tokenizer = load_target_for_eval(cfg.target)
+        draft = load_eval_draft(ecfg.draft, target.get_input_embeddings().weight.detach().float().cpu())
+        summary = evaluate_draft(target, draft.to(next(target.parameters()).device), tokenizer, ecfg)
     print(json.dumps(summary, indent=2), flush=True)
     return summary

@@ -309,7 +309,9 @@ def _architecture(fmt: str, target: dict) -> str:
 def export_config(fmt: str, cfg: Eagle3ModelConfig, target: dict, num_speculative_tokens: int, dtype: str) -> dict:
     """The config.json an engine reads for this draft."""
     check_servable(fmt, cfg)
-    aerie = {"num_speculative_tokens": num_speculative_tokens, "target": target.get("name_or_path", "")}
+    # what the draft was trained with (vLLM aux-id convention), so that an edited config.json is refused
+    aerie = {"num_speculative_tokens": num_speculative_tokens, "target": target.get("name_or_path", ""),
+             "aux_layer_ids": list(cfg.aux_layer_ids), "rope_theta": cfg.rope_theta}
     draft_fields = {"draft_vocab_size": cfg.draft_vocab_size, "target_hidden_size": cfg.target_hidden_size,
                     "norm_before_residual": cfg.norm_before_residual}
     if fmt == "vllm":
@@ -378,6 +380,87 @@ def load_export(path: Union[str, Path], fmt: str, embed_weight: Optional[Tensor]
     state = from_export_names(fmt, cfg, load_file(str(path / WEIGHTS_NAME)))
     exported_embed = state.pop("embed_tokens.weight", None)
     return _build_draft(cfg, state, exported_embed if exported_embed is not None else embed_weight, str(path))
+
+
+# ---- validation of an export on disk against its target, before an engine starts -------------------------------
+def is_engine_export(path: Union[str, Path]) -> bool:
+    """A directory holding an engine export (config.json with `architectures`), not an Aerie draft."""
+    config = Path(path) / CONFIG_NAME
+    if not config.is_file():
+        return False
+    raw = _read_json(config)
+    return "architectures" in raw and "aerie_format" not in raw
+
+
+def export_format(path: Union[str, Path]) -> str:
+    """vllm | sglang | speculators, read from an export's config.json."""
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+        raise ValueError(f"{path}: not an engine export (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+    raw = _read_json(path / CONFIG_NAME)
+    if raw.get("speculators_model_type") == "eagle3":
+        return "speculators"
+    architectures = set(raw.get("architectures") or [])
+    if "eagle_config" in raw and architectures & {"LlamaForCausalLMEagle3"}:
+        return "sglang"
+    vllm_names = {TEXT_ARCHITECTURES["vllm"]} | {a for a in MULTIMODAL_ARCHITECTURES["vllm"].values() if a}
+    if architectures & vllm_names:
+        return "vllm"
+    raise ValueError(f"{path / CONFIG_NAME}: architectures {sorted(architectures)} is no Eagle3 export Aerie knows")
+
+
+def _safetensors_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+
+
+def validate_export(path: Union[str, Path], target=None, draft_config: Optional[Eagle3ModelConfig] = None) -> str:
+    """Refuse an export an engine would reject or serve at low acceptance; returns its format.
+
+    Checks the tensor names and shapes against the engine's loader, the aux layer ids and rope_theta against
+    what the draft was trained with (the export's `aerie` record and/or `draft_config`), and, with `target`
+    (TargetSpec, or a target config / dict with `path`), its hidden size, vocabulary, layers and rope_theta.
+    """
+    path = Path(path)
+    fmt = export_format(path)
+    cfg = config_from_export(fmt, _read_json(path / CONFIG_NAME))
+    shapes = _safetensors_shapes(path / WEIGHTS_NAME)
+    expected = expected_tensors(fmt, cfg, include_embed="embed_tokens.weight" in shapes)
+    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    wrong = [f"{n} {shapes[n]} != {expected[n]}" for n in sorted(set(expected) & set(shapes)) if shapes[n] != expected[n]]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path}: {fmt} export refused: missing tensors {missing}, unexpected {unexpected}, "
+                         f"wrong shapes {wrong}")
+    record = _read_json(path / CONFIG_NAME).get("aerie") or {}
+    trained = {"aux_layer_ids": record.get("aux_layer_ids"), "rope_theta": record.get("rope_theta")}
+    if draft_config is not None:
+        trained = {"aux_layer_ids": list(draft_config.aux_layer_ids), "rope_theta": draft_config.rope_theta}
+    if trained["aux_layer_ids"] is not None and list(cfg.aux_layer_ids) != list(trained["aux_layer_ids"]):
+        raise ValueError(f"{path}: aux layer ids {list(cfg.aux_layer_ids)} (vLLM convention) differ from the ids the "
+                         f"draft was trained with, {list(trained['aux_layer_ids'])}")
+    if trained["rope_theta"] is not None and float(cfg.rope_theta) != float(trained["rope_theta"]):
+        raise ValueError(f"{path}: rope_theta {cfg.rope_theta} differs from the draft's trained {trained['rope_theta']}")
+    if target is not None:
+        _check_export_against_target(path, cfg, target)
+    return fmt
+
+
+def _check_export_against_target(path: Path, cfg: Eagle3ModelConfig, target) -> None:
+    from models.targets.base import TargetSpec, validate_aux_layer_ids
+
+    spec = target if isinstance(target, TargetSpec) else target_spec_from_config(
+        {"path": str(target)} if isinstance(target, (str, Path)) else dict(target))
+    problems = [f"{name} {mine} != the target's {theirs}" for name, mine, theirs in (
+        ("target_hidden_size", cfg.target_hidden_size, spec.hidden_size), ("vocab_size", cfg.vocab_size, spec.vocab_size),
+        ("rope_theta", float(cfg.rope_theta), float(spec.rope_theta))) if mine != theirs]
+    if problems:
+        raise ValueError(f"{path}: export does not match target {spec.name_or_path}: {'; '.join(problems)}")
+    try:
+        validate_aux_layer_ids(cfg.aux_layer_ids, spec.num_layers)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err} (target {spec.name_or_path})") from None
 
 
 # ---- export -----------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ class TrainerConfig:
     eval_max_batches: int = 20
     spec_eval_every: int = 0             # real speculative decoding (cfg.eval prompts, k, T) every N steps; 0: off
     spec_eval_max_prompts: int = 8
+    spec_eval_engine: str = "hf"         # hf (in-process decoder) | vllm (vLLM on an export, `engine` group settings)
     ckpt_every: int = 200                # 0: only at the end (and on preemption)
     keep_last: int = 2
     resume: str = "auto"                 # auto | never | <path to a step dir>
@@ -298,18 +299,25 @@ class Trainer:
         from omegaconf import OmegaConf
 
         from trainer.distributed import barrier, broadcast_object
-        from trainer.evaluate import EvalConfig, evaluate_draft
+        from trainer.evaluate import EvalConfig, evaluate_draft, evaluate_state_with_vllm
+        from trainer.vllm_engine import check_engine_name
 
-        if self.target is None or self.cfg.deepspeed.zero_stage == 3:
+        on_vllm = check_engine_name(self.cfg.trainer.spec_eval_engine) == "vllm"
+        if not on_vllm and (self.target is None or self.cfg.deepspeed.zero_stage == 3):
             raise ValueError("trainer.spec_eval_every needs online mode with the whole target on each rank "
-                             "(deepspeed zero1/zero2); use `aerie eval` on checkpoints otherwise")
+                             "(deepspeed zero1/zero2), or trainer.spec_eval_engine=vllm; use `aerie eval` on "
+                             "checkpoints otherwise")
+        state = _gathered_draft_state(self.draft) if on_vllm else None  # every rank takes part in the gather
         metrics = {}
         if self.dist.is_main:
             ecfg = EvalConfig(**{**OmegaConf.to_container(self.cfg.eval, resolve=True), "out_dir": "",
                                  "max_prompts": self.cfg.trainer.spec_eval_max_prompts})
-            self.draft.eval()
-            summary = evaluate_draft(self.target.module, self.draft, self.target.tokenizer, ecfg)
-            self.draft.train()
+            if on_vllm:
+                summary = evaluate_state_with_vllm(self.draft, state, self.cfg, ecfg, self.run_dir / "spec_eval")
+            else:
+                self.draft.eval()
+                summary = evaluate_draft(self.target.module, self.draft, self.target.tokenizer, ecfg)
+                self.draft.train()
             for run in summary["results"]:
                 k = run["num_speculative_tokens"]
                 metrics[f"spec_tau_k{k}"] = run["tau"]

@@ -45,9 +45,11 @@ def run_one(job: dict, run: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    # "uni": the model runs in this process (with VLLM_ENABLE_V1_MULTIPROCESSING=0, the engine core too), so the
+    # second and later LLMs of a job pay no more interpreter start-ups and imports
     llm = LLM(model=job["target"], dtype=job.get("dtype", "float32"), enforce_eager=True,
               max_model_len=int(job["max_model_len"]), disable_log_stats=False, seed=int(run.get("seed", 0)),
-              speculative_config=run.get("speculative_config"))
+              speculative_config=run.get("speculative_config"), distributed_executor_backend="uni")
     try:
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in run["prompt_token_ids"]]
         seed = int(run.get("seed", 0))

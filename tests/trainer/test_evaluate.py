@@ -224,3 +224,41 @@ def test_run_eval_from_composed_config(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["results"][0]["num_speculative_tokens"] == 2
     assert 1 <= summary["results"][0]["tau"] <= 3 and (tmp_path / "eval" / "summary.json").is_file()
     assert load_target_embedding(FIXTURE).shape == (spec.vocab_size, spec.hidden_size)
+
+
+def test_target_only_verification_is_exact_for_a_deterministic_draft():
+    # q = one-hot(x): accept x with p(x), else sample p without x; the first token still follows p
+    p = torch.tensor([[0.5, 0.2, 0.3, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    q = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    generator = torch.Generator().manual_seed(0)
+    counts, accepted = torch.zeros(4), 0
+    for _ in range(4000):
+        num, nxt = ev.verify_sampled(p, q, [2], generator)
+        counts[2 if num else nxt] += 1
+        accepted += num
+    assert counts[3] == 0
+    assert torch.allclose(counts / counts.sum(), p[0], atol=0.03)
+    assert accepted / 4000 == pytest.approx(0.3, abs=0.03)  # = p(x)
+
+
+def test_verify_modes_propose_like_vllm():
+    target = tiny_target(seed=6)
+    draft = draft_for(target, 64, seed=7)
+    decoder = ev.SpeculativeDecoder(target, draft)
+    logits = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    token, q = decoder._propose(logits, 1.0, None, "target_only")
+    assert token == int(decoder.draft_ids[logits.argmax()]) and q[token] == 1 and q.sum() == 1
+    token, q = decoder._propose(logits, 0.5, torch.Generator().manual_seed(2), "exact")
+    assert torch.allclose(q[decoder.draft_ids], torch.softmax(logits / 0.5, -1)) and q[token] > 0
+    with pytest.raises(ValueError, match="eval.verify='greedy'"):
+        decoder.generate([1, 2, 3], 4, 2, 1.0, torch.Generator(), verify="greedy")
+
+
+def test_acceptance_stats_from_counts_alone():
+    # accepted per step [0, 3, 1, 3]: vLLM's per-position counters are [3, 2, 2] over 4 drafts
+    stats = ev.acceptance_stats(4, [3, 2, 2], 3, num_prompts=2, num_generated_tokens=13)
+    steps = torch.tensor([1.0, 4.0, 2.0, 4.0])
+    assert stats["tau"] == pytest.approx(float(steps.mean()))
+    assert stats["tau_std"] == pytest.approx(float(steps.std(unbiased=False)))
+    assert stats["acceptance_per_position"] == [0.75, 0.5, 0.5]
+    assert stats["tokens_per_target_forward"] == pytest.approx(13 / 6)

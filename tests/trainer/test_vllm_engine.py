@@ -78,3 +78,40 @@ def test_worker_serves_an_eagle3_export(tmp_path):
     assert sum(run["num_accepted_tokens_per_pos"]) == run["num_accepted_tokens"]
     # every token but the prefill's first comes from a draft step: accepted drafts plus one target token each
     assert run["num_accepted_tokens"] + run["num_drafts"] >= run["num_generated_tokens"] - len(prompts)
+
+
+def eval_cfg(tmp_path, draft, target=FIXTURE, **engine):
+    from omegaconf import OmegaConf
+
+    from trainer.evaluate import EvalConfig
+
+    return OmegaConf.create({"eval": {**EvalConfig(draft=str(draft), max_prompts=1, max_new_tokens=4,
+                                                   out_dir=str(tmp_path / "eval")).__dict__},
+                             "target": {"path": str(target), "dtype": "float32"},
+                             "engine": {**ve.EngineConfig(name="vllm").__dict__, **engine}})
+
+
+def test_eval_engine_vllm_bad_inputs_fail_before_vllm_starts(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainer.evaluate import run_eval
+
+    with pytest.raises(ValueError, match=f"{tmp_path / 'nowhere'}"):
+        run_eval(eval_cfg(tmp_path, tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=f"{tmp_path / 'empty'}: neither an Aerie draft"):
+        run_eval(eval_cfg(tmp_path, tmp_path / "empty"))
+    out = random_export(tmp_path)
+    with pytest.raises(ValueError, match="engine.python='/no/vllm/python'"):
+        run_eval(eval_cfg(tmp_path, out, python="/no/vllm/python"))
+    with pytest.raises(ValueError, match="engine.name='sglang'"):
+        run_eval(eval_cfg(tmp_path, out, name="sglang"))
+    other = tmp_path / "other_target"
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(other)
+    with pytest.raises(ValueError, match=f"{out}: export does not match target.*target_hidden_size 256 != the "
+                                         f"target's 64; vocab_size 8192 != the target's 512"):
+        run_eval(eval_cfg(tmp_path, out, target=other))
+    sglang = random_export(tmp_path / "s", "sglang")
+    with pytest.raises(ValueError, match="a sglang export; engine=vllm serves vllm exports"):
+        run_eval(eval_cfg(tmp_path, sglang))

@@ -1,0 +1,175 @@
+"""Real vLLM in the loop: a draft trained 40 steps on the tiny target (with vLLM-measured in-loop tau), served by
+vLLM from every export it loads, measured by vLLM's counters and compared with Aerie's in-process decoder.
+
+One training run, one vLLM worker for the served runs (one LLM per run inside it), one `aerie eval engine=vllm`.
+The HF side uses the export's weights (bf16, computed in fp32), as vLLM does with dtype=float32.
+"""
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import TINY_TRAIN_OVERRIDES, read_metrics, run_aerie
+from trainer import evaluate as ev
+from trainer.export import export, load_export, load_target_embedding, validate_export
+from trainer.vllm_engine import EngineConfig, VllmRunError, run_vllm
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURE = str(REPO / "assets" / "tiny-chat-llama")
+NUM_PROMPTS, NEW_TOKENS, K = 16, 48, 3
+ENGINE = EngineConfig(name="vllm", max_model_len=1024)
+EVAL = dict(prompts="mtbench", max_prompts=NUM_PROMPTS, max_new_tokens=NEW_TOKENS, num_speculative_tokens=[K])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, data_cache):
+    run_dir = tmp_path_factory.mktemp("vllm_run") / "run"
+    run_aerie("train", f"run_dir={run_dir}", f"data.cache_dir={data_cache}", *TINY_TRAIN_OVERRIDES,
+              "trainer.max_steps=40", "trainer.lr=2e-3", "trainer.max_tokens_per_batch=512", "trainer.ckpt_every=0",
+              "trainer.spec_eval_every=40", "trainer.spec_eval_max_prompts=2", "trainer.spec_eval_engine=vllm",
+              "eval.num_speculative_tokens=[3]", "eval.max_new_tokens=16", "engine=vllm")
+    return run_dir
+
+
+def corrupt(source: Path, out: Path, config=None, rename=None) -> Path:
+    """A copy of an export with config.json edited (config(dict) in place) or one tensor renamed."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, out)
+    if config:
+        raw = json.loads((out / "config.json").read_text())
+        config(raw)
+        (out / "config.json").write_text(json.dumps(raw))
+    if rename:
+        tensors = load_file(str(out / "model.safetensors"))
+        tensors[rename[1]] = tensors.pop(rename[0])
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def exports(run_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("exports")
+    out = {fmt: export(str(run_dir / "final"), root / fmt, fmt, target=FIXTURE) for fmt in ("vllm", "speculators")}
+    out["aux_ids"] = corrupt(out["vllm"], root / "aux_ids",
+                             config=lambda c: c.update(eagle_aux_hidden_state_layer_ids=[1, 3, 6]))
+    out["rope_theta"] = corrupt(out["vllm"], root / "rope_theta", config=lambda c: c.update(rope_theta=100.0))
+    out["renamed"] = corrupt(out["vllm"], root / "renamed",
+                             rename=("midlayer.mlp.down_proj.weight", "midlayer.mlp.down.weight"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURE)
+    return [ev.render_prompt(tokenizer, conv) for conv in ev.load_prompts("mtbench", NUM_PROMPTS)]
+
+
+@pytest.fixture(scope="module")
+def served(exports, prompts):
+    """vLLM's results by run name: both export formats at T=0, both draft sampling modes at T=1, corruptions."""
+    def run(name, model, temperature=0.0, **options):
+        return {"name": name, "prompt_token_ids": prompts, "max_new_tokens": NEW_TOKENS, "temperature": temperature,
+                "seed": 0, "speculative_config": {"method": "eagle3", "model": str(model),
+                                                  "num_speculative_tokens": K, **options}}
+
+    runs = [run("vllm", exports["vllm"]), run("speculators", exports["speculators"]),
+            run("t1_greedy", exports["vllm"], 1.0), run("t1_probabilistic", exports["vllm"], 1.0,
+                                                         draft_sample_method="probabilistic"),
+            run("aux_ids", exports["aux_ids"]), run("rope_theta", exports["rope_theta"])]
+    result = run_vllm({"target": FIXTURE, "runs": runs}, ENGINE)
+    return {r["name"]: r for r in result["runs"]}
+
+
+@pytest.fixture(scope="module")
+def hf(exports):
+    """Aerie's in-process decoder on the export's weights: T=0, and T=1 in both verification modes."""
+    target, tokenizer = ev.load_target_for_eval(type("T", (), {"path": FIXTURE, "dtype": "float32"})())
+    draft = load_export(exports["vllm"], "vllm", embed_weight=load_target_embedding(FIXTURE).float())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {name: ev.evaluate_draft(target, draft, tokenizer, ev.EvalConfig(**EVAL, **cfg))["results"][0]
+                for name, cfg in (("t0", {}), ("t1_target_only", {"temperature": 1.0}),
+                                  ("t1_exact", {"temperature": 1.0, "verify": "exact"}))}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def vllm_stats(run):
+    return ev.summarize_vllm_run(run, K, float("nan"))
+
+
+def band(a: dict, b: dict) -> float:
+    """4 standard errors of a tau difference: per-step variance of (accepted + 1) over the verify steps of each
+    side, steps taken as independent."""
+    return 4 * math.sqrt(a["tau_std"] ** 2 / a["num_verify_steps"] + b["tau_std"] ** 2 / b["num_verify_steps"])
+
+
+def test_in_loop_tau_is_measured_by_vllm(run_dir):
+    last = read_metrics(run_dir)[-1]
+    assert last["step"] == 40 and 1.0 <= last["spec_tau_k3"] <= 4.0 and "spec_accept_k3_2" in last
+    assert json.loads((run_dir / "spec_eval" / "vllm" / "config.json").read_text())["architectures"] == \
+        ["Eagle3LlamaForCausalLM"]
+
+
+def test_t0_parity_with_vllm_counts(served, hf):
+    vllm = vllm_stats(served["vllm"])
+    assert vllm["tau"] > 1.1  # a trained draft: parity is not about all-rejected chains
+    assert vllm["num_verify_steps"] == hf["t0"]["num_verify_steps"]
+    assert vllm["num_accepted_per_position"] == hf["t0"]["num_accepted_per_position"]
+    assert vllm["num_generated_tokens"] == hf["t0"]["num_generated_tokens"]
+
+
+def test_speculators_export_is_served_like_the_vllm_export(served):
+    for key in ("num_drafts", "num_accepted_tokens_per_pos", "output_token_ids"):
+        assert served["speculators"][key] == served["vllm"][key]
+
+
+def test_t1_target_only_matches_vllm_default(served, hf):
+    vllm, aerie = vllm_stats(served["t1_greedy"]), hf["t1_target_only"]
+    assert abs(vllm["tau"] - aerie["tau"]) <= band(vllm, aerie), (vllm["tau"], aerie["tau"], band(vllm, aerie))
+
+
+def test_corrupt_exports_are_refused_before_vllm_and_hurt_in_vllm(exports, served, run_dir):
+    from trainer.export import load_aerie_draft
+
+    trained = load_aerie_draft(run_dir / "final").config
+    for name, message in (("aux_ids", "aux layer ids"), ("rope_theta", "rope_theta"), ("renamed", "missing tensors")):
+        with pytest.raises(ValueError, match=message):
+            validate_export(exports[name], target=FIXTURE)
+    validate_export(exports["vllm"], target=FIXTURE, draft_config=trained)
+    # vLLM itself serves the edited configs without a word, at a lower acceptance
+    clean = vllm_stats(served["vllm"])["tau"]
+    for name in ("aux_ids", "rope_theta"):
+        assert vllm_stats(served[name])["tau"] < clean - 0.05, (name, vllm_stats(served[name])["tau"], clean)
+    # ... and refuses a renamed tensor
+    job = {"target": FIXTURE, "runs": [{"name": "renamed", "prompt_token_ids": [[1, 2, 3]], "max_new_tokens": 2,
+                                        "temperature": 0.0, "seed": 0,
+                                        "speculative_config": {"method": "eagle3", "model": str(exports["renamed"]),
+                                                               "num_speculative_tokens": K}}]}
+    with pytest.raises(VllmRunError, match="down"):
+        run_vllm(job, ENGINE)
+
+
+def test_aerie_eval_engine_vllm_exports_first(run_dir):
+    export_dir = run_dir / "export" / "vllm"
+    shutil.rmtree(export_dir, ignore_errors=True)
+    out = run_dir / "eval_vllm"
+    proc = run_aerie("eval", f"run_dir={run_dir}", "engine=vllm", "eval.max_prompts=2", "eval.max_new_tokens=16",
+                     "eval.num_speculative_tokens=[2]", f"eval.out_dir={out}")
+    summary = json.loads((out / "summary.json").read_text())
+    assert json.loads(proc.stdout[proc.stdout.index("{"):])["engine"] == "vllm"
+    assert summary["engine"] == "vllm" and Path(summary["export"]).resolve() == export_dir.resolve()
+    assert (export_dir / "config.json").is_file() and (out / "acceptance.png").is_file()
+    run = summary["results"][0]
+    assert run["num_speculative_tokens"] == 2 and 1.0 <= run["tau"] <= 3.0 and len(run["acceptance_per_position"]) == 2
+    assert run["speedup_source"] == "measured" and run["speedup"] > 0 and run["tokens_per_second"] > 0
+    assert (out / "acceptance.csv").read_text().splitlines()[1].startswith("2,1,")

@@ -272,14 +272,19 @@ def expected_tensors(fmt: str, cfg: Eagle3ModelConfig, include_embed: bool = Fal
     return shapes
 
 
+def _name_and_shape_problems(expected: Dict[str, Tuple[int, ...]], shapes: Dict[str, Tuple[int, ...]]) -> str:
+    """'' when the names and shapes are exactly the expected ones, else what differs."""
+    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    wrong = [f"{n} {shapes[n]} != {expected[n]}" for n in sorted(set(expected) & set(shapes)) if shapes[n] != expected[n]]
+    return f"missing {missing}, unexpected {unexpected}, wrong shapes {wrong}" if missing or unexpected or wrong else ""
+
+
 def validate_export_tensors(fmt: str, cfg: Eagle3ModelConfig, tensors: Dict[str, Tensor],
                             include_embed: bool = False) -> None:
-    expected = expected_tensors(fmt, cfg, include_embed)
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    wrong = [f"{n} {tuple(tensors[n].shape)} != {expected[n]}" for n in sorted(set(expected) & set(tensors))
-             if tuple(tensors[n].shape) != expected[n]]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{fmt} export refused: missing {missing}, unexpected {unexpected}, wrong shapes {wrong}")
+    problems = _name_and_shape_problems(expected_tensors(fmt, cfg, include_embed),
+                                        {n: tuple(t.shape) for n, t in tensors.items()})
+    if problems:
+        raise ValueError(f"{fmt} export refused: {problems}")
     if tensors["d2t"].dtype != torch.int64 or tensors["t2d"].dtype != torch.bool:
         raise ValueError(f"{fmt} export refused: d2t must be int64 and t2d bool, got {tensors['d2t'].dtype}, "
                          f"{tensors['t2d'].dtype}")
@@ -427,12 +432,10 @@ def validate_export(path: Union[str, Path], target=None, draft_config: Optional[
     fmt = export_format(path)
     cfg = config_from_export(fmt, _read_json(path / CONFIG_NAME))
     shapes = _safetensors_shapes(path / WEIGHTS_NAME)
-    expected = expected_tensors(fmt, cfg, include_embed="embed_tokens.weight" in shapes)
-    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
-    wrong = [f"{n} {shapes[n]} != {expected[n]}" for n in sorted(set(expected) & set(shapes)) if shapes[n] != expected[n]]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{path}: {fmt} export refused: missing tensors {missing}, unexpected {unexpected}, "
-                         f"wrong shapes {wrong}")
+    problems = _name_and_shape_problems(expected_tensors(fmt, cfg, include_embed="embed_tokens.weight" in shapes),
+                                        shapes)
+    if problems:
+        raise ValueError(f"{path}: {fmt} export refused: {problems}")
     record = _read_json(path / CONFIG_NAME).get("aerie") or {}
     trained = {"aux_layer_ids": record.get("aux_layer_ids"), "rope_theta": record.get("rope_theta")}
     if draft_config is not None:
@@ -453,7 +456,8 @@ def _check_export_against_target(path: Path, cfg: Eagle3ModelConfig, target) -> 
     spec = target if isinstance(target, TargetSpec) else target_spec_from_config(
         {"path": str(target)} if isinstance(target, (str, Path)) else dict(target))
     problems = [f"{name} {mine} != the target's {theirs}" for name, mine, theirs in (
-        ("target_hidden_size", cfg.target_hidden_size, spec.hidden_size), ("vocab_size", cfg.vocab_size, spec.vocab_size),
+        ("target_hidden_size", cfg.target_hidden_size, spec.hidden_size),
+        ("vocab_size", cfg.vocab_size, spec.vocab_size),
         ("rope_theta", float(cfg.rope_theta), float(spec.rope_theta))) if mine != theirs]
     if problems:
         raise ValueError(f"{path}: export does not match target {spec.name_or_path}: {'; '.join(problems)}")

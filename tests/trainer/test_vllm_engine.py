@@ -1,5 +1,7 @@
 """The shared vLLM runner: interpreter resolution, and the real worker serving an eagle3 export of a draft."""
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -50,6 +52,49 @@ def random_export(tmp_path, fmt="vllm"):
     draft.set_draft_vocab(torch.zeros(512, dtype=torch.long), torch.arange(spec.vocab_size) < 512)
     save_aerie_draft(draft, tmp_path / "final", metadata={"target": FIXTURE})
     return export(str(tmp_path / "final"), tmp_path / "export" / fmt, fmt, target=FIXTURE)
+
+
+def corrupt(source: Path, out: Path, config=None, rename=None) -> Path:
+    """A copy of an export with config.json edited (config(dict) in place) or one tensor renamed."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, out)
+    if config:
+        raw = json.loads((out / "config.json").read_text())
+        config(raw)
+        (out / "config.json").write_text(json.dumps(raw))
+    if rename:
+        tensors = load_file(str(out / "model.safetensors"))
+        tensors[rename[1]] = tensors.pop(rename[0])
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def test_validation_refuses_the_three_corruptions(tmp_path):
+    from trainer.export import load_aerie_draft, validate_export
+
+    out = random_export(tmp_path)
+    assert validate_export(out, target=FIXTURE, draft_config=load_aerie_draft(tmp_path / "final").config) == "vllm"
+    aux = corrupt(out, tmp_path / "aux", config=lambda c: c.update(eagle_aux_hidden_state_layer_ids=[1, 3, 6]))
+    rope = corrupt(out, tmp_path / "rope", config=lambda c: c.update(rope_theta=100.0))
+    renamed = corrupt(out, tmp_path / "renamed", rename=("midlayer.mlp.down_proj.weight", "midlayer.mlp.down.weight"))
+    with pytest.raises(ValueError, match=r"aux layer ids \[1, 3, 6\] \(vLLM convention\) differ from the ids the draft "
+                                         r"was trained with, \[2, 4, 5\]"):
+        validate_export(aux)
+    with pytest.raises(ValueError, match="rope_theta 100.0 differs from the draft's trained 10000.0"):
+        validate_export(rope)
+    with pytest.raises(ValueError, match=r"missing \['midlayer.mlp.down_proj.weight'\], unexpected "
+                                         r"\['midlayer.mlp.down.weight'\]"):
+        validate_export(renamed)
+    # without Aerie's record, the target still catches the theta, and the draft's config the ids
+    for path in (aux, rope):
+        raw = json.loads((path / "config.json").read_text())
+        del raw["aerie"]
+        (path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="rope_theta 100.0 != the target's 10000.0"):
+        validate_export(rope, target=FIXTURE)
+    with pytest.raises(ValueError, match="aux layer ids"):
+        validate_export(aux, draft_config=load_aerie_draft(tmp_path / "final").config)
 
 
 @pytest.mark.slow

@@ -5,9 +5,12 @@ reads step i-1's out hidden at t and embed(x_{t+1+i}) at rotary position positio
 (teacher at t+1+i) and attends to step-0 keys at positions <= t of its document plus the keys of steps 1..i at t.
 A position is valid at step i when x_{t+2+i} is in t's document and loss_mask[t+2+i] == 1.
 
-loss_i is the soft cross-entropy against softmax(teacher_logits) (already restricted to the draft vocabulary, so
-renormalised over it) averaged over the valid positions of step i; loss = sum_i step_decay^i * loss_i.  Teacher
-argmaxes outside the draft vocabulary are counted (num_out_of_vocab) and can never be matched.
+loss_i is a per-position loss from models.objectives.losses (default: the soft cross-entropy against
+softmax(teacher_logits), already restricted to the draft vocabulary, so renormalised over it), plus optionally
+top1_weight * -log q(teacher argmax) at positions whose teacher argmax is in the draft vocabulary, averaged over the
+valid positions of step i; loss = sum_i step_decay^i * loss_i.  Teacher argmaxes outside the draft vocabulary are
+counted (num_out_of_vocab) and can never be matched.  Per step it also sums the teacher-forced acceptance
+alpha = sum_v min(p_v, q_v) (speculative sampling's, within the draft vocabulary) for the logs.
 """
 from __future__ import annotations
 
@@ -15,11 +18,13 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from models.draft.attention import TTT_ATTENTION, document_segments
+from models.objectives.base import chain_tau
+from models.objectives.losses import acceptance, top1_agreement
+from models.registry import LOSSES
 
 
 @dataclass
@@ -29,13 +34,14 @@ class TTTOutput:
     correct_per_step: Tensor  # (k,) float
     count_per_step: Tensor  # (k,) float, valid positions per step
     num_out_of_vocab: Tensor  # () valid step-0 positions whose teacher argmax is outside the draft vocabulary
+    accept_per_step: Optional[Tensor] = None  # (k,) sum over valid positions of sum_v min(p_v, q_v)
 
     def acc_per_step(self) -> Tensor:
         return self.correct_per_step / self.count_per_step.clamp(min=1)
 
     def tau_sim(self) -> float:
         """Simulated acceptance length of chain drafting: 1 + sum_i prod_{j<=i} acc_j."""
-        return 1.0 + float(torch.cumprod(self.acc_per_step(), 0).sum())
+        return chain_tau(self.acc_per_step().tolist())
 
 
 def shift_left(x: Tensor, shift: int) -> Tensor:
@@ -115,7 +121,12 @@ def ttt_forward(
     ttt_steps: int = 7,
     step_decay: float = 0.8,
     inputs_embeds: Optional[Tensor] = None,
+    loss: str = "soft_ce",
+    loss_cfg=None,
+    top1_weight: float = 0.0,
 ) -> TTTOutput:
+    """The unrolled objective; `loss` names a per-position loss in LOSSES, read with its knobs from `loss_cfg`."""
+    loss_fn = LOSSES.get(loss)
     draft_vocab_size = draft.config.draft_vocab_size
     if teacher_logits.shape[-1] != draft_vocab_size:
         raise ValueError(f"teacher_logits last dim {teacher_logits.shape[-1]} != draft_vocab_size {draft_vocab_size}")
@@ -131,13 +142,18 @@ def ttt_forward(
         rows, cols = selected[step]
         logits = draft.compute_logits(out_hidden[rows, cols])
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        teacher_probs = teacher_logits[rows, cols + 1 + step].to(logits.dtype).softmax(-1)
-        loss_sum = F.cross_entropy(logits, teacher_probs, reduction="sum")
-        hits = draft.to_target_ids(logits.argmax(-1)) == teacher_argmax[rows, cols + 1 + step]
-        return loss_sum, hits.sum()
+        teacher = teacher_logits[rows, cols + 1 + step].to(logits.dtype)
+        argmax = teacher_argmax[rows, cols + 1 + step]
+        per_position = loss_fn(logits, teacher, loss_cfg)
+        if top1_weight:
+            per_position = per_position + top1_weight * draft.t2d[argmax] * top1_agreement(logits, teacher)
+        hits = draft.to_target_ids(logits.argmax(-1)) == argmax
+        with torch.no_grad():
+            accepted = acceptance(logits, teacher).sum()
+        return per_position.sum(), hits.sum(), accepted
 
     per_step = run_ttt_steps(draft, aux_hidden_states, token_embeds, position_ids, document_ids, ttt_steps, head)
-    loss_sums = torch.stack([loss_sum for loss_sum, _ in per_step])
+    loss_sums = torch.stack([loss_sum for loss_sum, _, _ in per_step])
     counts = torch.tensor([float(rows.numel()) for rows, _ in selected], device=loss_sums.device)
     losses = loss_sums / counts.clamp(min=1)
     decay = step_decay ** torch.arange(ttt_steps, dtype=losses.dtype, device=losses.device)
@@ -146,7 +162,8 @@ def ttt_forward(
     return TTTOutput(
         loss=(decay * losses).sum(),
         loss_per_step=losses.detach(),
-        correct_per_step=torch.stack([hits for _, hits in per_step]).float(),
+        correct_per_step=torch.stack([hits for _, hits, _ in per_step]).float(),
         count_per_step=counts,
         num_out_of_vocab=num_out_of_vocab,
+        accept_per_step=torch.stack([accepted for _, _, accepted in per_step]),
     )

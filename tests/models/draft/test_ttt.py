@@ -126,12 +126,13 @@ def test_acceptance_per_step_is_the_teacher_forced_overlap(draft_factory, batch_
                                rtol=1e-9, atol=1e-12)
 
 
-def test_dense_path_and_checkpointing_match_lean(draft_factory, batch_factory):
+def test_dense_path_checkpointing_and_all_positions_match_lean(draft_factory, batch_factory):
     batch = batch_factory(ROWS["packed"], 24)
     results = []
-    for attention, checkpointing in (("lean", False), ("dense", False), ("lean", True)):
+    variants = (("lean", False, True), ("dense", False, True), ("lean", True, True), ("lean", False, False))
+    for attention, checkpointing, skip_dead in variants:  # skip_dead=False: steps >= 1 on every position
         draft = draft_factory(attention=attention, gradient_checkpointing=checkpointing)
-        out = run(draft, batch)
+        out = ttt_forward(draft, **batch, ttt_steps=STEPS, step_decay=0.8, skip_dead=skip_dead)
         results.append((out.loss, torch.autograd.grad(out.loss, draft.trainable_parameters())))
     for loss, grads in results[1:]:
         torch.testing.assert_close(loss, results[0][0], rtol=1e-9, atol=0)

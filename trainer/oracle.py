@@ -2,13 +2,13 @@
 
 Chain drafting of k tokens, per verification mode:
 - greedy (T = 0): a draft equal to the target's argmax is always accepted: τ = k + 1.
-- sampled (T > 0, the draft's own distribution q passed to the verifier, as `aerie eval` does): q = p is always
-  accepted too: τ = k + 1.
-- target_only (T > 0, vLLM's default for Eagle3: greedy drafts, no draft probabilities, so a token x is accepted
-  with the target's probability p(x)): the best draft proposes the target's argmax chain, accepted step by step
-  with probability max_v p(v) under the context of the chain so far.  τ is bounded by how peaked the target is;
-  we compute it from the target's own probabilities at temperature T along its argmax chains, starting at every
-  position of the target's own generations (prompt excluded).
+- sampled (T > 0, the draft's own distribution q passed to the verifier, as `aerie eval` does): q = p is
+  always accepted too: τ = k + 1.
+- target_only (T > 0, vLLM's default for Eagle3: greedy drafts, no draft probabilities, so a token x is
+  accepted with the target's probability p(x)): the best draft proposes the target's argmax chain, accepted
+  step by step with probability max_v p(v) under the context of the chain so far.  τ is bounded by how
+  peaked the target is; we compute it from the target's own probabilities at temperature T along its argmax
+  chains, starting at every position of the target's own generations (prompt excluded).
 
 One target pass per chain depth: the generated sequence, then the chain tokens of every start at once, each
 seeing its start's prefix (kept in the KV cache) and its own earlier chain tokens through a 4D attention mask.
@@ -49,7 +49,8 @@ def chain_accept_probs(target: nn.Module, sequence: Sequence[int], starts: Seque
         for earlier in range(depth):  # this start's chain tokens of rounds 1..depth (the last one: itself)
             allowed[rows, n + earlier * num_starts + rows] = True
         dtype = next(target.parameters()).dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
         logits = target(input_ids=chain_token[None], position_ids=(start_ids + depth)[None],
                         attention_mask=mask[None, None], use_cache=True, **{cache_kwarg: cache}).logits[0]
     return torch.stack(probs, -1)
@@ -85,8 +86,10 @@ def with_oracle(run: dict, target: nn.Module, prompts, generations, temperature:
     """`run` (a summarize() dict) plus oracle_tau for `aerie eval`'s verification (sampled with q: k + 1),
     the fraction of it that τ reached, and at T > 0 the target-only bound vLLM's default verification has."""
     k = run["num_speculative_tokens"]
-    oracle = oracle_tau(target, prompts, generations, k, temperature, "sampled" if temperature > 0 else "greedy")
+    verification = "sampled" if temperature > 0 else "greedy"
+    oracle = oracle_tau(target, prompts, generations, k, temperature, verification)
     extra = {"oracle_tau": oracle, "tau_of_oracle": run["tau"] / oracle}
     if temperature > 0:
-        extra["oracle_tau_target_only"] = oracle_tau(target, prompts, generations, k, temperature, "target_only")
+        extra["oracle_tau_target_only"] = oracle_tau(target, prompts, generations, k, temperature,
+                                                     "target_only")
     return {**run, **extra}

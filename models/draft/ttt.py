@@ -6,10 +6,10 @@ reads step i-1's out hidden at t and embed(x_{t+1+i}) at rotary position positio
 A position is valid at step i when x_{t+2+i} is in t's document and loss_mask[t+2+i] == 1.
 
 loss_i is a per-position loss from models.objectives.losses (default: the soft cross-entropy against
-softmax(teacher_logits), already restricted to the draft vocabulary, so renormalised over it), plus optionally
-top1_weight * -log q(teacher argmax) at positions whose teacher argmax is in the draft vocabulary, averaged over the
-valid positions of step i; loss = sum_i step_decay^i * loss_i.  Teacher argmaxes outside the draft vocabulary are
-counted (num_out_of_vocab) and can never be matched.  Per step it also sums the teacher-forced acceptance
+softmax(teacher_logits), already restricted to the draft vocabulary, so renormalised over it), plus
+optionally top1_weight * -log q(teacher argmax) where the teacher argmax is in the draft vocabulary,
+averaged over the valid positions of step i; loss = sum_i step_decay^i * loss_i.  Teacher argmaxes
+outside the draft vocabulary are counted (num_out_of_vocab) and can never be matched.  Per step it also sums the teacher-forced acceptance
 alpha = sum_v min(p_v, q_v) (speculative sampling's, within the draft vocabulary) for the logs.
 """
 from __future__ import annotations
@@ -99,11 +99,11 @@ def run_ttt_steps(
 ) -> List[Tuple[Tensor, ...]]:
     """Unrolls the draft; head(step, out_hidden) runs inside each step (and its checkpoint).
 
-    Without `alive`, every step runs on all positions and head gets out_hidden (B, L, H).  With alive, (B, L) bool
-    per step, each inside the previous one (positions whose chain still has a trained step ahead), step 0 runs on
-    all positions (its keys are everyone's context) and steps >= 1 only on their alive positions: projections, MLP
-    and head see those rows alone, attention scatters them into the (B, L) layout.  head then gets out_hidden
-    (N_i, H) at alive[step]'s positions in row-major order.
+    Without `alive`, every step runs on all positions and head gets out_hidden (B, L, H).  With alive,
+    (B, L) bool per step, each inside the previous one (positions whose chain still has a trained step
+    ahead), step 0 runs on all positions (its keys are everyone's context) and steps >= 1 only on their
+    alive positions: projections, MLP and head see those rows alone, attention scatters them into the
+    (B, L) layout.  head then gets out_hidden (N_i, H) at alive[step]'s positions in row-major order.
     """
     attention = TTT_ATTENTION[draft.attention]
     segments = document_segments(document_ids) if draft.attention == "lean" else None
@@ -120,7 +120,8 @@ def run_ttt_steps(
         compact = flats is not None and step > 0
         flat = flats[step] if flats is not None else None
 
-        def run(hidden, embeds, step=step, past_keys=past_keys, past_values=past_values, compact=compact, flat=flat):
+        def run(hidden, embeds, step=step, past_keys=past_keys, past_values=past_values, compact=compact,
+                flat=flat):
             cos, sin = draft.rotary_emb(position_ids + step, hidden.dtype)
             if compact:
                 cos, sin = cos.flatten(0, 1)[flat][None], sin.flatten(0, 1)[flat][None]
@@ -173,7 +174,7 @@ def ttt_forward(
     top1_weight: float = 0.0,
     skip_dead: bool = True,
 ) -> TTTOutput:
-    """The unrolled objective; `loss` names a per-position loss in LOSSES, read with its knobs from `loss_cfg`.
+    """The unrolled objective; `loss` names a per-position loss in LOSSES, its knobs read from `loss_cfg`.
 
     skip_dead: steps >= 1 run only on positions with a valid step still ahead (the same result, less work)."""
     loss_fn = LOSSES.get(loss)
@@ -207,8 +208,8 @@ def ttt_forward(
             accepted = acceptance(logits, teacher).sum()
         return per_position.sum(), hits.sum(), accepted
 
-    per_step = run_ttt_steps(draft, aux_hidden_states, token_embeds, position_ids, document_ids, ttt_steps, head,
-                             alive)
+    per_step = run_ttt_steps(draft, aux_hidden_states, token_embeds, position_ids, document_ids, ttt_steps,
+                             head, alive)
     loss_sums = torch.stack([loss_sum for loss_sum, _, _ in per_step])
     counts = torch.tensor([float(rows.numel()) for rows, _ in selected], device=loss_sums.device)
     losses = loss_sums / counts.clamp(min=1)

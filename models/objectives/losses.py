@@ -5,8 +5,8 @@ objective's config (for its knobs), and returns one loss per position, (N,).  p 
 distribution (renormalised over the draft vocabulary), q = softmax(z) the draft's.
 
 - soft_ce:   -sum_v p_v log q_v (the distillation loss Eagle3 trainers use; same gradient as KL(p || q)).
-- lk:        -log alpha with alpha = sum_v min(p_v, q_v), the probability that speculative sampling accepts a token
-             drawn from q (the LK family's "alpha" loss: it optimises acceptance itself, not the whole shape of p).
+- lk:        -log alpha with alpha = sum_v min(p_v, q_v), the probability that speculative sampling accepts
+             a token drawn from q (the LK family's "alpha" loss: acceptance itself, not the whole shape of p).
 - lk_hybrid: lam * KL(p || q) + (1 - lam) * (1 - alpha) with lam = exp(-eta * sg[alpha]): KL's dense gradient
              while acceptance is low, the acceptance objective as it grows (sg: no gradient through lam).
 

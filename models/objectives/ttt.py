@@ -1,11 +1,11 @@
 """The "ttt" objective: the draft unrolled for draft.ttt_steps steps (models.draft.ttt) under a registered loss.
 
-The unroll's depth and per-step decay stay with the draft config (`draft.ttt_steps`, `draft.step_decay`); the loss,
-its knobs, the top-1 agreement term and noise augmentation are conf/objective/ttt.yaml's.
+The unroll's depth and per-step decay stay with the draft config (`draft.ttt_steps`, `draft.step_decay`);
+the loss, its knobs, the top-1 agreement term and noise augmentation are conf/objective/ttt.yaml's.
 
 Logged per step i: loss_i, acc_i (argmax agreement with the target, counted in target ids) and accept_i (the
-teacher-forced acceptance sum_v min(p_v, q_v)); tau_sim = 1 + sum_i prod_{j<=i} acc_j (greedy verification) and
-tau_sim_sampled the same over accept_i (speculative sampling with the draft's own distribution).
+teacher-forced acceptance sum_v min(p_v, q_v)); tau_sim = 1 + sum_i prod_{j<=i} acc_j (greedy verification)
+and tau_sim_sampled the same over accept_i (speculative sampling with the draft's own distribution).
 """
 from __future__ import annotations
 

@@ -44,6 +44,7 @@ def test_oracle_per_verification(tiny_target):
     bound = oracle_tau(tiny_target, prompts, generations, 3, 1.0, "target_only")
     probs = chain_accept_probs(tiny_target, prompts[0] + generations[0], list(range(3, 9)), 3, 1.0)
     assert 1.0 < bound < 4.0 and bound == pytest.approx(chain_tau(probs))
-    assert chain_tau(torch.tensor([[1.0, 0.5, 0.5], [0.0, 1.0, 1.0]])) == pytest.approx((1 + 1 + 0.5 + 0.25 + 1) / 2)
+    two_starts = torch.tensor([[1.0, 0.5, 0.5], [0.0, 1.0, 1.0]])
+    assert chain_tau(two_starts) == pytest.approx((1 + 1 + 0.5 + 0.25 + 1) / 2)
     with pytest.raises(ValueError, match="verification must be one of greedy, sampled, target_only"):
         oracle_tau(tiny_target, prompts, generations, 3, 1.0, "lossy")

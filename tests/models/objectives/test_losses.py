@@ -20,7 +20,7 @@ def _softmax(row):
 def naive(name, z, t, weights_at=None):
     """Loops over positions and vocabulary with plain floats; returns a list of per-position losses.
 
-    lk_hybrid's KL weight is computed at `weights_at` (default z): held fixed, as sg[] holds it for autograd."""
+    lk_hybrid's KL weight is computed at `weights_at` (default z): held fixed, as sg[] holds it."""
     out = []
     weight_logits = (z if weights_at is None else weights_at).tolist()
     for zr, tr, wr in zip(z.tolist(), t.tolist(), weight_logits):
@@ -65,7 +65,8 @@ def test_loss_value_and_gradient_match_naive(name):
     torch.testing.assert_close(loss, torch.tensor(naive(name, z.detach(), t), dtype=torch.float64),
                                rtol=1e-10, atol=1e-12)
     (grad,) = torch.autograd.grad(loss.sum(), z)
-    torch.testing.assert_close(grad, numeric_grad(lambda x: naive(name, x, t, z.detach()), z.detach()), rtol=1e-5, atol=1e-7)
+    expected = numeric_grad(lambda x: naive(name, x, t, z.detach()), z.detach())
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
 
 
 def test_lk_hybrid_weight_takes_no_gradient():

@@ -18,8 +18,9 @@ def _compose(overrides):
 
 
 def _inputs(batch):
-    return TeacherInputs(batch["input_ids"], batch["aux_hidden_states"], batch["teacher_logits"],
-                         batch["teacher_argmax"], batch["loss_mask"], batch["position_ids"], batch["document_ids"])
+    keys = ("input_ids", "aux_hidden_states", "teacher_logits", "teacher_argmax", "loss_mask", "position_ids",
+            "document_ids")
+    return TeacherInputs(*(batch[key] for key in keys))
 
 
 def test_composed_config_builds_the_registered_objective(hydra_restore):
@@ -61,7 +62,8 @@ def test_noise_is_relative_seeded_and_training_only():
     assert objective.noisy(aux, 3, noise_seed=None) is aux  # evaluation: no noise
     layers, delta = aux.unflatten(-1, (3, -1)), (noisy - aux).unflatten(-1, (3, -1))
     rms = layers.pow(2).mean(-1, keepdim=True).sqrt()
-    assert bool((delta.abs() <= 0.1 * rms + 1e-12).all()) and float(delta.abs().max()) > 0.05 * float(rms.min())
+    assert bool((delta.abs() <= 0.1 * rms + 1e-12).all())
+    assert float(delta.abs().max()) > 0.05 * float(rms.min())
     plain = TTTObjective(TTTObjectiveConfig(), _draft_cfg(2))
     assert plain.noisy(aux, 3, noise_seed=7) is aux  # noise_std=0: off
     assert objective(draft, _inputs(batch), 7).loss != plain(draft, _inputs(batch), 7).loss

@@ -9,7 +9,10 @@ Each draft is scored on the store's held-out split, teacher-forced (no sampling 
 of positions where the draft's argmax is the target's (T=0) and the acceptance sum_v min(p_v, q_v) of speculative
 sampling with the draft's own q (T=1); τ = 1 + sum_i prod_{j<=i} a_j at k=3 and k=7.  With --decode-prompts N it
 also decodes N MT-Bench prompts (64 new tokens, k=3, T=0) with the HF target (`aerie eval`'s decoder) for the
-real τ.  Prints the means over seeds and their ratios against soft cross-entropy.
+real τ.  With --vllm-prompts N, each draft is exported (vllm format) and served by real vLLM (the shared runner,
+trainer/vllm_engine.py, one LLM per draft, under flock /tmp/aerie-vllm.lock) on N MT-Bench prompts x 128 new
+tokens at k=3, T=0: τ = 1 + accepted / drafts from vLLM's own counters.  Prints the means over seeds and their
+ratios against soft cross-entropy.  Runs resume (a rerun with the same --work only scores what is missing).
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ def base_overrides(args, store_dir: str) -> list:
     return [f"data.cache_dir={args.cache}", f"data.max_samples={args.samples}", "data.max_length=512",
             "data.max_eval_samples=48", f"trainer.max_tokens_per_batch={args.tokens}", "draft.draft_vocab_size=4096",
             "draft.ttt_steps=7", "trainer.lr=2e-3", f"trainer.warmup_steps={max(1, args.steps // 10)}",
-            "trainer.eval_every=0", "trainer.ckpt_every=0", "logger.progress=false", "trainer.resume=never",
+            "trainer.eval_every=0", "trainer.ckpt_every=0", "logger.progress=false", "trainer.resume=auto",
             f"store.path={store_dir}", "store.layout=compact", "trainer.eval_max_batches=1000"]
 
 
@@ -60,7 +63,35 @@ def train_and_score(args, store_dir: str, run_dir: Path, extra: list, seed: int,
               "tf_t1_k7": chain_tau(accept)}
     if decode_prompts:
         scores["decode_t0_k3"] = decode_tau(trainer.draft, decode_prompts)
+    if args.vllm_prompts:
+        from omegaconf import open_dict
+
+        from trainer.export import run_export
+
+        with open_dict(cfg):
+            cfg.export.format, cfg.export.dtype = "vllm", "float32"
+        scores["export"] = str(run_export(cfg))
     return scores
+
+
+def vllm_taus(exports: dict, num_prompts: int, k: int = 3) -> dict:
+    """{run name: vLLM τ at k, T=0} for each exported draft, in one vLLM worker process."""
+    import fcntl
+
+    from trainer.evaluate import load_prompts, render_prompt
+    from trainer.vllm_engine import EngineConfig, run_vllm
+    from transformers import AutoTokenizer
+
+    target = str(REPO / "assets" / "tiny-chat-llama")
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    prompts = [render_prompt(tokenizer, conv) for conv in load_prompts("mtbench", num_prompts)]
+    runs = [{"name": name, "prompt_token_ids": prompts, "max_new_tokens": 128, "temperature": 0.0, "seed": 0,
+             "speculative_config": {"method": "eagle3", "model": path, "num_speculative_tokens": k}}
+            for name, path in exports.items()]
+    with open("/tmp/aerie-vllm.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = run_vllm({"target": target, "runs": runs}, EngineConfig(name="vllm", max_model_len=2048))
+    return {r["name"]: 1 + r["num_accepted_tokens"] / max(r["num_drafts"], 1) for r in result["runs"]}
 
 
 def decode_tau(draft, decode) -> float:
@@ -94,6 +125,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--variants", default="all")
     parser.add_argument("--decode-prompts", type=int, default=0)
+    parser.add_argument("--vllm-prompts", type=int, default=0)
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "aerie-bench-cache"))
     parser.add_argument("--work", default="", help="working dir (kept); default: a new temporary dir")
     args = parser.parse_args()
@@ -111,20 +143,26 @@ def main() -> None:
                         f"run_dir={work / 'dump'}"], cwd=REPO, check=True, capture_output=True)
     decode = load_decoder_inputs(args.decode_prompts) if args.decode_prompts else None
     seeds = [int(s) for s in args.seeds.split(",")]
+    scored = {(name, seed): train_and_score(args, str(store), work / f"{name}-{seed}", VARIANTS[name], seed, decode)
+              for name in names for seed in seeds}
+    if args.vllm_prompts:
+        exports = {f"{name}-{seed}": run.pop("export") for (name, seed), run in scored.items()}
+        taus = vllm_taus(exports, args.vllm_prompts)
+        for (name, seed), run in scored.items():
+            run["vllm_t0_k3"] = taus[f"{name}-{seed}"]
     results = {}
     for name in names:
-        runs = [train_and_score(args, str(store), work / f"{name}-{seed}", VARIANTS[name], seed, decode)
-                for seed in seeds]
+        runs = [scored[(name, seed)] for seed in seeds]
         results[name] = {key: statistics.mean(run[key] for run in runs) for key in runs[0]}
         print(f"{name}: " + ", ".join(f"{k}={[round(r[k], 4) for r in runs]}" for k in runs[0]), flush=True)
     keys = list(next(iter(results.values())))
     base = results.get("soft_ce")
     print(f"\n{args.steps} steps x {args.tokens} tokens, offline, k=7 TTT, seeds {seeds}; teacher-forced τ "
           f"(tf) on the held-out split{', decoded τ on %d MT-Bench prompts' % args.decode_prompts if decode else ''}")
-    print(f"{'variant':16} " + " ".join(f"{k:>14}" for k in keys))
+    print(f"{'variant':16} " + " ".join(f"{k:>15}" for k in keys))
     for name, scores in results.items():
         cells = [f"{scores[k]:.3f}" + (f" ({scores[k] / base[k]:.3f}x)" if base else "") for k in keys]
-        print(f"{name:16} " + " ".join(f"{c:>14}" for c in cells))
+        print(f"{name:16} " + " ".join(f"{c:>15}" for c in cells))
 
 
 if __name__ == "__main__":

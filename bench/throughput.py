@@ -118,6 +118,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--modes", default="online,offline")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "aerie-bench-cache"))
+    parser.add_argument("--store", default="", help="offline: an existing store dir (<run_dir>/store) to read")
     args = parser.parse_args()
     import torch
     from hydra import compose, initialize_config_dir
@@ -131,11 +132,14 @@ def main() -> None:
     print(f"{'mode':8} {'variant':10} {'s/step':>7} {'useful GFLOP/s':>15} {'of matmul':>10} {'speed-up':>9}")
     for mode in args.modes.split(","):
         run_dir = str(root / mode)
-        if mode == "offline":
+        if mode == "offline" and args.store:
+            run_dir = str(Path(args.store).parent)  # a store another bench dumped (same data settings)
+        elif mode == "offline":
             subprocess.run([str(Path(sys.executable).parent / "aerie"), "dump", *overrides(run_dir, args, "online")],
                            cwd=REPO, check=True, capture_output=True)
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-            cfg = compose(config_name="config", overrides=overrides(run_dir, args, mode))
+            extra = [f"store.path={args.store}"] if mode == "offline" and args.store else []
+            cfg = compose(config_name="config", overrides=overrides(run_dir, args, mode) + extra)
         result = measure(cfg, args)
         base = result["seconds"]["baseline"]
         for name, seconds in result["seconds"].items():

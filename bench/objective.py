@@ -3,8 +3,9 @@
     .venv/bin/python bench/objective.py [--steps 40] [--tokens 1024] [--seeds 0,1] [--variants all]
                                         [--decode-prompts 8]
 
-One `aerie dump` of the embedded tiny target's hidden states (compact store), then per variant and seed an offline
-run of --steps optimizer steps of --tokens tokens (k=7 TTT, draft vocab 4096, lr 2e-3), all in this process.
+One `aerie dump` of the embedded tiny target's hidden states (compact store), then per variant and seed an
+offline run of --steps optimizer steps of --tokens tokens (--ttt-steps TTT, draft vocab 4096, lr 2e-3), all in
+this process.
 Each draft is scored on the store's held-out split, teacher-forced (no sampling noise): per TTT step the share
 of positions where the draft's argmax is the target's (T=0) and the acceptance sum_v min(p_v, q_v) of speculative
 sampling with the draft's own q (T=1); τ = 1 + sum_i prod_{j<=i} a_j at k=3 and k=7.  With --decode-prompts N it
@@ -39,7 +40,7 @@ VARIANTS = {
 def base_overrides(args, store_dir: str) -> list:
     return [f"data.cache_dir={args.cache}", f"data.max_samples={args.samples}", "data.max_length=512",
             "data.max_eval_samples=48", f"trainer.max_tokens_per_batch={args.tokens}", "draft.draft_vocab_size=4096",
-            "draft.ttt_steps=7", "trainer.lr=2e-3", f"trainer.warmup_steps={max(1, args.steps // 10)}",
+            f"draft.ttt_steps={args.ttt_steps}", "trainer.lr=2e-3", f"trainer.warmup_steps={max(1, args.steps // 10)}",
             "trainer.eval_every=0", "trainer.ckpt_every=0", "logger.progress=false", "trainer.resume=auto",
             f"store.path={store_dir}", "store.layout=compact", "trainer.eval_max_batches=1000"]
 
@@ -57,13 +58,14 @@ def train_and_score(args, store_dir: str, run_dir: Path, extra: list, seed: int,
     trainer = Trainer(cfg)
     trainer.fit()
     metrics = trainer.evaluate()
-    acc = [metrics[f"acc_{i}"] for i in range(7)]
-    accept = [metrics[f"accept_{i}"] for i in range(7)]
-    scores = {"tf_t0_k3": chain_tau(acc[:3]), "tf_t0_k7": chain_tau(acc), "tf_t1_k3": chain_tau(accept[:3]),
-              "tf_t1_k7": chain_tau(accept)}
+    acc = [metrics[f"acc_{i}"] for i in range(args.ttt_steps)]
+    accept = [metrics[f"accept_{i}"] for i in range(args.ttt_steps)]
+    scores = {"tf_t0_k3": chain_tau(acc[:3]), "tf_t1_k3": chain_tau(accept[:3])}
+    if args.ttt_steps >= 7:
+        scores.update(tf_t0_k7=chain_tau(acc[:7]), tf_t1_k7=chain_tau(accept[:7]))
     if decode_prompts:
         scores["decode_t0_k3"] = decode_tau(trainer.draft, decode_prompts)
-    if args.vllm_prompts:
+    if args.vllm_prompts and run_dir.name.rsplit("-", 1)[0] in args.vllm_variants.split(","):
         from omegaconf import open_dict
 
         from trainer.export import run_export
@@ -126,6 +128,8 @@ def main() -> None:
     parser.add_argument("--variants", default="all")
     parser.add_argument("--decode-prompts", type=int, default=0)
     parser.add_argument("--vllm-prompts", type=int, default=0)
+    parser.add_argument("--vllm-variants", default="soft_ce,lk,lk_hybrid,soft_ce+top1,soft_ce+noise,lk_hybrid+noise")
+    parser.add_argument("--ttt-steps", type=int, default=7)
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "aerie-bench-cache"))
     parser.add_argument("--work", default="", help="working dir (kept); default: a new temporary dir")
     args = parser.parse_args()
@@ -146,10 +150,10 @@ def main() -> None:
     scored = {(name, seed): train_and_score(args, str(store), work / f"{name}-{seed}", VARIANTS[name], seed, decode)
               for name in names for seed in seeds}
     if args.vllm_prompts:
-        exports = {f"{name}-{seed}": run.pop("export") for (name, seed), run in scored.items()}
+        exports = {f"{name}-{seed}": run.pop("export") for (name, seed), run in scored.items() if "export" in run}
         taus = vllm_taus(exports, args.vllm_prompts)
         for (name, seed), run in scored.items():
-            run["vllm_t0_k3"] = taus[f"{name}-{seed}"]
+            run["vllm_t0_k3"] = taus.get(f"{name}-{seed}", float("nan"))
     results = {}
     for name in names:
         runs = [scored[(name, seed)] for seed in seeds]
@@ -157,7 +161,8 @@ def main() -> None:
         print(f"{name}: " + ", ".join(f"{k}={[round(r[k], 4) for r in runs]}" for k in runs[0]), flush=True)
     keys = list(next(iter(results.values())))
     base = results.get("soft_ce")
-    print(f"\n{args.steps} steps x {args.tokens} tokens, offline, k=7 TTT, seeds {seeds}; teacher-forced τ "
+    print(f"\n{args.steps} steps x {args.tokens} tokens, offline, k={args.ttt_steps} TTT, seeds {seeds}; "
+          f"teacher-forced τ "
           f"(tf) on the held-out split{', decoded τ on %d MT-Bench prompts' % args.decode_prompts if decode else ''}")
     print(f"{'variant':16} " + " ".join(f"{k:>15}" for k in keys))
     for name, scores in results.items():

@@ -42,8 +42,9 @@ def layer_flops(hidden: int, inner: int, heads: int, kv_heads: int, head_dim: in
     return 2 * input_size * (heads + 2 * kv_heads) * head_dim + 2 * heads * head_dim * hidden + 6 * hidden * inner
 
 
-def useful_flops(batch, spec, draft, ttt_steps: int, online: bool) -> float:
-    """Useful training FLOPs of one micro-batch (see the module docstring)."""
+def useful_flops(batch, spec, draft, ttt_steps: int, online: bool, every_position: bool = False) -> float:
+    """Useful training FLOPs of one micro-batch (see the module docstring); every_position: what the baseline
+    executes (TTT steps >= 1 on every real position)."""
     import torch
 
     from models.draft.ttt import valid_positions
@@ -64,7 +65,7 @@ def useful_flops(batch, spec, draft, ttt_steps: int, online: bool) -> float:
     draft_fwd = 0.0
     for step in reversed(range(ttt_steps)):
         alive = alive | valid[step]
-        positions = real if step == 0 else alive
+        positions = real if step == 0 or every_position else alive
         count = float(positions.sum())
         draft_fwd += count * sum(layer_flops(c.hidden_size, c.intermediate_size, c.num_attention_heads,
                                              c.num_key_value_heads, c.head_dim, (2 if i == 0 else 1) * c.hidden_size)
@@ -92,6 +93,8 @@ def measure(cfg, args) -> dict:
     batches = [next(trainer.data.train_batches) for _ in range(args.batches + 1)]
     online = cfg.trainer.mode == "online"
     flops = sum(useful_flops(b, trainer.spec, trainer.draft, cfg.draft.ttt_steps, online) for b in batches[1:])
+    executed = sum(useful_flops(b, trainer.spec, trainer.draft, cfg.draft.ttt_steps, online, every_position=True)
+                   for b in batches[1:])
     original = ttt_objective.ttt_forward
     variants = {"baseline": functools.partial(original, skip_dead=False), "skip_dead": original}
     seconds = dict.fromkeys(variants, 0.0)
@@ -107,7 +110,7 @@ def measure(cfg, args) -> dict:
                 if index > 0:  # the first batch warms the variant up
                     seconds[name] += time.perf_counter() - start
     ttt_objective.ttt_forward = original
-    return {"flops": flops * args.rounds, "seconds": seconds}
+    return {"flops": flops * args.rounds, "seconds": seconds, "useful_of_baseline": flops / executed}
 
 
 def main() -> None:
@@ -146,6 +149,7 @@ def main() -> None:
             rate = result["flops"] / seconds
             print(f"{mode:8} {name:10} {seconds / (args.batches * args.rounds):>7.3f} {rate / 1e9:>15.1f} "
                   f"{rate / peak:>10.2f} {base / seconds:>9.2f}")
+        print(f"{mode:8} the baseline's FLOPs are {1 / result['useful_of_baseline']:.2f}x the useful ones")
         # matmul rate again: the machine is shared, so read the fractions against both
         print(f"         dense matmul now {matmul_flops_per_s() / 1e9:.1f} GFLOP/s")
 

@@ -63,4 +63,5 @@ EXPORTS = Registry(
     {"vllm": "trainer.export", "sglang": "trainer.export", "speculators": "trainer.export"},
 )
 OBJECTIVES = Registry("training objective", {"ttt": "models.objectives.ttt"})
-LOSSES = Registry("objective loss", {name: "models.objectives.losses" for name in ("soft_ce", "lk", "lk_hybrid")})
+LOSSES = Registry("objective loss",
+                  {name: "models.objectives.losses" for name in ("soft_ce", "lk", "lk_hybrid")})

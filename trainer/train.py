@@ -134,7 +134,8 @@ class Trainer:
         self.data.embed_tokens_weight = None  # the draft holds its own frozen copy; drop the V x H duplicate
         self.draft.set_draft_vocab(self.vocab["d2t"], self.vocab["t2d"])
         self.objective = build_objective(cfg.objective, cfg.draft)
-        self.module = TrainModule(self.draft, self.objective, target=self.target, teacher_head=self.teacher_head)
+        self.module = TrainModule(self.draft, self.objective, target=self.target,
+                                  teacher_head=self.teacher_head)
 
         self.engine, self.optimizer, self.scheduler = build_engine(
             self.module, self.draft.trainable_parameters(), self.ds_config,

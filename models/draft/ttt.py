@@ -9,8 +9,9 @@ loss_i is a per-position loss from models.objectives.losses (default: the soft c
 softmax(teacher_logits), already restricted to the draft vocabulary, so renormalised over it), plus
 optionally top1_weight * -log q(teacher argmax) where the teacher argmax is in the draft vocabulary,
 averaged over the valid positions of step i; loss = sum_i step_decay^i * loss_i.  Teacher argmaxes
-outside the draft vocabulary are counted (num_out_of_vocab) and can never be matched.  Per step it also sums the teacher-forced acceptance
-alpha = sum_v min(p_v, q_v) (speculative sampling's, within the draft vocabulary) for the logs.
+outside the draft vocabulary are counted (num_out_of_vocab) and can never be matched.  Per step it also
+sums the teacher-forced acceptance alpha = sum_v min(p_v, q_v) (speculative sampling's, within the draft
+vocabulary) for the logs.
 """
 from __future__ import annotations
 

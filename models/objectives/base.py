@@ -1,7 +1,8 @@
 """The objective protocol: what the trainer calls on a draft and a teacher batch, and how it reads the result.
 
 An objective is one class registered in OBJECTIVES plus one YAML under conf/objective/ (its
-`config_class` is that YAML's schema).  The trainer never names a loss or a metric: it backpropagates `ObjectiveOutput.loss`, sums
+`config_class` is that YAML's schema).  The trainer never names a loss or a metric: it backpropagates
+`ObjectiveOutput.loss`, sums
 `ObjectiveOutput.sums` over micro-batches and ranks, and logs what `Objective.summarise` makes of the totals.
 
     @OBJECTIVES.register("my_objective")
@@ -64,7 +65,7 @@ class Objective:
     def noisy(self, aux_hidden_states: Tensor, num_aux: int, noise_seed: Optional[int]) -> Tensor:
         """aux + noise_std * rms * eps per token and aux layer (eps uniform in [-1, 1] or standard normal).
 
-        Drawn from a generator seeded with `noise_seed` (None: no noise): a resumed run sees the same noise."""
+        Drawn from a generator seeded with `noise_seed` (None: no noise): a resumed run sees the same."""
         if noise_seed is None or self.cfg.noise_std == 0:
             return aux_hidden_states
         generator = torch.Generator(device=aux_hidden_states.device).manual_seed(int(noise_seed))

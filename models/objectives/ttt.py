@@ -1,4 +1,4 @@
-"""The "ttt" objective: the draft unrolled for draft.ttt_steps steps (models.draft.ttt) under a registered loss.
+"""The "ttt" objective: the draft unrolled for draft.ttt_steps steps (models.draft.ttt) under one loss.
 
 The unroll's depth and per-step decay stay with the draft config (`draft.ttt_steps`, `draft.step_decay`);
 the loss, its knobs, the top-1 agreement term and noise augmentation are conf/objective/ttt.yaml's.

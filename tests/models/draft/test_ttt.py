@@ -99,7 +99,7 @@ def lk_hybrid_plus_top1(logits_row, teacher_row, in_vocab, eta=3.0, top1_weight=
 def test_registered_loss_and_top1_term_match_naive_reference(draft_factory, batch_factory):
     draft = draft_factory()
     batch = batch_factory(ROWS["packed"], 24)
-    batch["teacher_argmax"] = draft.to_target_ids(batch["teacher_logits"].argmax(-1))  # in vocab, as the teacher's
+    batch["teacher_argmax"] = draft.to_target_ids(batch["teacher_logits"].argmax(-1))  # in vocab
     batch["teacher_argmax"][0, :6] = (~draft.t2d).nonzero()[0]  # ... except a few: no top-1 term there
     cfg = SimpleNamespace(hybrid_eta=3.0)
     out = ttt_forward(draft, **batch, ttt_steps=STEPS, step_decay=0.8, loss="lk_hybrid", loss_cfg=cfg,

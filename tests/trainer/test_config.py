@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 from tests.conftest import REPO
 from trainer.config import register_configs
 
-GROUPS = ["target", "modality", "data", "draft", "trainer", "deepspeed", "launcher", "experiment"]
+GROUPS = ["target", "modality", "data", "draft", "objective", "trainer", "deepspeed", "launcher",
+          "experiment"]
 
 
 def _options(group):

@@ -199,6 +199,7 @@ def test_evaluate_on_the_tiny_chat_target(tmp_path):
         assert len(rates) == k and all(0 <= b <= a <= 1 for a, b in zip(rates, rates[1:]))
         assert run["tau"] == pytest.approx(1 + sum(rates))
         assert run["num_prompts"] == 2 and run["estimated_speedup"] > 0
+        assert run["oracle_tau"] == k + 1 and run["tau_of_oracle"] == pytest.approx(run["tau"] / (k + 1))
     first = ev.render_prompt(tokenizer, ev.load_prompts("mtbench", 1)[0])
     result = ev.SpeculativeDecoder(target, draft).generate(first, 12, 3, eos_token_ids=ev.eos_ids(tokenizer, target))
     assert result.tokens == greedy_reference(target, first, 12)
@@ -223,6 +224,7 @@ def test_run_eval_from_composed_config(tmp_path, capsys):
     summary = ev.run_eval(cfg)
     assert json.loads(capsys.readouterr().out)["results"][0]["num_speculative_tokens"] == 2
     assert 1 <= summary["results"][0]["tau"] <= 3 and (tmp_path / "eval" / "summary.json").is_file()
+    assert 1 < summary["results"][0]["oracle_tau_target_only"] < summary["results"][0]["oracle_tau"] == 3
     assert load_target_embedding(FIXTURE).shape == (spec.vocab_size, spec.hidden_size)
 
 

@@ -1,4 +1,6 @@
 """The TTT objective vs a naive dense-mask unroll written here; packing; checkpointing; accuracy bookkeeping."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -7,7 +9,11 @@ from models.draft.ttt import TTTOutput, run_ttt_steps, ttt_forward
 STEPS = 3
 
 
-def naive_ttt(draft, batch, steps, decay):
+def soft_ce(logits_row, teacher_row, in_vocab):
+    return -(teacher_row.softmax(-1) * logits_row.log_softmax(-1)).sum()
+
+
+def naive_ttt(draft, batch, steps, decay, position_loss=soft_ce):
     """Independent reference: every step attends over all steps' keys with a full (L, L * steps) mask."""
     input_ids, doc, pos = batch["input_ids"], batch["document_ids"], batch["position_ids"]
     teacher, argmax, mask = batch["teacher_logits"], batch["teacher_argmax"], batch["loss_mask"]
@@ -45,8 +51,8 @@ def naive_ttt(draft, batch, steps, decay):
             for t in range(L):
                 target = t + 2 + i
                 if target < L and doc[b, t] >= 0 and doc[b, target] == doc[b, t] and mask[b, target]:
-                    p = teacher[b, t + 1 + i].softmax(-1)
-                    loss_sum = loss_sum - (p * logits[b, t].log_softmax(-1)).sum()
+                    in_vocab = bool(draft.t2d[argmax[b, t + 1 + i]])
+                    loss_sum = loss_sum + position_loss(logits[b, t], teacher[b, t + 1 + i], in_vocab)
                     predicted = int(logits[b, t].argmax()) + int(draft.d2t[logits[b, t].argmax()])
                     hits += int(predicted == int(argmax[b, t + 1 + i]))
                     count += 1
@@ -82,12 +88,51 @@ def test_ttt_matches_naive_reference(draft_factory, batch_factory, layout, num_l
         torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-10)
 
 
-def test_dense_path_and_checkpointing_match_lean(draft_factory, batch_factory):
+def lk_hybrid_plus_top1(logits_row, teacher_row, in_vocab, eta=3.0, top1_weight=0.5):
+    p, q = teacher_row.softmax(-1), logits_row.softmax(-1)
+    alpha = torch.minimum(p, q).sum()
+    weight = torch.exp(-eta * alpha.detach())
+    hybrid = weight * (p * (p.log() - q.log())).sum() + (1 - weight) * (1 - alpha)
+    return hybrid - top1_weight * in_vocab * q[p.argmax()].log()
+
+
+def test_registered_loss_and_top1_term_match_naive_reference(draft_factory, batch_factory):
+    draft = draft_factory()
+    batch = batch_factory(ROWS["packed"], 24)
+    batch["teacher_argmax"] = draft.to_target_ids(batch["teacher_logits"].argmax(-1))  # in vocab
+    batch["teacher_argmax"][0, :6] = (~draft.t2d).nonzero()[0]  # ... except a few: no top-1 term there
+    cfg = SimpleNamespace(hybrid_eta=3.0)
+    out = ttt_forward(draft, **batch, ttt_steps=STEPS, step_decay=0.8, loss="lk_hybrid", loss_cfg=cfg,
+                      top1_weight=0.5)
+    ref_loss, ref_losses, _, _ = naive_ttt(draft, batch, STEPS, 0.8, lk_hybrid_plus_top1)
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-9, atol=0)
+    torch.testing.assert_close(out.loss_per_step, ref_losses.detach(), rtol=1e-9, atol=0)
+    params = draft.trainable_parameters()
+    for grad, ref_grad in zip(torch.autograd.grad(out.loss, params), torch.autograd.grad(ref_loss, params)):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-12)
+
+
+def test_acceptance_per_step_is_the_teacher_forced_overlap(draft_factory, batch_factory):
+    draft = draft_factory()
+    batch = batch_factory(ROWS["padded"], 24)
+    out = run(draft, batch)
+
+    def overlap(logits_row, teacher_row, in_vocab):
+        return torch.minimum(teacher_row.softmax(-1), logits_row.softmax(-1)).sum()
+
+    with torch.no_grad():
+        _, per_step_mean, _, counts = naive_ttt(draft, batch, STEPS, 0.8, overlap)
+    torch.testing.assert_close(out.accept_per_step, per_step_mean * torch.tensor(counts, dtype=torch.float64),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_dense_path_checkpointing_and_all_positions_match_lean(draft_factory, batch_factory):
     batch = batch_factory(ROWS["packed"], 24)
     results = []
-    for attention, checkpointing in (("lean", False), ("dense", False), ("lean", True)):
+    variants = (("lean", False, True), ("dense", False, True), ("lean", True, True), ("lean", False, False))
+    for attention, checkpointing, skip_dead in variants:  # skip_dead=False: steps >= 1 on every position
         draft = draft_factory(attention=attention, gradient_checkpointing=checkpointing)
-        out = run(draft, batch)
+        out = ttt_forward(draft, **batch, ttt_steps=STEPS, step_decay=0.8, skip_dead=skip_dead)
         results.append((out.loss, torch.autograd.grad(out.loss, draft.trainable_parameters())))
     for loss, grads in results[1:]:
         torch.testing.assert_close(loss, results[0][0], rtol=1e-9, atol=0)

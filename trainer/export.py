@@ -55,6 +55,7 @@ class ExportConfig:
     num_speculative_tokens: int = 3
     include_embed: bool = False  # also write embed_tokens.weight (engines take the target's when absent)
     dtype: str = "bfloat16"  # bfloat16 | float16 | float32 for the floating-point tensors
+    verifier: str = ""  # the target's name in config.json (hub id); "" -> target.path, a local dir by its name
 
 
 # ---- atomic directory writes ------------------------------------------------------------------------------
@@ -497,6 +498,15 @@ export_sglang = _register("sglang")
 export_speculators = _register("speculators")
 
 
+def verifier_name(target_path: str, verifier: str = "") -> str:
+    """The target's name written into exports: `export.verifier`, else target.path when it is a hub id, else the
+    local dir's `_name_or_path` (when a hub id) or folder name: no machine path leaves the trainer."""
+    if verifier or not os.path.isdir(target_path):
+        return verifier or target_path
+    saved = str(_read_json(Path(target_path) / "config.json").get("_name_or_path") or "")
+    return saved if saved and not os.path.isabs(saved) and not os.path.exists(saved) else Path(target_path).name
+
+
 def run_export(cfg) -> Path:
     """`aerie export`: cfg.export (ExportConfig fields) and cfg.target (target.path) of the composed config."""
     ecfg = cfg.export
@@ -504,7 +514,10 @@ def run_export(cfg) -> Path:
         raise ValueError("export.draft and export.out_dir are required")
     target_path = cfg.target.path if "target" in cfg and cfg.target.path else None
     embed = load_target_embedding(target_path) if ecfg.include_embed and target_path else None
-    out = EXPORTS.get(ecfg.format)(ecfg.draft, ecfg.out_dir, target=target_path,
+    target = None
+    if target_path:
+        target = {**target_info(target_path), "name_or_path": verifier_name(target_path, ecfg.get("verifier", ""))}
+    out = EXPORTS.get(ecfg.format)(ecfg.draft, ecfg.out_dir, target=target,
                                    num_speculative_tokens=int(ecfg.num_speculative_tokens),
                                    include_embed=bool(ecfg.include_embed), dtype=ecfg.dtype, embed_weight=embed)
     print(f"{ecfg.format} export written to {out}", flush=True)

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from tests.conftest import TINY_TRAIN_OVERRIDES, run_aerie
+from tests.conftest import TINY_CHAT, TINY_TRAIN_OVERRIDES, run_aerie
 
 BASE_STEPS = 4
 
@@ -27,3 +27,10 @@ def run_copy(base_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(base_run, copy)
     return copy
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(TINY_CHAT))

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import warnings
 import zipfile
@@ -55,8 +56,9 @@ def unloadable_pt_file(directory: Path) -> Optional[str]:
         try:
             load_weights_only(file, mmap=zipfile.is_zipfile(file))  # mmap: tensors are checksummed, not read
         except Exception as err:  # UnpicklingError, RuntimeError (zip), EOFError ...: all mean "do not load"
-            lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-            why = next((line for line in lines if "Unsupported global" in line), lines[0])[:300]
+            text = " ".join(str(err).split()) or type(err).__name__
+            code = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", text)
+            why = f"it calls {code.group(1)}, not plain data" if code else text[:200]
             return f"{file.relative_to(directory)} does not load as weights only ({why})"
     return None
 

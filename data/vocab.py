@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from data.io import umask_mode
+
 
 def _count_arrow_batches(batches, vocab_size: int) -> np.ndarray:
     import pyarrow.compute as pc
@@ -70,6 +72,7 @@ def save_vocab(path: str, d2t: Tensor, t2d: Tensor, counts: Tensor, fingerprint:
     tmp = f"{path}.tmp{os.getpid()}"
     save_file({"d2t": d2t.long().contiguous(), "t2d": t2d.bool().contiguous(), "counts": counts.long().contiguous()},
               tmp, metadata={"aerie": json.dumps(meta)})
+    os.chmod(tmp, umask_mode())  # safetensors creates files 0600
     os.replace(tmp, path)
     side = f"{os.path.splitext(path)[0]}.json"
     with open(f"{side}.tmp{os.getpid()}", "w") as f:

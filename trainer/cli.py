@@ -3,12 +3,16 @@
     aerie train target=tiny_chat trainer.max_steps=100
     aerie train --cfg job            # print the composed config
     deepspeed --num_gpus 8 --module trainer.cli train deepspeed=zero3   # --local_rank=N is accepted
+
+A failing command prints one line, `aerie <command>: error: <what and where>`, and exits 1; the traceback
+comes only with `--debug` (anywhere on the command line) or AERIE_DEBUG=1.
 """
 from __future__ import annotations
 
 import importlib
 import os
 import sys
+import traceback
 from typing import Callable, Dict, List, Optional, Tuple
 
 # name -> ("module:function", one-line help). Each function takes the composed DictConfig.
@@ -60,19 +64,41 @@ def resolve(target: str) -> Callable:
 
 
 def _run_hydra(command: str, overrides: List[str]) -> None:
+    """Compose the config and run the command; its first exception is raised here (not printed by Hydra)."""
     import hydra
 
-    from trainer.config import REPO_ROOT, register_configs
+    from trainer.config import REPO_ROOT, register_configs, validate_config
 
     register_configs()
     function = resolve(COMMANDS[command][0])
+    failures: List[BaseException] = []
 
     @hydra.main(version_base=None, config_path=str(REPO_ROOT / "conf"), config_name="config")
     def app(cfg):
-        return function(cfg)
+        try:
+            validate_config(cfg, command)
+            return function(cfg)
+        except Exception as err:  # re-raised below: Hydra would print its own header and traceback
+            failures.append(err)
 
     sys.argv = [f"aerie-{command}"] + overrides
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # composition errors propagate instead of being printed
     app()
+    if failures:
+        raise failures[0]
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line: its message (and, for config errors, their cause) with newlines folded."""
+    parts = [str(err)]
+    if err.__cause__ is not None and str(err.__cause__) not in parts[0]:
+        parts.append(str(err.__cause__))
+    lines = [line.strip() for part in parts for line in part.splitlines()
+             if line.strip() and not line.strip().startswith(("reference_type=", "object_type="))]
+    text = "; ".join(dict.fromkeys(lines)) or type(err).__name__
+    if not isinstance(err, (ValueError, OSError)) and not type(err).__module__.startswith(("hydra", "omegaconf")):
+        text = f"{type(err).__name__}: {text}"
+    return text if len(text) <= 600 else text[:597] + "..."
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -80,11 +106,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
-    command, overrides = argv[0], argv[1:]
+    command, overrides = argv[0], [a for a in argv[1:] if a != "--debug"]
+    debug = "--debug" in argv[1:] or os.environ.get("AERIE_DEBUG", "") not in ("", "0")
     if command not in COMMANDS:
         print(f"aerie: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    _run_hydra(command, overrides)
+    if command in ("train", "quickstart"):
+        from trainer import preemption
+
+        preemption.install()  # before the slow imports: a notice during start-up must not kill silently
+    try:
+        _run_hydra(command, overrides)
+    except KeyboardInterrupt:
+        print(f"aerie {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug else " (traceback: --debug)"
+        print(f"aerie {command}: error: {one_line(err)}{hint}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -182,6 +182,9 @@ def draft_vocab(train, cfg, fingerprint: str, vocab_size: int, candidates: Optio
     size = min(cfg.draft.draft_vocab_size, vocab_size)
     if candidates is not None:
         size = min(size, int(candidates.unique().numel()))
+    if size < cfg.draft.draft_vocab_size:
+        print(f"note: draft.draft_vocab_size={cfg.draft.draft_vocab_size} is more than the {size} token ids the "
+              f"target (and modality) can propose: using {size}", flush=True)
     if path.is_file():
         d2t, t2d, _, _ = load_vocab(str(path), fingerprint)  # ValueError when stale
         if d2t.numel() == size:

@@ -55,14 +55,18 @@ class ExportConfig:
     num_speculative_tokens: int = 3
     include_embed: bool = False  # also write embed_tokens.weight (engines take the target's when absent)
     dtype: str = "bfloat16"  # bfloat16 | float16 | float32 for the floating-point tensors
+    verifier: str = ""  # the target's name in config.json (hub id); "" -> target.path, a local dir by its name
 
 
 # ---- atomic directory writes ------------------------------------------------------------------------------
 def _write_dir_atomically(out_dir: Union[str, Path], files: Dict[str, bytes]) -> Path:
     """Write `files` into a hidden sibling tmp dir, then swap it in place of out_dir (an older one is replaced)."""
+    from data.io import umask_mode
+
     out = Path(out_dir).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    os.chmod(tmp, umask_mode(directory=True))  # mkdtemp makes it 0700: unreadable to a serving engine's user
     try:
         for name, payload in files.items():
             (tmp / name).write_bytes(payload)
@@ -101,8 +105,9 @@ def draft_state(draft: Eagle3LlamaDraft) -> Dict[str, Tensor]:
 
 
 def save_aerie_draft(draft: Eagle3LlamaDraft, out_dir: Union[str, Path], state_dict: Optional[Dict[str, Tensor]] = None,
-                     metadata: Optional[dict] = None) -> Path:
-    """Write config.json + model.safetensors (draft weights, d2t, t2d; no embed_tokens) atomically to out_dir."""
+                     metadata: Optional[dict] = None, extra_files: Optional[Dict[str, bytes]] = None) -> Path:
+    """Write config.json + model.safetensors (draft weights, d2t, t2d; no embed_tokens) and `extra_files`
+    atomically to out_dir."""
     state = {n: t for n, t in (state_dict if state_dict is not None else draft_state(draft)).items()
              if not n.startswith("embed_tokens.")}
     expected = set(draft_state(draft))
@@ -111,7 +116,8 @@ def save_aerie_draft(draft: Eagle3LlamaDraft, out_dir: Union[str, Path], state_d
                          f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}")
     config = {**draft.config.to_dict(), "aerie_format": AERIE_FORMAT, "architecture": "eagle3_llama",
               "metadata": dict(metadata or {})}
-    files = {CONFIG_NAME: json.dumps(config, indent=2, sort_keys=True).encode(), WEIGHTS_NAME: _safetensors_bytes(state)}
+    files = {CONFIG_NAME: json.dumps(config, indent=2, sort_keys=True).encode(), WEIGHTS_NAME: _safetensors_bytes(state),
+             **(extra_files or {})}
     return _write_dir_atomically(out_dir, files)
 
 
@@ -175,10 +181,15 @@ def load_draft_from_checkpoint(step_dir: Union[str, Path], embed_weight: Optiona
 
     from models.draft.eagle3 import DraftConfig
 
+    from trainer.checkpoint import checkpoint_problem
+
     step_dir = Path(step_dir).resolve()
     for name in ("config.yaml", "vocab.safetensors"):
         if not (step_dir / name).is_file():
             raise ValueError(f"{step_dir}: not an Aerie checkpoint step dir (no {name})")
+    why = checkpoint_problem(step_dir)  # checksums, and weights-only unpickling before DeepSpeed's full one
+    if why is not None:
+        raise ValueError(f"{step_dir}: refusing to load this checkpoint: {why}")
     cfg = OmegaConf.to_container(OmegaConf.load(step_dir / "config.yaml"), resolve=True)
     if "draft" not in cfg or "target" not in cfg:
         raise ValueError(f"{step_dir / 'config.yaml'}: needs 'draft' and 'target' sections")
@@ -574,6 +585,15 @@ export_sglang = _register("sglang")
 export_speculators = _register("speculators")
 
 
+def verifier_name(target_path: str, verifier: str = "") -> str:
+    """The target's name written into exports: `export.verifier`, else target.path when it is a hub id, else the
+    local dir's `_name_or_path` (when a hub id) or folder name: no machine path leaves the trainer."""
+    if verifier or not os.path.isdir(target_path):
+        return verifier or target_path
+    saved = str(_read_json(Path(target_path) / "config.json").get("_name_or_path") or "")
+    return saved if saved and not os.path.isabs(saved) and not os.path.exists(saved) else Path(target_path).name
+
+
 def run_export(cfg) -> Path:
     """`aerie export`: cfg.export (ExportConfig fields) and cfg.target (target.path) of the composed config."""
     ecfg = cfg.export
@@ -581,7 +601,10 @@ def run_export(cfg) -> Path:
         raise ValueError("export.draft and export.out_dir are required")
     target_path = cfg.target.path if "target" in cfg and cfg.target.path else None
     embed = load_target_embedding(target_path) if ecfg.include_embed and target_path else None
-    out = EXPORTS.get(ecfg.format)(ecfg.draft, ecfg.out_dir, target=target_path,
+    target = None
+    if target_path:
+        target = {**target_info(target_path), "name_or_path": verifier_name(target_path, ecfg.get("verifier", ""))}
+    out = EXPORTS.get(ecfg.format)(ecfg.draft, ecfg.out_dir, target=target,
                                    num_speculative_tokens=int(ecfg.num_speculative_tokens),
                                    include_embed=bool(ecfg.include_embed), dtype=ecfg.dtype, embed_weight=embed)
     print(f"{ecfg.format} export written to {out}", flush=True)

@@ -8,7 +8,7 @@ DeepSpeed engine; its metrics are read generically from the objective's sums.
 from __future__ import annotations
 
 import json
-import signal
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +41,7 @@ class TrainerConfig:
     spec_eval_engine: str = "hf"         # hf (in-process decoder) | vllm (vLLM on an export, `engine` group settings)
     ckpt_every: int = 200                # 0: only at the end (and on preemption)
     keep_last: int = 2
-    resume: str = "auto"                 # auto | never | <path to a step dir>
+    resume: str = "auto"                 # auto | auto_or_fresh (also when every checkpoint is corrupt) | never | <step dir>
     max_bad_steps: int = 5               # consecutive non-finite losses before stopping
     fail_on_nonfinite_at: List[int] = field(default_factory=list)  # testing hook: poison these micro-batches
 
@@ -84,15 +84,20 @@ class TrainModule(nn.Module):
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 (Slurm's warning signal) set a flag; the loop checkpoints and exits."""
+    """SIGTERM / SIGUSR1 (Slurm's warning signal) set a flag (trainer/preemption.py); the loop checkpoints and exits."""
 
     def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        from trainer import preemption
 
-    def _handle(self, signum, frame):
-        self.requested = True
+        preemption.install()  # `aerie train` installed it at start-up already; a no-op change then
+        self._module = preemption
+
+    @property
+    def requested(self) -> bool:
+        return self._module.requested()
+
+    def describe(self) -> str:
+        return self._module.describe()
 
 
 def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
@@ -111,6 +116,7 @@ class Trainer:
         from trainer.logger import RunLogger, save_resolved_config
 
         self.cfg = cfg
+        self.preemption = Preemption()
         tcfg: TrainerConfig = cfg.trainer
         if tcfg.mode not in ("online", "offline"):
             raise ValueError(f"trainer.mode must be online or offline, got {tcfg.mode!r}")
@@ -147,11 +153,11 @@ class Trainer:
         self.bad_in_a_row = 0
         self.num_bad_steps = 0
         self.micro_batches_seen = 0
+        self.saved_step = None  # step of the newest checkpoint on disk (resumed or written)
         self._totals = None
         self._resume()
         self.logger = RunLogger(cfg.logger, self.run_dir, self.dist.is_main, total=tcfg.max_steps,
                                 desc="train", config=cfg, initial=self.step)
-        self.preemption = Preemption()
 
     # ---- composition -------------------------------------------------------------------------
     def _build_data(self):
@@ -163,14 +169,25 @@ class Trainer:
         return data
 
     def _resume(self) -> None:
+        """Load the checkpoint trainer.resume names (auto: the newest intact one); otherwise start clean."""
         resume = self.cfg.trainer.resume
-        if resume == "never":
-            return
-        path = self.checkpointer.find_resumable() if resume == "auto" else Path(resume)
+        path = None
+        if resume in ("auto", "auto_or_fresh"):
+            path = self.checkpointer.find_resumable()
+            if path is None and self.checkpointer.complete_steps() and resume == "auto":
+                raise ValueError(f"no usable checkpoint in {self.checkpointer.root}: every step dir failed "
+                                 f"verification (warnings above); trainer.resume=auto_or_fresh trains from scratch "
+                                 f"and moves them aside")
+        elif resume != "never":
+            path = Path(resume)
+            why = self.checkpointer.problem(path) if path.is_dir() else "no such directory"
+            if why is not None:
+                raise ValueError(f"trainer.resume={resume}: {why}")
         if path is None:
+            self._start_fresh()
             return
         state = self.checkpointer.load(path, self.engine)
-        self.step = state["step"]
+        self.step = self.saved_step = state["step"]
         self.bad_in_a_row = state.get("bad_in_a_row", 0)
         self.num_bad_steps = state.get("num_bad_steps", 0)
         self.micro_batches_seen = state["micro_batches_seen"]
@@ -187,6 +204,25 @@ class Trainer:
         if self.dist.is_main:
             print(msg, flush=True)
             _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+
+    def _start_fresh(self) -> None:
+        """Training from step 0: rows of a run that died before its first checkpoint are dropped; an earlier
+        run's checkpoints, final/ and metrics (trainer.resume=never or auto_or_fresh) are moved aside, not mixed in."""
+        from trainer.distributed import barrier
+
+        if self.dist.is_main:
+            metrics, final = self.run_dir / "metrics.jsonl", self.run_dir / "final"
+            if self.checkpointer.complete_steps() or final.exists():
+                aside = self.run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+                aside.mkdir(parents=True)
+                moved = [p for p in (self.checkpointer.root, final, metrics) if p.exists()]
+                for old in moved:
+                    os.replace(old, aside / old.name)
+                print(f"training from scratch: the earlier run's {', '.join(p.name for p in moved)} moved to "
+                      f"{aside}", flush=True)
+            elif metrics.exists():
+                metrics.unlink()
+        barrier()
 
     # ---- one step ----------------------------------------------------------------------------
     def _forward(self, batch):
@@ -232,13 +268,15 @@ class Trainer:
     def fit(self) -> Path:
         tcfg: TrainerConfig = self.cfg.trainer
         final = self.run_dir / "final"
-        if self.step >= tcfg.max_steps and (final / "model.safetensors").is_file():
+        if self.step >= tcfg.max_steps and all((final / n).is_file() for n in ("model.safetensors", "config.yaml")):
             self.logger.print(f"already trained to step {self.step} (trainer.max_steps={tcfg.max_steps}); "
                               f"the draft is in {final}; raise trainer.max_steps to continue")
             self.logger.close()
             return final
         self.engine.train()
         started = time.time()
+        if self._preempted():  # the notice came during start-up
+            return self._exit_preempted()
         while self.step < tcfg.max_steps:
             lr = self.optimizer.param_groups[0]["lr"]
             metrics = self.train_step()
@@ -262,14 +300,25 @@ class Trainer:
             if tcfg.ckpt_every and self.step % tcfg.ckpt_every == 0 and self.step < tcfg.max_steps:
                 self.save_checkpoint()
             if self._preempted():
-                self.save_checkpoint()
-                self.logger.print(f"preempted at step {self.step}: checkpoint written, exiting")
-                self.logger.close()
-                return self.run_dir
-        self.save_checkpoint()
+                return self._exit_preempted()
+        if self.saved_step != self.step:
+            self.save_checkpoint()
         final = self.save_final()
         self.logger.close()
         return final
+
+    def _exit_preempted(self) -> Path:
+        """Checkpoint what the last checkpoint lacks, say so, and return the run dir (a clean exit)."""
+        if self.step and self.saved_step != self.step:
+            self.save_checkpoint()
+            what = f"checkpoint written at step {self.step}"
+        elif self.step:
+            what = f"the checkpoint of step {self.step} is already on disk"
+        else:
+            what = "no step taken yet, nothing to checkpoint"
+        self.logger.print(f"preempted at step {self.step} ({self.preemption.describe()}): {what}; exiting")
+        self.logger.close()
+        return self.run_dir
 
     def _preempted(self) -> bool:
         from trainer.distributed import all_reduce_sum
@@ -346,7 +395,9 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         state = {"micro_batches_seen": self.micro_batches_seen, "bad_in_a_row": self.bad_in_a_row,
                  "num_bad_steps": self.num_bad_steps, "sampler": self.data.train_batches.state_dict()}
-        return self.checkpointer.save(self.step, self.engine, state, self.checkpoint_files())
+        path = self.checkpointer.save(self.step, self.engine, state, self.checkpoint_files())
+        self.saved_step = self.step
+        return path
 
     def save_final(self) -> Path:
         from trainer.distributed import barrier
@@ -354,12 +405,10 @@ class Trainer:
 
         final = self.run_dir / "final"
         state = _gathered_draft_state(self.draft)
-        if self.dist.is_main:
-            save_aerie_draft(self.draft, final, state_dict=state,
+        if self.dist.is_main:  # config.yaml goes in the same atomic directory write as the weights
+            config_yaml = OmegaConf.to_yaml(self.cfg, resolve=True).encode()
+            save_aerie_draft(self.draft, final, state_dict=state, extra_files={"config.yaml": config_yaml},
                              metadata={"target": self.spec.name_or_path, "step": self.step})
-            from trainer.logger import save_resolved_config
-
-            save_resolved_config(self.cfg, final)
         barrier()
         return final
 
@@ -383,12 +432,23 @@ def _accumulate(totals, out):
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records logged after `step` by a run that died before its next checkpoint."""
+    """Drop records logged after `step` by a run that died before its next checkpoint, and torn lines
+    (a kill or a full disk in the middle of a write)."""
     if not path.is_file():
         return
     from trainer.logger import atomic_write_text
 
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    kept, num_torn = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            num_torn += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    if num_torn:
+        print(f"{path}: dropped {num_torn} unreadable line(s) (cut off by a kill or a full disk)", flush=True)
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 

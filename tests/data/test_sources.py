@@ -126,10 +126,12 @@ def test_media_records_keep_paths_resolved(tmp_path):
              "messages": [{"role": "user", "content": "<image> what?"}, {"role": "assistant", "content": "a cat"}]},
             {"id": "v2", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
     path = write(sub / "vl.jsonl", "\n".join(json.dumps(r) for r in rows))
-    records, _ = load_conversations(DataConfig(source="json", path=path), media_path_keys=("images",))
+    records, _ = load_conversations(DataConfig(source="json", path=path, allow_media_outside_root=True),
+                                    media_path_keys=("images",))
     assert records[0]["images"] == [str(sub / "img" / "a.png"), "/abs/b.png"]
     assert "images" not in records[1] and records[1]["messages"][1]["content"] == "yo"
-    rooted, _ = load_conversations(DataConfig(source="json", path=path, media_root="/data"), media_path_keys=("images",))
+    rooted, _ = load_conversations(DataConfig(source="json", path=path, media_root="/data", allow_media_outside_root=True),
+                                   media_path_keys=("images",))
     assert rooted[0]["images"][0] == "/data/img/a.png"
 
     raw_rows = [{"id": "u1", "audio": "a.wav", "transcript": "hello"}, [1, 2], {"text": "hi", "speech_tokens": [1]}]

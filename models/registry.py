@@ -57,7 +57,7 @@ MODALITIES = Registry(
         "speech_tokens": "models.modality.speech_tokens",
     },
 )
-DRAFTS = Registry("draft architecture", {"eagle3_llama": "models.draft.eagle3"})
+DRAFTS = Registry("draft architecture", {"eagle3_llama": "models.draft.eagle3", "dflash": "models.draft.dflash"})
 EXPORTS = Registry(
     "export format",
     {"vllm": "trainer.export", "sglang": "trainer.export", "speculators": "trainer.export"},

@@ -17,7 +17,6 @@ from data.regen import RegenConfig
 from data.serve import ServeConfig
 from data.sources import DataConfig
 from data.store import StoreConfig
-from models.draft.eagle3 import DraftConfig
 from models.targets.base import TargetConfig
 from trainer.engine import DeepSpeedConfig
 from trainer.evaluate import EvalConfig
@@ -49,7 +48,7 @@ class AerieConfig:
     modality: Any = MISSING
     data: DataConfig = field(default_factory=DataConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
-    draft: DraftConfig = field(default_factory=DraftConfig)
+    draft: Any = MISSING  # the schema of the chosen architecture (<arch>_schema, registered below)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
@@ -79,7 +78,7 @@ def register_configs() -> None:
         return
     from hydra.core.config_store import ConfigStore
 
-    from models.registry import MODALITIES
+    from models.registry import DRAFTS, MODALITIES
 
     if not OmegaConf.has_resolver("aerie_root"):
         OmegaConf.register_new_resolver("aerie_root", lambda: str(REPO_ROOT))
@@ -87,4 +86,6 @@ def register_configs() -> None:
     cs.store(name="aerie_schema", node=AerieConfig)
     for name in MODALITIES.names():
         cs.store(group="modality", name=f"{name}_schema", node=_modality_schema(name))
+    for name in DRAFTS.names():  # conf/draft/*.yaml start from their architecture's schema
+        cs.store(group="draft", name=f"{name}_schema", node=DRAFTS.get(name).config_class)
     _registered = True

@@ -109,7 +109,7 @@ def save_aerie_draft(draft: Eagle3LlamaDraft, out_dir: Union[str, Path], state_d
     if set(state) != expected:
         raise ValueError(f"save_aerie_draft: state_dict names differ from the draft's: missing "
                          f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}")
-    config = {**draft.config.to_dict(), "aerie_format": AERIE_FORMAT, "architecture": "eagle3_llama",
+    config = {**draft.config.to_dict(), "aerie_format": AERIE_FORMAT, "architecture": draft.architecture,
               "metadata": dict(metadata or {})}
     files = {CONFIG_NAME: json.dumps(config, indent=2, sort_keys=True).encode(), WEIGHTS_NAME: _safetensors_bytes(state)}
     return _write_dir_atomically(out_dir, files)
@@ -137,6 +137,10 @@ def load_aerie_draft(path: Union[str, Path], embed_weight: Optional[Tensor] = No
 
     path = Path(path)
     raw = _read_json(path / CONFIG_NAME)
+    if raw.get("aerie_format") == AERIE_FORMAT and raw.get("architecture") == "dflash":
+        from trainer.export_dflash import load_aerie_dflash
+
+        return load_aerie_dflash(path, raw, embed_weight)
     if raw.get("aerie_format") != AERIE_FORMAT or raw.get("architecture") != "eagle3_llama":
         raise ValueError(f"{path / CONFIG_NAME}: not an Aerie eagle3_llama draft (aerie_format "
                          f"{raw.get('aerie_format')!r}, architecture {raw.get('architecture')!r})")
@@ -451,6 +455,10 @@ def export(draft_or_path, out_dir: Union[str, Path], format: str, target=None, n
     info = target_info(target)
     if not info:
         raise ValueError("export needs the target (TargetSpec, dict or path): its name, model_type, architectures")
+    if draft.architecture == "dflash":  # block drafter: its own layout (trainer/export_dflash.py)
+        from trainer.export_dflash import export_dflash
+
+        return export_dflash(draft, out_dir, fmt, info, dtype)
     cfg = draft.config
     torch_dtype = EXPORT_DTYPES[dtype]
     state = {n: (t.to(torch_dtype) if t.is_floating_point() else t).cpu() for n, t in draft_state(draft).items()}

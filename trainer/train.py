@@ -74,6 +74,9 @@ class TrainModule(nn.Module):
         from models.draft.ttt import ttt_forward
 
         aux, teacher_logits, teacher_argmax, inputs_embeds, positions = self.teacher(batch)
+        # ---- objective dispatch: a draft with its own objective (DFlash block drafting) trains with it ----
+        if hasattr(self.draft, "training_objective"):
+            return self.draft.training_objective(batch, aux, teacher_logits, teacher_argmax, positions)
         return ttt_forward(self.draft, batch["input_ids"], aux.to(self.draft.fc.weight.dtype), teacher_logits,
                            teacher_argmax, batch["loss_mask"], positions, batch["document_ids"],
                            ttt_steps=ttt_steps, step_decay=step_decay, inputs_embeds=inputs_embeds)
@@ -184,7 +187,8 @@ class Trainer:
     # ---- one step ----------------------------------------------------------------------------
     def _forward(self, batch):
         dcfg = self.cfg.draft
-        return self.engine(_to_device(batch, self.device), ttt_steps=dcfg.ttt_steps, step_decay=dcfg.step_decay)
+        return self.engine(_to_device(batch, self.device), ttt_steps=dcfg.get("ttt_steps", 0),
+                           step_decay=dcfg.get("step_decay", 0.0))  # TTT drafts only
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         from trainer.distributed import all_reduce_sum

@@ -355,7 +355,12 @@ def evaluate_draft(target: nn.Module, draft: Eagle3LlamaDraft, tokenizer, cfg: E
     if cfg.max_new_tokens < 1:
         raise ValueError(f"eval.max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
     prompts = [render_prompt(tokenizer, conv) for conv in load_prompts(cfg.prompts, cfg.max_prompts)]
-    decoder = SpeculativeDecoder(target, draft)
+    if getattr(draft, "architecture", "") == "dflash":  # block drafter: one draft pass per round
+        from trainer.evaluate_dflash import BlockSpeculativeDecoder
+
+        decoder = BlockSpeculativeDecoder(target, draft)
+    else:
+        decoder = SpeculativeDecoder(target, draft)
     eos = eos_ids(tokenizer, target)
     runs = []
     for k in speculative_ks(cfg.num_speculative_tokens):

@@ -257,6 +257,10 @@ def check_servable(fmt: str, cfg: Eagle3ModelConfig) -> None:
     if fmt == "sglang" and cfg.num_layers != 1:
         raise ValueError(f"SGLang's LlamaForCausalLMEagle3 serves 1-layer drafts only (older versions raise; newer ones "
                          f"drop the residual between extra layers); this draft has {cfg.num_layers}: export vllm")
+    switches = [name for name in ("norm_before_fc", "fc_norm", "norm_output") if getattr(cfg, name)]
+    if fmt == "sglang" and switches:
+        raise ValueError(f"SGLang's LlamaForCausalLMEagle3 has no EAGLE 3.1 switches; this draft was trained with "
+                         f"{', '.join(switches)}: export vllm or speculators")
     if fmt == "sglang" and cfg.norm_before_residual:
         raise ValueError("SGLang ignores norm_before_residual (always adds the un-normalised hidden); this draft was "
                          "trained with norm_before_residual=true: export vllm or speculators")
@@ -268,6 +272,10 @@ def expected_tensors(fmt: str, cfg: Eagle3ModelConfig, include_embed: bool = Fal
     shapes: Dict[str, Tuple[int, ...]] = {}
     for index in range(cfg.num_layers):
         shapes.update(_layer_tensors(cfg, _layer_prefix(fmt, cfg, index), index == 0))
+    if cfg.norm_before_fc:  # EAGLE 3.1 (vLLM llama_eagle3.py: input_norm, fc_norm.i)
+        shapes["input_norm.weight"] = (cfg.num_aux_layers * cfg.target_hidden_size,)
+    if cfg.fc_norm:
+        shapes.update({f"fc_norm.{i}.weight": (cfg.target_hidden_size,) for i in range(cfg.num_aux_layers)})
     shapes.update({"fc.weight": (cfg.hidden_size, cfg.num_aux_layers * cfg.target_hidden_size),
                    "norm.weight": (cfg.hidden_size,), "lm_head.weight": (cfg.draft_vocab_size, cfg.hidden_size),
                    "d2t": (cfg.draft_vocab_size,), "t2d": (cfg.vocab_size,)})
@@ -316,6 +324,8 @@ def export_config(fmt: str, cfg: Eagle3ModelConfig, target: dict, num_speculativ
     aerie = {"num_speculative_tokens": num_speculative_tokens, "target": target.get("name_or_path", "")}
     draft_fields = {"draft_vocab_size": cfg.draft_vocab_size, "target_hidden_size": cfg.target_hidden_size,
                     "norm_before_residual": cfg.norm_before_residual}
+    if fmt != "sglang":  # EAGLE 3.1 keys vLLM and speculators read top-level
+        draft_fields.update(norm_before_fc=cfg.norm_before_fc, fc_norm=cfg.fc_norm, norm_output=cfg.norm_output)
     if fmt == "vllm":
         return {"architectures": [_architecture(fmt, target)], **_llama_fields(cfg, dtype), **draft_fields,
                 "eagle_aux_hidden_state_layer_ids": list(cfg.aux_layer_ids), "aerie": aerie}
@@ -352,7 +362,8 @@ def config_from_export(fmt: str, exported: dict) -> Eagle3ModelConfig:
             vocab_size=llama["vocab_size"], draft_vocab_size=exported["draft_vocab_size"],
             target_hidden_size=exported["target_hidden_size"], num_aux_layers=len(aux),
             num_layers=llama["num_hidden_layers"], norm_before_residual=bool(exported["norm_before_residual"]),
-            aux_layer_ids=list(aux))
+            aux_layer_ids=list(aux), norm_before_fc=bool(exported.get("norm_before_fc", False)),
+            fc_norm=bool(exported.get("fc_norm", False)), norm_output=bool(exported.get("norm_output", False)))
     except KeyError as err:
         raise ValueError(f"{fmt} config.json lacks key {err}") from None
 

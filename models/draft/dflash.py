@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from models.draft.eagle3 import Eagle3MLP, RMSNorm, RotaryEmbedding, apply_rotary
+from models.draft.eagle3 import (DraftKVCache, Eagle3MLP, RMSNorm, RotaryEmbedding, _resolve, apply_rotary,
+                                 attention_sizes)
 from models.registry import DRAFTS
 
 
@@ -135,32 +136,6 @@ class DFlashDecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
-class DFlashContext:
-    """Per-layer rotated context keys and values (B, kv_heads, C, head_dim) of the verified positions."""
-
-    def __init__(self, num_layers: int):
-        self.keys: List[Optional[Tensor]] = [None] * num_layers
-        self.values: List[Optional[Tensor]] = [None] * num_layers
-
-    def __len__(self) -> int:
-        return 0 if self.keys[0] is None else self.keys[0].shape[2]
-
-    def append(self, kvs: List[Tuple[Tensor, Tensor]]) -> None:
-        for layer, (k, v) in enumerate(kvs):
-            if self.keys[layer] is not None:
-                k, v = torch.cat([self.keys[layer], k], 2), torch.cat([self.values[layer], v], 2)
-            self.keys[layer], self.values[layer] = k, v
-
-    def crop(self, length: int) -> None:
-        for layer, k in enumerate(self.keys):
-            if k is not None:
-                self.keys[layer], self.values[layer] = k[:, :, :length], self.values[layer][:, :, :length]
-
-
-def _resolve(value, default):
-    return default if value is None else value
-
-
 @DRAFTS.register("dflash")
 class DFlashDraft(nn.Module):
     """DFlash draft.  Training: models.draft.dflash_objective.dflash_forward.  Inference:
@@ -196,17 +171,9 @@ class DFlashDraft(nn.Module):
     def from_target(cls, draft_cfg: DFlashConfig, spec) -> "DFlashDraft":
         if draft_cfg.arch != "dflash":
             raise ValueError(f"draft.arch is {draft_cfg.arch!r}, DFlashDraft builds 'dflash'")
-        hidden = _resolve(draft_cfg.hidden_size, spec.hidden_size)
-        if hidden != spec.hidden_size:
-            raise ValueError(f"draft.hidden_size={hidden} differs from the target's {spec.hidden_size}; "
-                             "the draft uses the target's token embedding")
         if (spec.rope_scaling or {}).get("mrope_section"):
             raise ValueError("draft=dflash: vLLM's DFlash draft applies 1-D RoPE; M-RoPE targets are not supported")
-        heads = _resolve(draft_cfg.num_attention_heads, spec.num_attention_heads)
-        same_heads = heads == spec.num_attention_heads
-        kv_heads = _resolve(draft_cfg.num_key_value_heads, spec.num_key_value_heads if same_heads else heads)
-        if heads % kv_heads:
-            raise ValueError(f"draft.num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+        hidden, heads, kv_heads, head_dim = attention_sizes(draft_cfg, spec)
         if draft_cfg.num_layers < 1 or draft_cfg.block_size < 2 or draft_cfg.num_anchors < 1:
             raise ValueError("draft.num_layers >= 1, draft.block_size >= 2 and draft.num_anchors >= 1 are required")
         if draft_cfg.loss_decay < 0:
@@ -219,7 +186,7 @@ class DFlashDraft(nn.Module):
             intermediate_size=_resolve(draft_cfg.intermediate_size, spec.intermediate_size),
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
-            head_dim=_resolve(draft_cfg.head_dim, spec.head_dim if same_heads else hidden // heads),
+            head_dim=head_dim,
             rms_norm_eps=_resolve(draft_cfg.rms_norm_eps, spec.rms_norm_eps),
             rope_theta=float(spec.rope_theta),
             rope_scaling=dict(spec.rope_scaling) if spec.rope_scaling else None,
@@ -306,15 +273,17 @@ class DFlashDraft(nn.Module):
         return self.lm_head(self.norm(hidden))
 
     # ---- inference with a context cache ----------------------------------------------------------------------
-    def new_context(self) -> DFlashContext:
-        return DFlashContext(len(self.layers))
+    def new_context(self) -> DraftKVCache:
+        """Per-layer rotated context keys and values of the verified positions (crop(n) drops later ones)."""
+        return DraftKVCache(len(self.layers))
 
-    def extend_context(self, aux_hidden_states: Tensor, positions: Tensor, context: DFlashContext) -> None:
+    def extend_context(self, aux_hidden_states: Tensor, positions: Tensor, context: DraftKVCache) -> None:
         """Append verified positions (their aux states (B, T, A*Ht) and positions (B, T)) to the context."""
-        context.append(self.context_kv(self.context_states(aux_hidden_states), positions))
+        for index, (k, v) in enumerate(self.context_kv(self.context_states(aux_hidden_states), positions)):
+            context.append(index, k, v)
 
     def draft_block(self, bonus_ids: Tensor, bonus_positions: Tensor, num_tokens: int,
-                    context: DFlashContext) -> Tensor:
+                    context: DraftKVCache) -> Tensor:
         """Draft-vocab logits (B, num_tokens, Vd) for the num_tokens tokens after the bonus ids (B,) at
         bonus_positions (B,); every row shares the context length."""
         if not 1 <= num_tokens < self.config.block_size:

@@ -249,6 +249,20 @@ def _resolve(value, default):
     return default if value is None else value
 
 
+def attention_sizes(draft_cfg, spec) -> Tuple[int, int, int, int]:
+    """(hidden, heads, kv_heads, head_dim) of a draft: its config's, the target's where None."""
+    hidden = _resolve(draft_cfg.hidden_size, spec.hidden_size)
+    if hidden != spec.hidden_size:
+        raise ValueError(f"draft.hidden_size={hidden} differs from the target's {spec.hidden_size}; "
+                         "the draft uses the target's token embedding")
+    heads = _resolve(draft_cfg.num_attention_heads, spec.num_attention_heads)
+    same_heads = heads == spec.num_attention_heads
+    kv_heads = _resolve(draft_cfg.num_key_value_heads, spec.num_key_value_heads if same_heads else heads)
+    if heads % kv_heads:
+        raise ValueError(f"draft.num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+    return hidden, heads, kv_heads, _resolve(draft_cfg.head_dim, spec.head_dim if same_heads else hidden // heads)
+
+
 @DRAFTS.register("eagle3_llama")
 class Eagle3LlamaDraft(nn.Module):
     """Eagle3 draft.  Training: models.draft.ttt.ttt_forward.  Inference with a KV cache (chain drafting):
@@ -306,18 +320,7 @@ class Eagle3LlamaDraft(nn.Module):
             raise ValueError(f"draft.arch is {draft_cfg.arch!r}, Eagle3LlamaDraft builds 'eagle3_llama'")
         if draft_cfg.attention not in ("lean", "dense"):
             raise ValueError(f"draft.attention must be 'lean' or 'dense', got {draft_cfg.attention!r}")
-        hidden = _resolve(draft_cfg.hidden_size, spec.hidden_size)
-        if hidden != spec.hidden_size:
-            raise ValueError(
-                f"draft.hidden_size={hidden} differs from the target's {spec.hidden_size}; "
-                "the draft uses the target's token embedding"
-            )
-        heads = _resolve(draft_cfg.num_attention_heads, spec.num_attention_heads)
-        same_heads = heads == spec.num_attention_heads
-        kv_heads = _resolve(draft_cfg.num_key_value_heads, spec.num_key_value_heads if same_heads else heads)
-        if heads % kv_heads:
-            raise ValueError(f"draft.num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
-        default_head_dim = spec.head_dim if same_heads else hidden // heads
+        hidden, heads, kv_heads, head_dim = attention_sizes(draft_cfg, spec)
         if draft_cfg.num_layers < 1 or draft_cfg.ttt_steps < 1:
             raise ValueError("draft.num_layers and draft.ttt_steps must be >= 1")
         config = Eagle3ModelConfig(
@@ -325,7 +328,7 @@ class Eagle3LlamaDraft(nn.Module):
             intermediate_size=_resolve(draft_cfg.intermediate_size, spec.intermediate_size),
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
-            head_dim=_resolve(draft_cfg.head_dim, default_head_dim),
+            head_dim=head_dim,
             rms_norm_eps=_resolve(draft_cfg.rms_norm_eps, spec.rms_norm_eps),
             rope_theta=float(spec.rope_theta),
             rope_scaling=dict(spec.rope_scaling) if spec.rope_scaling else None,

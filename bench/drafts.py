@@ -20,7 +20,9 @@ Needs vLLM (`make engine`, or AERIE_VLLM_PYTHON / engine.python); run vLLM users
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 import subprocess
 import sys
 import time
@@ -65,6 +67,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--ks", default="3,7")
     parser.add_argument("--work", type=Path, default=REPO / "outputs" / "bench_drafts")
+    parser.add_argument("--vllm-lock", default="", help="a file to flock around the vLLM runs (shared machines)")
     args = parser.parse_args()
     names, ks = args.variants.split(","), [int(k) for k in args.ks.split(",")]
     unknown = sorted(set(names) - set(VARIANTS))
@@ -85,8 +88,11 @@ def main() -> None:
     runs += [{**run, "name": f"{name}@{k}", "speculative_config": {
         "method": METHODS.get(name, "eagle3"), "model": str(args.work / name / "export" / "vllm"),
         "num_speculative_tokens": k}} for name in names for k in ks]
-    results = {r["name"]: r for r in run_vllm({"target": target, "runs": runs},
-                                              EngineConfig(name="vllm", max_model_len=1024))["runs"]}
+    with open(args.vllm_lock or os.devnull, "a") as lock:
+        if args.vllm_lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        results = {r["name"]: r for r in run_vllm({"target": target, "runs": runs},
+                                                  EngineConfig(name="vllm", max_model_len=1024))["runs"]}
     speed = {name: r["num_generated_tokens"] / r["generate_seconds"] for name, r in results.items()}
 
     print(f"budget: {args.steps} steps x {args.tokens} tokens per micro-batch, draft vocab 4096; vLLM T=0, "

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from models.draft.eagle3 import Eagle3LlamaDraft, Eagle3ModelConfig
-from models.registry import EXPORTS
+from models.registry import DRAFTS, EXPORTS
 from models.targets.base import from_sglang_layer_ids, to_sglang_layer_ids
 
 AERIE_FORMAT = 1
@@ -186,13 +186,19 @@ def load_draft_from_checkpoint(step_dir: Union[str, Path], embed_weight: Optiona
     cfg = OmegaConf.to_container(OmegaConf.load(step_dir / "config.yaml"), resolve=True)
     if "draft" not in cfg or "target" not in cfg:
         raise ValueError(f"{step_dir / 'config.yaml'}: needs 'draft' and 'target' sections")
-    known = {f.name for f in dataclasses.fields(DraftConfig)}
-    draft_cfg = DraftConfig(**{k: v for k, v in cfg["draft"].items() if k in known})
-    config = Eagle3LlamaDraft.from_target(draft_cfg, target_spec_from_config(cfg["target"])).config
+    draft_cls = DRAFTS.get(cfg["draft"].get("arch", "eagle3_llama"))  # the architecture the run trained
+    schema = getattr(draft_cls, "config_class", DraftConfig)
+    known = {f.name for f in dataclasses.fields(schema)}
+    draft_cfg = schema(**{k: v for k, v in cfg["draft"].items() if k in known})
+    config = draft_cls.from_target(draft_cfg, target_spec_from_config(cfg["target"])).config
     consolidated = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
     state = {n[len("draft."):]: t for n, t in consolidated.items() if n.startswith("draft.")}
     # buffers come back as float from zero_to_fp32: the vocabulary is taken from vocab.safetensors instead
     state.update({k: v for k, v in load_file(str(step_dir / "vocab.safetensors")).items() if k in ("d2t", "t2d")})
+    if getattr(draft_cls, "architecture", "") == "dflash":
+        from trainer.export_dflash import build_dflash
+
+        return build_dflash(config, state, embed_weight, str(step_dir))
     return _build_draft(config, state, embed_weight, str(step_dir))
 
 

@@ -27,7 +27,7 @@ from models.draft.dflash import DFlashDraft, DFlashModelConfig
 MASK_EMBEDDING_NAME = "mask_embedding.pt"
 
 
-def _build(config: DFlashModelConfig, state: Dict[str, Tensor], embed_weight: Optional[Tensor],
+def build_dflash(config: DFlashModelConfig, state: Dict[str, Tensor], embed_weight: Optional[Tensor],
            source: str) -> DFlashDraft:
     draft = DFlashDraft(config)
     vocab = {k: state[k] for k in ("d2t", "t2d") if k in state}
@@ -52,7 +52,7 @@ def load_aerie_dflash(path: Union[str, Path], raw: dict, embed_weight: Optional[
 
     fields = DFlashModelConfig.__dataclass_fields__
     config = DFlashModelConfig.from_dict({k: v for k, v in raw.items() if k in fields})
-    return _build(config, load_file(str(Path(path) / "model.safetensors")), embed_weight, str(path))
+    return build_dflash(config, load_file(str(Path(path) / "model.safetensors")), embed_weight, str(path))
 
 
 def vllm_config(cfg: DFlashModelConfig, target: dict, dtype: str) -> dict:
@@ -107,7 +107,7 @@ def expected_tensors(cfg: DFlashModelConfig) -> Dict[str, tuple]:
     return shapes
 
 
-def _from_files(config: dict, tensors: Dict[str, Tensor], mask: dict, embed_weight: Tensor) -> DFlashDraft:
+def from_vllm_files(config: dict, tensors: Dict[str, Tensor], mask: dict, embed_weight: Tensor) -> DFlashDraft:
     """The draft vLLM would serve from these files (t2d rebuilt from d2t, mask embedding from its file)."""
     cfg = config_from_vllm(json.loads(json.dumps(config)))
     state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
@@ -117,10 +117,10 @@ def _from_files(config: dict, tensors: Dict[str, Tensor], mask: dict, embed_weig
     state.update(d2t=d2t, t2d=t2d, mask_embedding=mask["embedding"].float())
     if mask["mask_token_id"] != cfg.mask_token_id:
         raise ValueError(f"{MASK_EMBEDDING_NAME} mask_token_id {mask['mask_token_id']} != {cfg.mask_token_id}")
-    return _build(cfg, state, embed_weight, "dflash export")
+    return build_dflash(cfg, state, embed_weight, "dflash export")
 
 
-def _block_logits(draft: DFlashDraft, seed: int = 0) -> Tensor:
+def probe_block_logits(draft: DFlashDraft, seed: int = 0) -> Tensor:
     c, generator = draft.config, torch.Generator().manual_seed(seed)
     aux = torch.randn(1, 6, c.num_aux_layers * c.target_hidden_size, generator=generator)
     bonus = torch.randint(0, c.vocab_size, (1,), generator=generator)
@@ -152,9 +152,9 @@ def export_dflash(draft: DFlashDraft, out_dir: Union[str, Path], fmt: str, targe
     embed = draft.embed_tokens.weight.detach().float().cpu()
     # reference: the source draft with its weights rounded to the export dtype, computed in float32
     rounded = {n: (t.to(torch_dtype).float() if t.is_floating_point() else t) for n, t in draft_state(draft).items()}
-    reference = _build(cfg, rounded, embed, "dflash draft")
-    rebuilt = _from_files(json.loads(json.dumps(config)), state, mask, embed)
-    expected_logits, logits = _block_logits(reference), _block_logits(rebuilt)
+    reference = build_dflash(cfg, rounded, embed, "dflash draft")
+    rebuilt = from_vllm_files(json.loads(json.dumps(config)), state, mask, embed)
+    expected_logits, logits = probe_block_logits(reference), probe_block_logits(rebuilt)
     if not torch.allclose(expected_logits, logits, atol=1e-4, rtol=1e-4):
         raise ValueError("vllm DFlash export refused: the draft rebuilt from the export does not reproduce the "
                          f"trained draft (max logit difference {(expected_logits - logits).abs().max():.3g})")

@@ -11,7 +11,7 @@ from models.draft.dflash import DFlashConfig, DFlashDraft
 from models.draft.eagle3 import DraftConfig, Eagle3LlamaDraft
 from models.draft.vocab import build_draft_vocab
 from trainer.export import export, load_draft, load_export, save_aerie_draft
-from trainer.export_dflash import MASK_EMBEDDING_NAME, _block_logits, _from_files
+from trainer.export_dflash import MASK_EMBEDDING_NAME, probe_block_logits, from_vllm_files
 
 TARGET = {"name_or_path": "tiny", "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
 
@@ -55,8 +55,8 @@ def test_dflash_vllm_export(tmp_path, spec_factory, draft_vocab):
     assert ("d2t" in tensors) == (draft_vocab < 512)
     mask = torch.load(out / MASK_EMBEDDING_NAME)
     assert mask["mask_token_id"] == 511 and torch.equal(mask["embedding"], draft.mask_embedding.detach())
-    rebuilt = _from_files(config, tensors, mask, draft.embed_tokens.weight.detach())
-    torch.testing.assert_close(_block_logits(rebuilt), _block_logits(draft.eval()))
+    rebuilt = from_vllm_files(config, tensors, mask, draft.embed_tokens.weight.detach())
+    torch.testing.assert_close(probe_block_logits(rebuilt), probe_block_logits(draft.eval()))
     with pytest.raises(ValueError, match="exports only to vllm"):
         export(draft, tmp_path / "sglang", "sglang", target=TARGET)
 
@@ -70,7 +70,7 @@ def test_dflash_aerie_round_trip(tmp_path, spec_factory):
     loaded = load_draft(tmp_path / "final", embed_weight=draft.embed_tokens.weight.detach())
     assert isinstance(loaded, DFlashDraft) and loaded.config == draft.config
     torch.testing.assert_close(loaded.mask_embedding, draft.mask_embedding)  # not reset to the mask token's row
-    torch.testing.assert_close(_block_logits(loaded), _block_logits(draft.eval()))
+    torch.testing.assert_close(probe_block_logits(loaded), probe_block_logits(draft.eval()))
 
 
 def test_eagle3_1_switches_exported_under_vllm_keys(tmp_path, spec_factory):

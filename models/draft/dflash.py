@@ -1,4 +1,5 @@
-"""DFlash block drafter, laid out the way vLLM serves it (`method: "dflash"`, qwen3_dflash.py + v1/spec_decode/dflash.py).
+"""DFlash block drafter, laid out the way vLLM serves it (`method: "dflash"`: qwen3_dflash.py and
+v1/spec_decode/dflash.py).
 
 One forward pass drafts a whole block.  With the target's positions 0..n-1 verified and x_n the token the target
 just produced (the "bonus" token, not yet seen by the target):

@@ -59,8 +59,9 @@ def test_ttt_reproduces_step_inference(draft_factory, batch_factory, variant):
     batch = batch_factory([[length]], length, seed=3)
     aux, ids, pos = batch["aux_hidden_states"], batch["input_ids"], batch["position_ids"]
     with torch.no_grad():
-        ttt_logits = [logits for (logits,) in run_ttt_steps(draft, aux, draft.embed(ids), pos, batch["document_ids"],
-                                                            steps, lambda step, hidden: (draft.compute_logits(hidden),))]
+        per_step = run_ttt_steps(draft, aux, draft.embed(ids), pos, batch["document_ids"], steps,
+                                 lambda step, hidden: (draft.compute_logits(hidden),))
+        ttt_logits = [logits for (logits,) in per_step]
         for t in (3, 10):
             cache = draft.new_cache()
             logits, hidden = draft.step(aux[:, :t + 1], ids[:, 1:t + 2], pos[:, :t + 1], cache)

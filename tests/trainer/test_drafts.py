@@ -33,7 +33,7 @@ def trained(dflash_run, tmp_path_factory, data_cache):
 
 
 def test_dflash_trains_and_its_loss_falls(dflash_run):
-    from trainer.export import load_draft
+    from trainer.export import load_draft, load_target_embedding
     from trainer.export_dflash import probe_block_logits
 
     metrics = read_metrics(dflash_run)
@@ -43,7 +43,8 @@ def test_dflash_trains_and_its_loss_falls(dflash_run):
     assert {"loss_0", "loss_2", "acc_0", "acc_2", "tau_sim"} <= set(metrics[-1])  # block positions 1..3
     config = json.loads((dflash_run / "final" / "config.json").read_text())
     assert config["architecture"] == "dflash" and config["block_size"] == 4
-    final, checkpoint = load_draft(dflash_run / "final"), load_draft(dflash_run / "ckpt" / "step-12")
+    embed = load_target_embedding(TINY_CHAT).float()
+    final, checkpoint = (load_draft(dflash_run / name, embed) for name in ("final", "ckpt/step-12"))
     torch.testing.assert_close(probe_block_logits(checkpoint), probe_block_logits(final))
 
 

@@ -1,6 +1,8 @@
 """`aerie train draft=dflash|eagle3_1` on the tiny target, then each export served by real vLLM: its drafts and
 per-position accepted counts at T=0 equal Aerie's own hf decoder run on the exported weights."""
+import fcntl
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -86,7 +88,9 @@ def test_vllm_serves_each_export_as_aerie_decodes_it(trained):
         {"name": option, "prompt_token_ids": prompts, "max_new_tokens": MAX_NEW, "temperature": 0.0, "seed": 0,
          "speculative_config": {"method": methods[option], "model": str(trained[option] / "export" / "vllm"),
                                 "num_speculative_tokens": K}} for option in methods]}
-    result = {run["name"]: run for run in run_vllm(job, EngineConfig(name="vllm", max_model_len=512))["runs"]}
+    with open(os.environ.get("AERIE_VLLM_LOCK") or os.devnull, "a") as lock:  # one vLLM at a time on shared hosts
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = {run["name"]: run for run in run_vllm(job, EngineConfig(name="vllm", max_model_len=512))["runs"]}
     for option in methods:
         tokens, num_drafts, per_pos = _hf_counts(trained[option] / "export" / "vllm", prompts, option)
         run = result[option]

@@ -57,11 +57,12 @@ MODALITIES = Registry(
         "speech_tokens": "models.modality.speech_tokens",
     },
 )
-DRAFTS = Registry("draft architecture", {"eagle3_llama": "models.draft.eagle3"})
+DRAFTS = Registry("draft architecture", {"eagle3_llama": "models.draft.eagle3", "dflash": "models.draft.dflash"})
 EXPORTS = Registry(
     "export format",
     {"vllm": "trainer.export", "sglang": "trainer.export", "speculators": "trainer.export"},
 )
-OBJECTIVES = Registry("training objective", {"ttt": "models.objectives.ttt"})
+OBJECTIVES = Registry("training objective",
+                      {"ttt": "models.objectives.ttt", "dflash": "models.objectives.dflash"})
 LOSSES = Registry("objective loss",
                   {name: "models.objectives.losses" for name in ("soft_ce", "lk", "lk_hybrid")})

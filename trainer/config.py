@@ -22,7 +22,6 @@ from data.regen import RegenConfig
 from data.serve import ServeConfig
 from data.sources import SOURCES, DataConfig
 from data.store import StoreConfig
-from models.draft.eagle3 import DraftConfig
 from models.targets.base import TargetConfig
 from trainer.engine import DeepSpeedConfig
 from trainer.evaluate import EvalConfig
@@ -56,7 +55,7 @@ class AerieConfig:
     objective: Any = MISSING  # the schema of the chosen conf/objective/ option (its registered config_class)
     data: DataConfig = field(default_factory=DataConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
-    draft: DraftConfig = field(default_factory=DraftConfig)
+    draft: Any = MISSING  # the schema of the chosen architecture (<arch>_schema, registered below)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
@@ -85,7 +84,7 @@ def register_configs() -> None:
         return
     from hydra.core.config_store import ConfigStore
 
-    from models.registry import MODALITIES, OBJECTIVES
+    from models.registry import DRAFTS, MODALITIES, OBJECTIVES
 
     if not OmegaConf.has_resolver("aerie_root"):
         OmegaConf.register_new_resolver("aerie_root", lambda: str(REPO_ROOT))
@@ -95,6 +94,8 @@ def register_configs() -> None:
         cs.store(group="modality", name=f"{name}_schema", node=_named_schema(MODALITIES, "Modality", name))
     for name in OBJECTIVES.names():
         cs.store(group="objective", name=f"{name}_schema", node=_named_schema(OBJECTIVES, "Objective", name))
+    for name in DRAFTS.names():  # conf/draft/*.yaml start from their architecture's schema
+        cs.store(group="draft", name=f"{name}_schema", node=DRAFTS.get(name).config_class)
     _registered = True
 
 
@@ -155,7 +156,8 @@ def validate_config(cfg: Any, command: str = "train") -> None:
     _validate_trainer(cfg.trainer, cfg.data)
     _validate_data(cfg.data)
     _check(cfg.draft.draft_vocab_size >= 1, "draft.draft_vocab_size", cfg.draft.draft_vocab_size, "must be >= 1")
-    _check(cfg.draft.ttt_steps >= 1, "draft.ttt_steps", cfg.draft.ttt_steps, "must be >= 1")
+    if "ttt_steps" in cfg.draft:
+        _check(cfg.draft.ttt_steps >= 1, "draft.ttt_steps", cfg.draft.ttt_steps, "must be >= 1")
     _check(cfg.draft.num_layers >= 1, "draft.num_layers", cfg.draft.num_layers, "must be >= 1")
     if command not in COMMANDS_WITHOUT_TARGET:
         _validate_target(str(cfg.target.path))

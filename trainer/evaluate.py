@@ -428,7 +428,12 @@ def evaluate_draft(target: nn.Module, draft: Eagle3LlamaDraft, tokenizer, cfg: E
     """Acceptance of `draft` on cfg.prompts for each k (engine=hf); writes the reports when cfg.out_dir is set."""
     ks = check_eval_config(cfg)
     prompts = [render_prompt(tokenizer, conv) for conv in load_prompts(cfg.prompts, cfg.max_prompts)]
-    decoder = SpeculativeDecoder(target, draft)
+    if getattr(draft, "architecture", "") == "dflash":  # block drafter: one draft pass per round
+        from trainer.evaluate_dflash import BlockSpeculativeDecoder
+
+        decoder = BlockSpeculativeDecoder(target, draft)
+    else:
+        decoder = SpeculativeDecoder(target, draft)
     eos = eos_ids(tokenizer, target)
     runs = []
     for k in ks:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from models.draft.eagle3 import Eagle3LlamaDraft, Eagle3ModelConfig
-from models.registry import EXPORTS
+from models.registry import DRAFTS, EXPORTS
 from models.targets.base import from_sglang_layer_ids, to_sglang_layer_ids
 
 AERIE_FORMAT = 1
@@ -114,7 +114,7 @@ def save_aerie_draft(draft: Eagle3LlamaDraft, out_dir: Union[str, Path], state_d
     if set(state) != expected:
         raise ValueError(f"save_aerie_draft: state_dict names differ from the draft's: missing "
                          f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}")
-    config = {**draft.config.to_dict(), "aerie_format": AERIE_FORMAT, "architecture": "eagle3_llama",
+    config = {**draft.config.to_dict(), "aerie_format": AERIE_FORMAT, "architecture": draft.architecture,
               "metadata": dict(metadata or {})}
     files = {CONFIG_NAME: json.dumps(config, indent=2, sort_keys=True).encode(), WEIGHTS_NAME: _safetensors_bytes(state),
              **(extra_files or {})}
@@ -143,6 +143,10 @@ def load_aerie_draft(path: Union[str, Path], embed_weight: Optional[Tensor] = No
 
     path = Path(path)
     raw = _read_json(path / CONFIG_NAME)
+    if raw.get("aerie_format") == AERIE_FORMAT and raw.get("architecture") == "dflash":
+        from trainer.export_dflash import load_aerie_dflash
+
+        return load_aerie_dflash(path, raw, embed_weight)
     if raw.get("aerie_format") != AERIE_FORMAT or raw.get("architecture") != "eagle3_llama":
         raise ValueError(f"{path / CONFIG_NAME}: not an Aerie eagle3_llama draft (aerie_format "
                          f"{raw.get('aerie_format')!r}, architecture {raw.get('architecture')!r})")
@@ -193,13 +197,19 @@ def load_draft_from_checkpoint(step_dir: Union[str, Path], embed_weight: Optiona
     cfg = OmegaConf.to_container(OmegaConf.load(step_dir / "config.yaml"), resolve=True)
     if "draft" not in cfg or "target" not in cfg:
         raise ValueError(f"{step_dir / 'config.yaml'}: needs 'draft' and 'target' sections")
-    known = {f.name for f in dataclasses.fields(DraftConfig)}
-    draft_cfg = DraftConfig(**{k: v for k, v in cfg["draft"].items() if k in known})
-    config = Eagle3LlamaDraft.from_target(draft_cfg, target_spec_from_config(cfg["target"])).config
+    draft_cls = DRAFTS.get(cfg["draft"].get("arch", "eagle3_llama"))  # the architecture the run trained
+    schema = getattr(draft_cls, "config_class", DraftConfig)
+    known = {f.name for f in dataclasses.fields(schema)}
+    draft_cfg = schema(**{k: v for k, v in cfg["draft"].items() if k in known})
+    config = draft_cls.from_target(draft_cfg, target_spec_from_config(cfg["target"])).config
     consolidated = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
     state = {n[len("draft."):]: t for n, t in consolidated.items() if n.startswith("draft.")}
     # buffers come back as float from zero_to_fp32: the vocabulary is taken from vocab.safetensors instead
     state.update({k: v for k, v in load_file(str(step_dir / "vocab.safetensors")).items() if k in ("d2t", "t2d")})
+    if getattr(draft_cls, "architecture", "") == "dflash":
+        from trainer.export_dflash import build_dflash
+
+        return build_dflash(config, state, embed_weight, str(step_dir))
     return _build_draft(config, state, embed_weight, str(step_dir))
 
 
@@ -264,6 +274,10 @@ def check_servable(fmt: str, cfg: Eagle3ModelConfig) -> None:
     if fmt == "sglang" and cfg.num_layers != 1:
         raise ValueError(f"SGLang's LlamaForCausalLMEagle3 serves 1-layer drafts only (older versions raise; newer ones "
                          f"drop the residual between extra layers); this draft has {cfg.num_layers}: export vllm")
+    switches = [name for name in ("norm_before_fc", "fc_norm", "norm_output") if getattr(cfg, name)]
+    if fmt == "sglang" and switches:
+        raise ValueError(f"SGLang's LlamaForCausalLMEagle3 has no EAGLE 3.1 switches; this draft was trained with "
+                         f"{', '.join(switches)}: export vllm or speculators")
     if fmt == "sglang" and cfg.norm_before_residual:
         raise ValueError("SGLang ignores norm_before_residual (always adds the un-normalised hidden); this draft was "
                          "trained with norm_before_residual=true: export vllm or speculators")
@@ -275,6 +289,10 @@ def expected_tensors(fmt: str, cfg: Eagle3ModelConfig, include_embed: bool = Fal
     shapes: Dict[str, Tuple[int, ...]] = {}
     for index in range(cfg.num_layers):
         shapes.update(_layer_tensors(cfg, _layer_prefix(fmt, cfg, index), index == 0))
+    if cfg.norm_before_fc:  # EAGLE 3.1 (vLLM llama_eagle3.py: input_norm, fc_norm.i)
+        shapes["input_norm.weight"] = (cfg.num_aux_layers * cfg.target_hidden_size,)
+    if cfg.fc_norm:
+        shapes.update({f"fc_norm.{i}.weight": (cfg.target_hidden_size,) for i in range(cfg.num_aux_layers)})
     shapes.update({"fc.weight": (cfg.hidden_size, cfg.num_aux_layers * cfg.target_hidden_size),
                    "norm.weight": (cfg.hidden_size,), "lm_head.weight": (cfg.draft_vocab_size, cfg.hidden_size),
                    "d2t": (cfg.draft_vocab_size,), "t2d": (cfg.vocab_size,)})
@@ -330,6 +348,8 @@ def export_config(fmt: str, cfg: Eagle3ModelConfig, target: dict, num_speculativ
              "aux_layer_ids": list(cfg.aux_layer_ids), "rope_theta": cfg.rope_theta}
     draft_fields = {"draft_vocab_size": cfg.draft_vocab_size, "target_hidden_size": cfg.target_hidden_size,
                     "norm_before_residual": cfg.norm_before_residual}
+    if fmt != "sglang":  # EAGLE 3.1 keys vLLM and speculators read top-level
+        draft_fields.update(norm_before_fc=cfg.norm_before_fc, fc_norm=cfg.fc_norm, norm_output=cfg.norm_output)
     if fmt == "vllm":
         return {"architectures": [_architecture(fmt, target)], **_llama_fields(cfg, dtype), **draft_fields,
                 "eagle_aux_hidden_state_layer_ids": list(cfg.aux_layer_ids), "aerie": aerie}
@@ -366,7 +386,8 @@ def config_from_export(fmt: str, exported: dict) -> Eagle3ModelConfig:
             vocab_size=llama["vocab_size"], draft_vocab_size=exported["draft_vocab_size"],
             target_hidden_size=exported["target_hidden_size"], num_aux_layers=len(aux),
             num_layers=llama["num_hidden_layers"], norm_before_residual=bool(exported["norm_before_residual"]),
-            aux_layer_ids=list(aux))
+            aux_layer_ids=list(aux), norm_before_fc=bool(exported.get("norm_before_fc", False)),
+            fc_norm=bool(exported.get("fc_norm", False)), norm_output=bool(exported.get("norm_output", False)))
     except KeyError as err:
         raise ValueError(f"{fmt} config.json lacks key {err}") from None
 
@@ -549,6 +570,10 @@ def export(draft_or_path, out_dir: Union[str, Path], format: str, target=None, n
     info = target_info(target)
     if not info:
         raise ValueError("export needs the target (TargetSpec, dict or path): its name, model_type, architectures")
+    if draft.architecture == "dflash":  # block drafter: its own layout (trainer/export_dflash.py)
+        from trainer.export_dflash import export_dflash
+
+        return export_dflash(draft, out_dir, fmt, info, dtype)
     cfg = draft.config
     torch_dtype = EXPORT_DTYPES[dtype]
     state = {n: (t.to(torch_dtype) if t.is_floating_point() else t).cpu() for n, t in draft_state(draft).items()}

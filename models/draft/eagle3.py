@@ -6,6 +6,10 @@
     out    = r + mlp(post_attention_layernorm(r))
     logits = lm_head(norm(out))                                    # over the draft vocabulary
 
+EAGLE 3.1 switches (vLLM llama_eagle3.py): `norm_before_fc` applies one RMSNorm (input_norm) to the concatenated
+aux states before fc, `fc_norm` one RMSNorm per aux layer (fc_norm.i), and `norm_output` feeds the next draft
+step norm(out) instead of out (logits are lm_head(norm(out)) either way).
+
 Further layers (num_layers > 1) are plain Llama layers on H.  Rotary embeddings use the target's rope_theta and
 rope_scaling.  The token embedding is the target's, frozen.  Training goes through models.draft.ttt; `step` is
 the inference API (KV cache) used by evaluation and export checks.
@@ -37,6 +41,9 @@ class DraftConfig:
     ttt_steps: int = 7
     step_decay: float = 0.8
     norm_before_residual: bool = False
+    norm_before_fc: bool = False  # EAGLE 3.1: RMSNorm over the concatenated aux states before fc
+    fc_norm: bool = False  # EAGLE 3.1: one RMSNorm per aux layer before fc
+    norm_output: bool = False  # EAGLE 3.1: the next draft step reads norm(out)
     gradient_checkpointing: bool = False
     attention: str = "lean"  # "lean" (memory-lean) | "dense" (reference; small L)
 
@@ -59,6 +66,9 @@ class Eagle3ModelConfig:
     num_layers: int = 1
     norm_before_residual: bool = False
     aux_layer_ids: List[int] = field(default_factory=list)  # vLLM convention
+    norm_before_fc: bool = False
+    fc_norm: bool = False
+    norm_output: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -239,6 +249,20 @@ def _resolve(value, default):
     return default if value is None else value
 
 
+def attention_sizes(draft_cfg, spec) -> Tuple[int, int, int, int]:
+    """(hidden, heads, kv_heads, head_dim) of a draft: its config's, the target's where None."""
+    hidden = _resolve(draft_cfg.hidden_size, spec.hidden_size)
+    if hidden != spec.hidden_size:
+        raise ValueError(f"draft.hidden_size={hidden} differs from the target's {spec.hidden_size}; "
+                         "the draft uses the target's token embedding")
+    heads = _resolve(draft_cfg.num_attention_heads, spec.num_attention_heads)
+    same_heads = heads == spec.num_attention_heads
+    kv_heads = _resolve(draft_cfg.num_key_value_heads, spec.num_key_value_heads if same_heads else heads)
+    if heads % kv_heads:
+        raise ValueError(f"draft.num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+    return hidden, heads, kv_heads, _resolve(draft_cfg.head_dim, spec.head_dim if same_heads else hidden // heads)
+
+
 @DRAFTS.register("eagle3_llama")
 class Eagle3LlamaDraft(nn.Module):
     """Eagle3 draft.  Training: models.draft.ttt.ttt_forward.  Inference with a KV cache (chain drafting):
@@ -261,8 +285,12 @@ class Eagle3LlamaDraft(nn.Module):
     token embeddings (B, T, H) of the token after each position.  The T new positions attend to everything in
     the cache and causally among themselves, and are appended to the cache (all rows share the cache length:
     batch only sequences of equal length).  Returns draft-vocab logits
-    (B, T, Vd) and the out hidden (B, T, H) before the final norm (the input of the next draft step).
+    (B, T, Vd) and the input of the next draft step (B, T, H): the out hidden before the final norm, or after
+    it with norm_output.
     """
+
+    config_class = DraftConfig
+    architecture = "eagle3_llama"
 
     def __init__(self, config: Eagle3ModelConfig):
         super().__init__()
@@ -270,7 +298,13 @@ class Eagle3LlamaDraft(nn.Module):
         hidden = config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, hidden)
         self.embed_tokens.weight.requires_grad_(False)
-        self.fc = nn.Linear(config.num_aux_layers * config.target_hidden_size, hidden, bias=False)
+        aux_size = config.num_aux_layers * config.target_hidden_size
+        if config.norm_before_fc:
+            self.input_norm = RMSNorm(aux_size, config.rms_norm_eps)
+        if config.fc_norm:
+            self.fc_norm = nn.ModuleList(RMSNorm(config.target_hidden_size, config.rms_norm_eps)
+                                         for _ in range(config.num_aux_layers))
+        self.fc = nn.Linear(aux_size, hidden, bias=False)
         self.layers = nn.ModuleList(Eagle3DecoderLayer(config, is_first=i == 0) for i in range(config.num_layers))
         self.norm = RMSNorm(hidden, config.rms_norm_eps)
         self.lm_head = nn.Linear(hidden, config.draft_vocab_size, bias=False)
@@ -286,18 +320,7 @@ class Eagle3LlamaDraft(nn.Module):
             raise ValueError(f"draft.arch is {draft_cfg.arch!r}, Eagle3LlamaDraft builds 'eagle3_llama'")
         if draft_cfg.attention not in ("lean", "dense"):
             raise ValueError(f"draft.attention must be 'lean' or 'dense', got {draft_cfg.attention!r}")
-        hidden = _resolve(draft_cfg.hidden_size, spec.hidden_size)
-        if hidden != spec.hidden_size:
-            raise ValueError(
-                f"draft.hidden_size={hidden} differs from the target's {spec.hidden_size}; "
-                "the draft uses the target's token embedding"
-            )
-        heads = _resolve(draft_cfg.num_attention_heads, spec.num_attention_heads)
-        same_heads = heads == spec.num_attention_heads
-        kv_heads = _resolve(draft_cfg.num_key_value_heads, spec.num_key_value_heads if same_heads else heads)
-        if heads % kv_heads:
-            raise ValueError(f"draft.num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
-        default_head_dim = spec.head_dim if same_heads else hidden // heads
+        hidden, heads, kv_heads, head_dim = attention_sizes(draft_cfg, spec)
         if draft_cfg.num_layers < 1 or draft_cfg.ttt_steps < 1:
             raise ValueError("draft.num_layers and draft.ttt_steps must be >= 1")
         config = Eagle3ModelConfig(
@@ -305,7 +328,7 @@ class Eagle3LlamaDraft(nn.Module):
             intermediate_size=_resolve(draft_cfg.intermediate_size, spec.intermediate_size),
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
-            head_dim=_resolve(draft_cfg.head_dim, default_head_dim),
+            head_dim=head_dim,
             rms_norm_eps=_resolve(draft_cfg.rms_norm_eps, spec.rms_norm_eps),
             rope_theta=float(spec.rope_theta),
             rope_scaling=dict(spec.rope_scaling) if spec.rope_scaling else None,
@@ -317,6 +340,9 @@ class Eagle3LlamaDraft(nn.Module):
             num_layers=draft_cfg.num_layers,
             norm_before_residual=draft_cfg.norm_before_residual,
             aux_layer_ids=list(spec.aux_layer_ids),
+            norm_before_fc=draft_cfg.norm_before_fc,
+            fc_norm=draft_cfg.fc_norm,
+            norm_output=draft_cfg.norm_output,
         )
         draft = cls(config)
         draft.gradient_checkpointing = draft_cfg.gradient_checkpointing
@@ -355,7 +381,17 @@ class Eagle3LlamaDraft(nn.Module):
         return self.embed_tokens(input_ids)
 
     def fuse_aux(self, aux_hidden_states: Tensor) -> Tensor:
-        return self.fc(aux_hidden_states.to(self.fc.weight.dtype))
+        """fc of the concatenated aux states, after input_norm (norm_before_fc), then per-layer fc_norm."""
+        x = aux_hidden_states.to(self.fc.weight.dtype)
+        if self.config.norm_before_fc:
+            x = self.input_norm(x)
+        if self.config.fc_norm:
+            x = torch.cat([norm(chunk) for norm, chunk in zip(self.fc_norm, x.chunk(len(self.fc_norm), -1))], -1)
+        return self.fc(x)
+
+    def next_step_hidden(self, out_hidden: Tensor) -> Tensor:
+        """What the next draft step reads: the out hidden, or norm(out) with norm_output (vLLM's aux_output)."""
+        return self.norm(out_hidden) if self.config.norm_output else out_hidden
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(self.norm(hidden))
@@ -392,7 +428,7 @@ class Eagle3LlamaDraft(nn.Module):
                 q, k, v, attn_mask=visible, scale=layer.self_attn.scale, enable_gqa=True
             )
             hidden = layer.finish(attended, residual)
-        return self.compute_logits(hidden), hidden
+        return self.compute_logits(hidden), self.next_step_hidden(hidden)
 
     def extend(self, aux_hidden_states: Tensor, ids_or_embeds: Tensor, position_ids: Tensor, cache: DraftKVCache):
         """Append target positions (their aux states and next-token ids) to the cache; same returns as step."""

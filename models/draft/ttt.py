@@ -150,7 +150,7 @@ def run_ttt_steps(
             outputs = checkpoint(run, hidden, embeds, use_reentrant=False)
         else:
             outputs = run(hidden, embeds)
-        hidden = outputs[0]
+        hidden = draft.next_step_hidden(outputs[0])  # norm(out) for EAGLE 3.1 norm_output
         for index in range(num_layers):
             keys[index].append(outputs[1 + 2 * index])
             values[index].append(outputs[2 + 2 * index])

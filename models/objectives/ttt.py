@@ -15,7 +15,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from models.draft.ttt import ttt_forward
+from models.draft.ttt import TTTOutput, ttt_forward
 from models.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput, TeacherInputs, chain_tau
 from models.registry import LOSSES, OBJECTIVES
 
@@ -45,22 +45,31 @@ class TTTObjective(Objective):
                           ttt_steps=self.draft_cfg.ttt_steps, step_decay=self.draft_cfg.step_decay,
                           inputs_embeds=inputs.inputs_embeds, loss=self.cfg.loss, loss_cfg=self.cfg,
                           top1_weight=self.cfg.top1_weight)
-        sums = {"loss": out.loss, "loss_per_step": out.loss_per_step, "correct": out.correct_per_step,
-                "accept": out.accept_per_step, "count": out.count_per_step, "oov": out.num_out_of_vocab,
-                "n": torch.tensor(1.0)}
-        return ObjectiveOutput(loss=out.loss, sums={k: v.detach().float() for k, v in sums.items()})
+        return step_output(out)
 
     def summarise(self, sums: Dict[str, Tensor]) -> Dict[str, float]:
-        """Mean losses over micro-batches; accuracy and acceptance over positions; both chain τ estimates."""
-        n = float(sums["n"])
-        count = sums["count"].clamp(min=1)
-        acc, accept = (sums["correct"] / count).tolist(), (sums["accept"] / count).tolist()
-        metrics = {"loss": float(sums["loss"]) / n}
-        metrics.update({f"loss_{i}": v / n for i, v in enumerate(sums["loss_per_step"].tolist())})
-        metrics.update({f"acc_{i}": v for i, v in enumerate(acc)})
-        metrics.update({f"accept_{i}": v for i, v in enumerate(accept)})
-        metrics["tau_sim"] = chain_tau(acc)
-        metrics["tau_sim_sampled"] = chain_tau(accept)
-        metrics["num_tokens"] = float(sums["count"][0])
-        metrics["num_out_of_vocab"] = float(sums["oov"])
-        return metrics
+        return summarise_steps(sums)
+
+
+def step_output(out: TTTOutput) -> ObjectiveOutput:
+    """The trainer's view of a per-step output (TTT steps, or DFlash block positions)."""
+    sums = {"loss": out.loss, "loss_per_step": out.loss_per_step, "correct": out.correct_per_step,
+            "accept": out.accept_per_step, "count": out.count_per_step, "oov": out.num_out_of_vocab,
+            "n": torch.tensor(1.0)}
+    return ObjectiveOutput(loss=out.loss, sums={k: v.detach().float() for k, v in sums.items()})
+
+
+def summarise_steps(sums: Dict[str, Tensor]) -> Dict[str, float]:
+    """Mean losses over micro-batches; accuracy and acceptance over positions; both chain τ estimates."""
+    n = float(sums["n"])
+    count = sums["count"].clamp(min=1)
+    acc, accept = (sums["correct"] / count).tolist(), (sums["accept"] / count).tolist()
+    metrics = {"loss": float(sums["loss"]) / n}
+    metrics.update({f"loss_{i}": v / n for i, v in enumerate(sums["loss_per_step"].tolist())})
+    metrics.update({f"acc_{i}": v for i, v in enumerate(acc)})
+    metrics.update({f"accept_{i}": v for i, v in enumerate(accept)})
+    metrics["tau_sim"] = chain_tau(acc)
+    metrics["tau_sim_sampled"] = chain_tau(accept)
+    metrics["num_tokens"] = float(sums["count"][0])
+    metrics["num_out_of_vocab"] = float(sums["oov"])
+    return metrics

@@ -1,0 +1,165 @@
+"""DFlash draft files: Aerie's own format (read back) and the export vLLM serves as `method: "dflash"`.
+
+vLLM export (checked against vLLM 0.32 qwen3_dflash.py, v1/spec_decode/dflash.py and eagle3_utils.py):
+- config.json: `architectures: ["DFlashDraftModel"]`, `model_type: "qwen3"` with the Qwen3 layer fields, the
+  target's vocab_size, draft_vocab_size, target_hidden_size, and `dflash_config: {mask_token_id, target_layer_ids,
+  block_size}`.  target_layer_ids count outputs of layers (vLLM adds 1), so they are Aerie's aux ids - 1.
+- model.safetensors without a `model.` prefix: layers.N.{self_attn.{q,k,v,o}_proj, self_attn.{q,k}_norm,
+  mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}.weight, fc.weight, hidden_norm.weight,
+  norm.weight, lm_head.weight (over the draft vocabulary) and d2t when the draft vocabulary is smaller than the
+  target's.  No embed_tokens: vLLM shares the target's.
+- mask_embedding.pt: {"mask_token_id", "embedding"}: vLLM substitutes it for embed_tokens[mask_token_id] at the
+  masked slots (a mask_embedding tensor in the safetensors would be dropped).
+Before writing, a draft rebuilt from these files alone must reproduce the source draft's block logits.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import torch
+from torch import Tensor
+
+from models.draft.dflash import DFlashDraft, DFlashModelConfig
+
+MASK_EMBEDDING_NAME = "mask_embedding.pt"
+
+
+def build_dflash(config: DFlashModelConfig, state: Dict[str, Tensor], embed_weight: Optional[Tensor],
+           source: str) -> DFlashDraft:
+    draft = DFlashDraft(config)
+    vocab = {k: state[k] for k in ("d2t", "t2d") if k in state}
+    weights = {k: v for k, v in state.items() if k not in ("d2t", "t2d")}
+    missing, unexpected = draft.load_state_dict(weights, strict=False)
+    missing = [n for n in missing if not n.startswith("embed_tokens.") and n not in ("d2t", "t2d")]
+    if missing or unexpected or len(vocab) != 2:
+        raise ValueError(f"{source}: tensors do not match the DFlash config: missing "
+                         f"{(missing + sorted({'d2t', 't2d'} - set(vocab)))[:5]}, unexpected {unexpected[:5]}")
+    draft.set_draft_vocab(vocab["d2t"], vocab["t2d"])
+    if embed_weight is not None:
+        mask = draft.mask_embedding.detach().clone()
+        draft.load_embedding(embed_weight.to(draft.embed_tokens.weight.dtype))
+        with torch.no_grad():
+            draft.mask_embedding.copy_(mask)  # the trained one, not the row load_embedding starts from
+    return draft.float().eval()
+
+
+def load_aerie_dflash(path: Union[str, Path], raw: dict, embed_weight: Optional[Tensor] = None) -> DFlashDraft:
+    """DFlashDraft (float32, eval) from an Aerie draft dir whose config.json is `raw`."""
+    from safetensors.torch import load_file
+
+    fields = DFlashModelConfig.__dataclass_fields__
+    config = DFlashModelConfig.from_dict({k: v for k, v in raw.items() if k in fields})
+    return build_dflash(config, load_file(str(Path(path) / "model.safetensors")), embed_weight, str(path))
+
+
+def vllm_config(cfg: DFlashModelConfig, target: dict, dtype: str) -> dict:
+    rope = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta}
+    return {
+        "architectures": ["DFlashDraftModel"], "model_type": "qwen3",
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim, "num_hidden_layers": cfg.num_layers, "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_parameters": rope, "max_position_embeddings": cfg.max_position_embeddings,
+        "vocab_size": cfg.vocab_size, "draft_vocab_size": cfg.draft_vocab_size,
+        "target_hidden_size": cfg.target_hidden_size, "hidden_act": "silu", "attention_bias": False,
+        "tie_word_embeddings": False, "torch_dtype": dtype,
+        "dflash_config": {"mask_token_id": cfg.mask_token_id, "block_size": cfg.block_size,
+                          "target_layer_ids": [i - 1 for i in cfg.aux_layer_ids]},
+        "aerie": {"target": target.get("name_or_path", ""), "aux_layer_ids": list(cfg.aux_layer_ids)},
+    }
+
+
+def config_from_vllm(exported: dict) -> DFlashModelConfig:
+    try:
+        dflash = exported["dflash_config"]
+        aux = [i + 1 for i in dflash["target_layer_ids"]]
+        return DFlashModelConfig(
+            hidden_size=exported["hidden_size"], intermediate_size=exported["intermediate_size"],
+            num_attention_heads=exported["num_attention_heads"], num_key_value_heads=exported["num_key_value_heads"],
+            head_dim=exported["head_dim"], rms_norm_eps=exported["rms_norm_eps"], rope_theta=exported["rope_theta"],
+            rope_scaling={k: v for k, v in exported["rope_parameters"].items()
+                          if k not in ("rope_type", "rope_theta")} or None,
+            max_position_embeddings=exported["max_position_embeddings"], vocab_size=exported["vocab_size"],
+            draft_vocab_size=exported["draft_vocab_size"], target_hidden_size=exported["target_hidden_size"],
+            num_aux_layers=len(aux), num_layers=exported["num_hidden_layers"], block_size=dflash["block_size"],
+            mask_token_id=dflash["mask_token_id"], aux_layer_ids=aux)
+    except KeyError as err:
+        raise ValueError(f"DFlash config.json lacks key {err}") from None
+
+
+def expected_tensors(cfg: DFlashModelConfig) -> Dict[str, tuple]:
+    """{name: shape} of model.safetensors (what DFlashQwen3ForCausalLM.load_weights takes)."""
+    h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    shapes = {"fc.weight": (h, cfg.num_aux_layers * cfg.target_hidden_size), "hidden_norm.weight": (h,),
+              "norm.weight": (h,), "lm_head.weight": (cfg.draft_vocab_size, h)}
+    for i in range(cfg.num_layers):
+        shapes.update({f"layers.{i}.{name}": shape for name, shape in {
+            "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
+            "self_attn.o_proj.weight": (h, q), "self_attn.q_norm.weight": (cfg.head_dim,),
+            "self_attn.k_norm.weight": (cfg.head_dim,), "mlp.gate_proj.weight": (cfg.intermediate_size, h),
+            "mlp.up_proj.weight": (cfg.intermediate_size, h), "mlp.down_proj.weight": (h, cfg.intermediate_size),
+            "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,)}.items()})
+    if cfg.draft_vocab_size < cfg.vocab_size:
+        shapes["d2t"] = (cfg.draft_vocab_size,)
+    return shapes
+
+
+def from_vllm_files(config: dict, tensors: Dict[str, Tensor], mask: dict, embed_weight: Tensor) -> DFlashDraft:
+    """The draft vLLM would serve from these files (t2d rebuilt from d2t, mask embedding from its file)."""
+    cfg = config_from_vllm(json.loads(json.dumps(config)))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    d2t = state.pop("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
+    t2d = torch.zeros(cfg.vocab_size, dtype=torch.bool)
+    t2d[torch.arange(cfg.draft_vocab_size) + d2t] = True
+    state.update(d2t=d2t, t2d=t2d, mask_embedding=mask["embedding"].float())
+    if mask["mask_token_id"] != cfg.mask_token_id:
+        raise ValueError(f"{MASK_EMBEDDING_NAME} mask_token_id {mask['mask_token_id']} != {cfg.mask_token_id}")
+    return build_dflash(cfg, state, embed_weight, "dflash export")
+
+
+def probe_block_logits(draft: DFlashDraft, seed: int = 0) -> Tensor:
+    c, generator = draft.config, torch.Generator().manual_seed(seed)
+    aux = torch.randn(1, 6, c.num_aux_layers * c.target_hidden_size, generator=generator)
+    bonus = torch.randint(0, c.vocab_size, (1,), generator=generator)
+    context = draft.new_context()
+    with torch.no_grad():
+        draft.extend_context(aux, torch.arange(6)[None], context)
+        return draft.draft_block(bonus, torch.tensor([6]), c.block_size - 1, context)
+
+
+def export_dflash(draft: DFlashDraft, out_dir: Union[str, Path], fmt: str, target: dict,
+                  dtype: str = "bfloat16") -> Path:
+    """Write the vLLM export of a DFlash draft (config.json, model.safetensors, mask_embedding.pt) atomically."""
+    from trainer.export import EXPORT_DTYPES, _safetensors_bytes, _write_dir_atomically, draft_state
+
+    if fmt != "vllm":
+        raise ValueError(f"export.format={fmt!r}: a DFlash draft exports only to vllm (method 'dflash')")
+    cfg, torch_dtype = draft.config, EXPORT_DTYPES[dtype]
+    state = {n: (t.to(torch_dtype) if t.is_floating_point() else t).cpu() for n, t in draft_state(draft).items()}
+    mask = {"mask_token_id": cfg.mask_token_id, "embedding": state.pop("mask_embedding").contiguous()}
+    state.pop("t2d")
+    if cfg.draft_vocab_size == cfg.vocab_size:
+        state.pop("d2t")  # vLLM builds no draft_id_to_target_id then, and would refuse one
+    expected = expected_tensors(cfg)
+    wrong = sorted(set(expected) ^ set(state)) + [n for n in expected if n in state
+                                                   and tuple(state[n].shape) != expected[n]]
+    if wrong:
+        raise ValueError(f"vllm DFlash export refused: names or shapes differ from the loader's at {wrong[:5]}")
+    config = vllm_config(cfg, target, dtype)
+    embed = draft.embed_tokens.weight.detach().float().cpu()
+    # reference: the source draft with its weights rounded to the export dtype, computed in float32
+    rounded = {n: (t.to(torch_dtype).float() if t.is_floating_point() else t) for n, t in draft_state(draft).items()}
+    reference = build_dflash(cfg, rounded, embed, "dflash draft")
+    rebuilt = from_vllm_files(json.loads(json.dumps(config)), state, mask, embed)
+    expected_logits, logits = probe_block_logits(reference), probe_block_logits(rebuilt)
+    if not torch.allclose(expected_logits, logits, atol=1e-4, rtol=1e-4):
+        raise ValueError("vllm DFlash export refused: the draft rebuilt from the export does not reproduce the "
+                         f"trained draft (max logit difference {(expected_logits - logits).abs().max():.3g})")
+    buffer = io.BytesIO()
+    torch.save(mask, buffer)
+    files = {"config.json": json.dumps(config, indent=2).encode(), MASK_EMBEDDING_NAME: buffer.getvalue(),
+             "model.safetensors": _safetensors_bytes(state, metadata={"format": "pt"})}
+    return _write_dir_atomically(out_dir, files)

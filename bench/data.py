@@ -21,8 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+FIXTURE_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny-chat-llama")
+
 from data.dataset import tokenize_records  # noqa: E402
-from data.serve import FIXTURE_MODEL  # noqa: E402
 from data.sources import DataConfig, load_conversations  # noqa: E402
 from data.store import HiddenStateStoreReader, HiddenStateStoreWriter, bytes_per_token  # noqa: E402
 from data.template import tokenize_conversation  # noqa: E402

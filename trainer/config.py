@@ -14,7 +14,6 @@ from typing import Any
 from omegaconf import MISSING, OmegaConf
 
 from data.regen import RegenConfig
-from data.serve import ServeConfig
 from data.sources import DataConfig
 from data.store import StoreConfig
 from models.draft.eagle3 import DraftConfig
@@ -55,7 +54,6 @@ class AerieConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     regen: RegenConfig = field(default_factory=RegenConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)

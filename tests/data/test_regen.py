@@ -37,7 +37,7 @@ class ChatServer:
     """Loopback chat server; respond(body, k) gives (status, reply) for the k-th request, or None to drop it."""
 
     def __init__(self, respond=lambda body, k: echo(body), delay_s=0.0):
-        self.count = 0
+        self.count = self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
         outer = self
 
@@ -51,8 +51,12 @@ class ChatServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with outer.lock:
                     outer.count += 1
+                    outer.in_flight += 1
+                    outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
                     k = outer.count
                 time.sleep(delay_s)
+                with outer.lock:
+                    outer.in_flight -= 1
                 answer = respond(body, k)
                 if answer is None:
                     self.close_connection = True
@@ -179,6 +183,15 @@ def settled_ids(out_dir):
     return ids
 
 
+def test_at_most_concurrency_conversations_are_in_flight(tmp_path):
+    server = ChatServer(delay_s=0.02)
+    try:
+        stats = regen([server.url], tmp_path, write_source(tmp_path / "src.json", 12), concurrency=3)
+    finally:
+        server.close()
+    assert stats["done"] == 12 and server.max_in_flight == 3
+
+
 def test_regen_resumes_after_kill(tmp_path):
     server = ChatServer(flaky, delay_s=0.05)
     out = tmp_path / "out"
@@ -227,3 +240,15 @@ def test_a_run_that_writes_too_little_is_an_error(tmp_path):
                      check=False)
     assert proc.returncode == 1 and "done=0 failed=4" in proc.stdout and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("aerie regen: wrote 0 of the 4 conversations tried")
+
+
+def test_an_http_400_naming_a_setting_stops_the_run(tmp_path):
+    refusal = {"error": {"message": "max_tokens=2000 cannot be greater than max_model_len=1024.",
+                         "param": "max_tokens", "code": 400}}
+    server = ChatServer(lambda body, k: (400, refusal))
+    try:
+        with pytest.raises(ValueError, match=r"HTTP 400 \(a request field is refused: max_tokens"):
+            regen([server.url], tmp_path, write_source(tmp_path / "src.json", 3))
+    finally:
+        server.close()
+    assert not list((tmp_path / "out").glob("regen-*"))  # nothing journaled as rejected

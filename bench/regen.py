@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -28,12 +27,6 @@ from trainer.vllm_engine import vllm_python  # noqa: E402
 FIXTURE = str(Path(__file__).resolve().parents[1] / "assets" / "tiny-chat-llama")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default=FIXTURE)
@@ -43,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     data_cfg = DataConfig(max_samples=args.num_conversations)
     with tempfile.TemporaryDirectory(prefix="aerie-bench-regen-") as tmp:
-        server = VllmServer(args.target, free_port(), vllm_python(), os.path.join(tmp, "serve.log"),
+        server = VllmServer(args.target, 0, vllm_python(), os.path.join(tmp, "serve.log"),
                             ["--max-model-len", "2048", "--max-num-seqs", str(max(args.concurrency))],
                             {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")})
         server.start()

@@ -345,10 +345,15 @@ def done_share_error(stats: Dict[str, int], min_done_share: float) -> Optional[s
 
 
 class VllmServer:
-    """launch/vllm/serve.sh for `target` on 127.0.0.1:`port`, in its own session so that kill() reaches vLLM's engine
-    processes too; start() returns once /health answers (the script prints the URL then)."""
+    """launch/vllm/serve.sh for `target` on 127.0.0.1:`port` (0: a free one, kept across restarts), in its own
+    session so that kill() reaches vLLM's engine processes too; start() returns once /health answers (the script
+    prints the URL then)."""
 
     def __init__(self, target: str, port: int, python: str, log_path: str, args=(), env: Optional[dict] = None):
+        if port == 0:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
         self.target, self.port, self.log_path, self.args = target, port, log_path, list(args)
         self.env = {**os.environ, "AERIE_VLLM_PYTHON": python, **(env or {})}
         self.proc: Optional[subprocess.Popen] = None

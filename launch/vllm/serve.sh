@@ -46,11 +46,15 @@ if ! (command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1); then
     [ -n "$HAS_EAGER" ] || ARGS+=(--enforce-eager)
 fi
 
-case "$HOST" in 0.0.0.0|::|"") PROBE=127.0.0.1; SHOWN=$(hostname -f 2>/dev/null || hostname) ;; *) PROBE=$HOST; SHOWN=$HOST ;; esac
+case "$HOST" in
+    0.0.0.0|::|"") PROBE=127.0.0.1; SHOWN=$(hostname -f 2>/dev/null || hostname) ;;
+    *) PROBE=$HOST; SHOWN=$HOST ;;
+esac
 case "$PROBE" in *:*) PROBE="[$PROBE]" ;; esac
 case "$SHOWN" in *:*) SHOWN="[$SHOWN]" ;; esac
 
-"$PY" -m vllm.entrypoints.launchers.api_server.entry --model "$TARGET" --host "$HOST" --port "$PORT" "${ARGS[@]}" 1>&2 &
+"$PY" -m vllm.entrypoints.launchers.api_server.entry --model "$TARGET" --host "$HOST" --port "$PORT" \
+    "${ARGS[@]}" 1>&2 &
 SERVER=$!
 trap 'kill -TERM "$SERVER" 2>/dev/null' TERM INT
 
@@ -63,7 +67,9 @@ healthy() {
 deadline=$((SECONDS + ${AERIE_SERVE_TIMEOUT:-900}))
 until healthy; do
     if ! kill -0 "$SERVER" 2>/dev/null; then
-        wait "$SERVER"; echo "serve.sh: vLLM's server for $TARGET ($PY) exited ($?) before /health answered" >&2; exit 1
+        wait "$SERVER"
+        echo "serve.sh: vLLM's server for $TARGET ($PY) exited ($?) before /health answered" >&2
+        exit 1
     fi
     if [ $SECONDS -ge $deadline ]; then
         echo "serve.sh: no answer from http://$PROBE:$PORT/health after ${AERIE_SERVE_TIMEOUT:-900} s" >&2

@@ -198,7 +198,7 @@ def test_regen_resumes_after_kill(tmp_path):
     data_cfg = write_source(tmp_path / "src.json", 12)
     cfg = RegenConfig(base_urls=[server.url], model="m", output_dir=str(out), concurrency=2, backoff_s=0.01,
                       shard_size=5)
-    code = ("import sys; from data.regen import RegenConfig, done_share_error, run_regen; from data.sources import DataConfig; "
+    code = ("import sys; from data.regen import RegenConfig, run_regen; from data.sources import DataConfig; "
             f"run_regen(RegenConfig(**{cfg.__dict__!r}), DataConfig(source='sharegpt', path={data_cfg.path!r}))")
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL)

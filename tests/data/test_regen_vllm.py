@@ -4,7 +4,6 @@ conversation after a `kill -9` of regen and a kill and restart of the server mid
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,12 +21,6 @@ EOS = "2"  # <|im_end|> of the tiny target
 SHORT = {"logit_bias": {EOS: 6.0}}  # replies end after a few tokens: fast, and few of them cut by max_tokens
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from trainer.vllm_engine import vllm_python
@@ -36,7 +29,7 @@ def server(tmp_path_factory):
         python = vllm_python()
     except ValueError as e:
         pytest.skip(str(e))
-    server = VllmServer(str(TINY_CHAT), free_port(), python, str(tmp_path_factory.mktemp("vllm") / "serve.log"),
+    server = VllmServer(str(TINY_CHAT), 0, python, str(tmp_path_factory.mktemp("vllm") / "serve.log"),
                         ["--max-model-len", "1024", "--max-num-seqs", "16"],
                         {"VLLM_CPU_KVCACHE_SPACE": "1", "AERIE_SERVE_TIMEOUT": "600"})
     assert server.start() == f"http://127.0.0.1:{server.port}/v1"

@@ -103,8 +103,8 @@ def test_no_conversation_lost_or_duplicated_after_kill_9_and_a_server_restart(se
     data_cfg = write_source(tmp_path / "src.json", [[f"hello {i}", "Tell me more."] for i in range(num)])
     out = tmp_path / "out"
     cfg = RegenConfig(base_urls=[server.url], output_dir=str(out), concurrency=2, max_tokens=32, shard_size=6,
-                      temperatures=[0.0, 1.0], temperature_weights=[0.5, 0.5], extra_body=SHORT, max_retries=200,
-                      backoff_s=0.2, max_backoff_s=1.0)
+                      temperatures=[0.0, 1.0], temperature_weights=[0.5, 0.5], extra_body=SHORT, max_retries=400,
+                      backoff_s=0.2, max_backoff_s=3.0)  # retries for 10+ minutes: a restart on a loaded machine
     code = ("import json, sys; from data.regen import RegenConfig, run_regen; from data.sources import DataConfig; "
             f"print(json.dumps(run_regen(RegenConfig(**{cfg.__dict__!r}), DataConfig(source='sharegpt', "
             f"path={data_cfg.path!r}))))")
@@ -134,8 +134,10 @@ def test_no_conversation_lost_or_duplicated_after_kill_9_and_a_server_restart(se
             second.wait()
     assert second.returncode == 0
     stats = json.loads(stdout.strip().splitlines()[-1])
-    assert killed_at < num and stats["retries"] > 0 and stats["failed"] == 0
-    assert stats["skipped"] >= before_restart
+    assert killed_at < num and stats["retries"] > 0 and stats["skipped"] >= before_restart
+    if stats["failed"]:  # retries ran out before the server was back: the next run does those (and only those)
+        again = run_regen(cfg, data_cfg)
+        assert again["done"] + sum(n for k, n in again.items() if k.startswith("rejected_")) == stats["failed"]
     ids = [r["id"] for r in raw_lines(out, "*.jsonl") + raw_lines(out, "*.rejected")]
     assert len(ids) == num and len(set(ids)) == num  # zero lost, zero duplicated
     assert not list(out.glob("*.partial"))

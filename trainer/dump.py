@@ -29,13 +29,12 @@ def dump_with_vllm(cfg, dataset, store_cfg, fingerprint: str, engine) -> None:
     from safetensors.torch import load_file
 
     from data.store import dump_from_hidden_states
-    from models.targets.base import TargetConfig
     from models.targets.teacher import load_lm_head_only
     from trainer.export import target_spec_from_config
     from trainer.vllm_engine import run_vllm
 
     spec = target_spec_from_config(cfg.target)
-    teacher = load_lm_head_only(TargetConfig(**OmegaConf.to_object(cfg.target)))
+    teacher = load_lm_head_only(OmegaConf.to_object(cfg.target))
     staging = Path(store_cfg.path).with_name(Path(store_cfg.path).name + ".vllm-states")
     shutil.rmtree(staging, ignore_errors=True)
     job = {"target": cfg.target.path, "layer_ids": list(spec.aux_layer_ids) + [spec.num_layers],

@@ -5,9 +5,11 @@ Each figure is printed with a ratio against a baseline measured in the same proc
 - datasets.map with num_proc=2 vs num_proc=1;
 - bytes/token of each store layout vs the 8*H bf16 baseline (computed, and measured on written shards);
 - reader tokens/s (dequantised on CPU, or raw fp8 for on-device dequantisation) vs a training step's
-  consumption rate (--train-tokens-per-s).
+  consumption rate (--train-tokens-per-s);
+- with --dump-engines N (only this): `aerie dump` tokens/s of the vLLM path (vLLM's hidden-state extraction + Aerie's
+  norm/lm_head teacher, compact store) vs the HF forward path, on N ShareGPT conversations of the tiny target.
 
-    .venv/bin/python bench/data.py [--num-samples 300] [--train-tokens-per-s 50000]
+    .venv/bin/python bench/data.py [--num-samples 300] [--train-tokens-per-s 50000] [--dump-engines 64]
 """
 from __future__ import annotations
 
@@ -16,13 +18,15 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+FIXTURE_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny-chat-llama")
+
 from data.dataset import tokenize_records  # noqa: E402
-from data.serve import FIXTURE_MODEL  # noqa: E402
 from data.sources import DataConfig, load_conversations  # noqa: E402
 from data.store import HiddenStateStoreReader, HiddenStateStoreWriter, bytes_per_token  # noqa: E402
 from data.template import tokenize_conversation  # noqa: E402
@@ -102,17 +106,55 @@ def bench_store(train_tokens_per_s, num_samples=64, length=512):
                       f"{train_tokens_per_s:.0f} tok/s {rate / train_tokens_per_s:.2f}x")
 
 
+def bench_dump_engines(tokenizer, records, max_length):
+    """HF forward dump vs vLLM extraction dump of the same tokenised samples, tokens/s (vLLM start-up apart)."""
+    from data.store import StoreConfig, dump_from_hidden_states, run_dump
+    from models.targets.base import TargetConfig
+    from models.targets.hf import HFTargetModel
+    from models.targets.teacher import load_lm_head_only
+    from safetensors.torch import load_file
+    from trainer.vllm_engine import EngineConfig, run_vllm
+
+    rows = [{"id": r["id"], **tokenize_conversation(tokenizer, r["messages"], max_length)} for r in records]
+    num_tokens = sum(len(r["input_ids"]) for r in rows)
+    target_cfg = TargetConfig(path=FIXTURE_MODEL, dtype="float32")
+    with tempfile.TemporaryDirectory() as tmp:
+        target = HFTargetModel.load(target_cfg)
+        _, t_hf = timed(lambda: run_dump(target, rows, StoreConfig(path=os.path.join(tmp, "hf"))))
+        spec, teacher = target.spec, load_lm_head_only(target_cfg)
+        del target
+        job = {"target": FIXTURE_MODEL, "layer_ids": list(spec.aux_layer_ids) + [spec.num_layers],
+               "prompt_token_ids": [list(r["input_ids"]) for r in rows], "out_dir": os.path.join(tmp, "states")}
+        worker = Path(__file__).resolve().parents[1] / "trainer" / "vllm_dump_worker.py"
+        result, t_total = timed(lambda: run_vllm(job, EngineConfig(max_model_len=max(2048, max_length)), worker))
+        samples = ((i, row, load_file(path)["hidden_states"])
+                   for i, (row, path) in enumerate(zip(rows, result["files"])))
+        store = StoreConfig(path=os.path.join(tmp, "vllm"))
+        _, t_store = timed(lambda: dump_from_hidden_states(spec, teacher, samples, store))
+    t_vllm = result["seconds"] + t_store
+    print(f"dump {len(rows)} conversations ({num_tokens} tokens, compact store, tiny target, fp32 CPU):")
+    print(f"  HF forward            : {num_tokens / t_hf:10.0f} tok/s")
+    print(f"  vLLM extraction       : {num_tokens / t_vllm:10.0f} tok/s   ratio vs HF {t_hf / t_vllm:.2f}x "
+          f"(vLLM {result['seconds']:.1f} s + store {t_store:.1f} s; vLLM start-up apart: "
+          f"{t_total - result['seconds']:.0f} s)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-samples", type=int, default=300)
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--train-tokens-per-s", type=float, default=50000.0,
                         help="tokens a training step consumes per second (the reader must stay ahead of it)")
+    parser.add_argument("--dump-engines", type=int, default=0, metavar="N",
+                        help="only time `aerie dump` through vLLM vs HF on N conversations (needs .venv-vllm)")
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(FIXTURE_MODEL)
     records, _ = load_conversations(DataConfig())
+    if args.dump_engines:
+        bench_dump_engines(tokenizer, records[: args.dump_engines], 512)
+        return
     bench_tokenisation(tokenizer, records[: args.num_samples], args.max_length)
     bench_store(args.train_tokens_per_s)
 

@@ -363,6 +363,43 @@ def target_fingerprint(spec) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _dump_writer(spec, cfg: StoreConfig, draft_token_ids: Optional[Tensor], path: str,
+                 dataset_fingerprint: str) -> Tuple[HiddenStateStoreWriter, Tensor]:
+    """The store writer of a dump of `spec`'s target and the draft ids (default: the whole vocabulary)."""
+    if draft_token_ids is None:
+        draft_token_ids = torch.arange(spec.vocab_size)
+    full_vocab = draft_token_ids.numel() == spec.vocab_size and bool(
+        (draft_token_ids.cpu() == torch.arange(spec.vocab_size)).all())
+    teacher_vocab = "full" if full_vocab else hashlib.sha256(
+        draft_token_ids.cpu().long().numpy().tobytes()).hexdigest()[:16]
+    writer = HiddenStateStoreWriter(path, cfg.layout, spec.hidden_size, len(spec.aux_layer_ids), spec.aux_layer_ids,
+                                    spec.vocab_size, target_fingerprint(spec), cfg.topk, cfg.shard_bytes,
+                                    dataset_fingerprint, teacher_vocab, cfg.tail_samples)
+    return writer, draft_token_ids
+
+
+def _add_batch(writer: HiddenStateStoreWriter, cfg: StoreConfig, rows: List[dict], indices: List[int], out,
+               draft_token_ids: Tensor) -> None:
+    """Writes the rows of one target output (TargetOutput fields, batch-first): tail samples are seeded by the
+    sample's index, so a resumed or re-sharded dump (same device type) writes the same store."""
+    for b, (row, index) in enumerate(zip(rows, indices)):
+        n = len(row["input_ids"])
+        extra = {}
+        if cfg.layout == "full":
+            extra["last_hidden_state"] = out.last_hidden_state[b, :n]
+        else:
+            logprobs = torch.log_softmax(out.teacher_logits[b, :n].float(), dim=-1)
+            values, topk_index = logprobs.topk(min(cfg.topk, logprobs.shape[-1]), dim=-1)
+            extra.update(teacher_topk_logprobs=values, teacher_topk_ids=draft_token_ids[topk_index],
+                         teacher_argmax=out.teacher_argmax[b, :n])
+            if cfg.tail_samples:
+                generator = torch.Generator(device=logprobs.device).manual_seed(index)
+                tail = sample_tail(logprobs, topk_index, cfg.tail_samples, generator)
+                extra["teacher_tail_ids"] = draft_token_ids[tail]
+        writer.add(torch.as_tensor(row["input_ids"])[:n], torch.as_tensor(row["loss_mask"])[:n],
+                   out.aux_hidden_states[b, :n], sample_id=row.get("id"), **extra)
+
+
 @torch.no_grad()
 def run_dump(target, dataset, cfg: StoreConfig, draft_token_ids: Optional[Tensor] = None, rank: int = 0,
              world_size: int = 1, dataset_fingerprint: str = "") -> HiddenStateStoreWriter:
@@ -370,22 +407,12 @@ def run_dump(target, dataset, cfg: StoreConfig, draft_token_ids: Optional[Tensor
 
     Rank r dumps samples r, r+w, ... into cfg.path/part-{r:05d} (cfg.path itself when world_size == 1) and resumes
     after the complete shards already there.  draft_token_ids (default: the whole target vocabulary) is the id
-    set the compact layout's top-k log-probs are normalised over; stored ids are target ids.  Tail samples are
-    seeded by the sample's index, so a resumed or re-sharded dump (same device type) writes the same store.
+    set the compact layout's top-k log-probs are normalised over; stored ids are target ids.
     """
     from data.batching import collate
 
-    spec = target.spec
-    if draft_token_ids is None:
-        draft_token_ids = torch.arange(spec.vocab_size)
-    full_vocab = draft_token_ids.numel() == spec.vocab_size and bool(
-        (draft_token_ids.cpu() == torch.arange(spec.vocab_size)).all())
-    teacher_vocab = "full" if full_vocab else hashlib.sha256(
-        draft_token_ids.cpu().long().numpy().tobytes()).hexdigest()[:16]
     path = cfg.path if world_size == 1 else os.path.join(cfg.path, f"part-{rank:05d}")
-    writer = HiddenStateStoreWriter(path, cfg.layout, spec.hidden_size, len(spec.aux_layer_ids), spec.aux_layer_ids,
-                                    spec.vocab_size, target_fingerprint(spec), cfg.topk, cfg.shard_bytes,
-                                    dataset_fingerprint, teacher_vocab, cfg.tail_samples)
+    writer, draft_token_ids = _dump_writer(target.spec, cfg, draft_token_ids, path, dataset_fingerprint)
     device = next(target.module.parameters()).device
     draft_token_ids = draft_token_ids.to(device)
     todo = list(range(rank, len(dataset), world_size))[writer.num_samples:]
@@ -395,22 +422,7 @@ def run_dump(target, dataset, cfg: StoreConfig, draft_token_ids: Optional[Tensor
     def run(rows: List[dict]) -> None:
         batch = {k: v.to(device) for k, v in collate(rows, packed=False, max_tokens=10 ** 9).items()}
         out = target.forward(batch, draft_token_ids, return_last_hidden=cfg.layout == "full")
-        for b, (row, index) in enumerate(zip(rows, batch_index)):
-            n = len(row["input_ids"])
-            extra = {}
-            if cfg.layout == "full":
-                extra["last_hidden_state"] = out.last_hidden_state[b, :n]
-            else:
-                logprobs = torch.log_softmax(out.teacher_logits[b, :n].float(), dim=-1)
-                values, topk_index = logprobs.topk(min(cfg.topk, logprobs.shape[-1]), dim=-1)
-                extra.update(teacher_topk_logprobs=values, teacher_topk_ids=draft_token_ids[topk_index],
-                             teacher_argmax=out.teacher_argmax[b, :n])
-                if cfg.tail_samples:
-                    generator = torch.Generator(device=device).manual_seed(index)
-                    tail = sample_tail(logprobs, topk_index, cfg.tail_samples, generator)
-                    extra["teacher_tail_ids"] = draft_token_ids[tail]
-            writer.add(batch["input_ids"][b, :n], batch["loss_mask"][b, :n], out.aux_hidden_states[b, :n],
-                       sample_id=row.get("id"), **extra)
+        _add_batch(writer, cfg, rows, batch_index, out, draft_token_ids)
 
     for i in todo:
         row = dataset[i]
@@ -422,5 +434,28 @@ def run_dump(target, dataset, cfg: StoreConfig, draft_token_ids: Optional[Tensor
         batch_index.append(i)
     if batch_rows:
         run(batch_rows)
+    writer.close()
+    return writer
+
+
+@torch.no_grad()
+def dump_from_hidden_states(spec, teacher, samples: Iterator[Tuple[int, dict, Tensor]], cfg: StoreConfig,
+                            draft_token_ids: Optional[Tensor] = None,
+                            dataset_fingerprint: str = "") -> HiddenStateStoreWriter:
+    """A store from hidden states computed elsewhere (vLLM's extraction): `samples` yields (index, row, hidden)
+    with hidden (L, num_aux + 1, H) = the aux layers' states then the last layer's output before the final norm;
+    `teacher` (models.targets.teacher.TeacherHead) makes the teacher logits from the latter.  The same store as
+    run_dump writes from the target's forward."""
+    from models.targets.base import TargetOutput
+
+    writer, draft_token_ids = _dump_writer(spec, cfg, draft_token_ids, cfg.path, dataset_fingerprint)
+    for index, row, hidden in samples:
+        if index < writer.num_samples:
+            continue  # in a complete shard of an earlier, interrupted dump
+        last = hidden[:, -1][None].float()
+        logits, argmax = teacher.teacher_from_hidden(last.to(teacher.lm_head.weight.dtype), draft_token_ids)
+        out = TargetOutput(aux_hidden_states=hidden[:, :-1].reshape(1, hidden.shape[0], -1), teacher_logits=logits,
+                           teacher_argmax=argmax, last_hidden_state=last)
+        _add_batch(writer, cfg, [row], [index], out, draft_token_ids)
     writer.close()
     return writer

@@ -1,4 +1,4 @@
-"""Thin `aerie` subcommands over the data pipeline: inspect, vocab, regen, serve.
+"""Thin `aerie` subcommands over the data pipeline: inspect, vocab, regen.
 
 Each takes the composed Hydra config and calls one function of `data/`; composition only, no logic.
 """
@@ -43,13 +43,11 @@ def run_vocab_command(cfg) -> None:
 
 
 def run_regen_command(cfg) -> None:
-    from data.regen import run_regen
+    """Regenerate the answers; exit 1 when the run wrote nothing or less than regen.min_done_share of it."""
+    from data.regen import done_share_error, run_regen
 
     counts = run_regen(OmegaConf.to_object(cfg.regen), OmegaConf.to_object(cfg.data))
-    print(" ".join(f"{k}={v}" for k, v in counts.items()))
-
-
-def run_serve_command(cfg) -> None:
-    from data.serve import serve
-
-    serve(OmegaConf.to_object(cfg.serve))
+    print(" ".join(f"{k}={v}" for k, v in counts.items()), flush=True)
+    error = done_share_error(counts, cfg.regen.min_done_share)
+    if error:
+        raise SystemExit(error)

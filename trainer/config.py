@@ -19,7 +19,6 @@ from typing import Any
 from omegaconf import MISSING, OmegaConf
 
 from data.regen import RegenConfig
-from data.serve import ServeConfig
 from data.sources import SOURCES, DataConfig
 from data.store import StoreConfig
 from models.targets.base import TargetConfig
@@ -61,7 +60,6 @@ class AerieConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     regen: RegenConfig = field(default_factory=RegenConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)

@@ -92,18 +92,19 @@ def _worker_env(engine: EngineConfig) -> dict:
     return env
 
 
-def run_vllm(job: dict, engine: EngineConfig) -> dict:
-    """Run the job's runs in vLLM (one LLM each) and return the worker's result."""
+def run_vllm(job: dict, engine: EngineConfig, worker: Path = WORKER) -> dict:
+    """Run the job's runs in vLLM (one LLM each) and return the worker's result (another `worker` script: its
+    own job, e.g. trainer/vllm_dump_worker.py's)."""
     python = vllm_python(engine.python)
     runs: List[dict] = list(job.get("runs") or [])
-    if not runs or not job.get("target"):
+    if worker == WORKER and not runs or not job.get("target"):
         raise ValueError("a vLLM job needs a target and at least one run")
     full = {**job, "max_model_len": int(engine.max_model_len), "dtype": engine.dtype}
     with tempfile.TemporaryDirectory(prefix="aerie-vllm-") as tmp:
         job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_path.write_text(json.dumps(full))
         try:
-            proc = subprocess.run([python, str(WORKER), str(job_path), str(result_path)], env=_worker_env(engine),
+            proc = subprocess.run([python, str(worker), str(job_path), str(result_path)], env=_worker_env(engine),
                                   cwd=tmp, capture_output=True, text=True, timeout=engine.timeout_s)
         except subprocess.TimeoutExpired as err:
             raise VllmRunError(f"vLLM worker ran past engine.timeout_s={engine.timeout_s}: "

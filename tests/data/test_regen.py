@@ -1,4 +1,6 @@
-"""Regeneration against the local server, a flaky server (drops, 500s), and resume after a SIGKILL."""
+"""Regeneration against small in-process chat servers: flaky servers (drops, 500s), bad answers counted per
+reason, retries that do not change the data, resume after a SIGKILL, and the exit status of `aerie regen`.
+(Against a real `vllm serve`: tests/data/test_regen_vllm.py.)"""
 import json
 import os
 import signal
@@ -10,13 +12,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from data.regen import RegenConfig, run_regen
-from data.serve import ServeConfig, make_server
+from data.regen import RegenConfig, done_share_error, run_regen
 from data.sources import DataConfig, load_conversations
+from tests.conftest import run_aerie
 
 
-def write_source(path, n):
-    rows = [{"id": f"c{i}", "conversations": [{"from": "human", "value": f"hello {i}"},
+def write_source(path, n, first_turns=None):
+    first_turns = first_turns or {}
+    rows = [{"id": f"c{i}", "conversations": [{"from": "human", "value": first_turns.get(i, f"hello {i}")},
                                               {"from": "gpt", "value": "old"},
                                               {"from": "human", "value": f"more {i}"},
                                               {"from": "gpt", "value": "old"}]} for i in range(n)]
@@ -24,11 +27,17 @@ def write_source(path, n):
     return DataConfig(source="sharegpt", path=str(path))
 
 
-class FlakyServer:
-    """Echo chat server: request k drops the connection if k % 4 == 1, answers 500 if k % 4 == 2."""
+def echo(body):
+    """A reply naming the turn, its temperature and seed, so the output shows what was asked for."""
+    text = f"echo {body['messages'][-1]['content']} t={body['temperature']} s={body['seed']}"
+    return 200, {"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
 
-    def __init__(self, delay_s=0.0):
-        self.count = 0
+
+class ChatServer:
+    """Loopback chat server; respond(body, k) gives (status, reply) for the k-th request, or None to drop it."""
+
+    def __init__(self, respond=lambda body, k: echo(body), delay_s=0.0):
+        self.count = self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
         outer = self
 
@@ -42,16 +51,19 @@ class FlakyServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with outer.lock:
                     outer.count += 1
+                    outer.in_flight += 1
+                    outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
                     k = outer.count
                 time.sleep(delay_s)
-                if k % 4 == 1:
+                with outer.lock:
+                    outer.in_flight -= 1
+                answer = respond(body, k)
+                if answer is None:
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
-                status, reply = (500, {"error": "busy"}) if k % 4 == 2 else (200, {"choices": [{"message": {
-                    "role": "assistant", "content": "echo " + body["messages"][-1]["content"]}}]})
-                data = json.dumps(reply).encode()
-                self.send_response(status)
+                data = json.dumps(answer[1]).encode()
+                self.send_response(answer[0])
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -66,50 +78,122 @@ class FlakyServer:
         self.server.server_close()
 
 
+def flaky(body, k):
+    """Request k drops the connection if k % 4 == 1, answers 500 if k % 4 == 2, else echoes."""
+    return None if k % 4 == 1 else (500, {"error": "busy"}) if k % 4 == 2 else echo(body)
+
+
 def read_output(out_dir):
     records, report = load_conversations(DataConfig(source="openai", path=str(out_dir)))
     assert not report.counts
     return records
 
 
-@pytest.mark.slow  # loads the fixture model (about 20 s on a busy 2-core machine)
-def test_regen_against_local_server(tmp_path):
-    server = make_server(ServeConfig(port=0))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-        cfg = RegenConfig(base_urls=[url], output_dir=str(tmp_path / "out"), concurrency=2, max_tokens=4,
-                          shard_size=2, temperatures=[0.0, 1.0], temperature_weights=[0.5, 0.5])
-        stats = run_regen(cfg, write_source(tmp_path / "src.json", 3))
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert stats["done"] == 3 and stats["failed"] == 0
-    assert sorted(os.listdir(tmp_path / "out")) == [".regen.json", "regen-00000.jsonl", "regen-00001.jsonl"]
-    records = read_output(tmp_path / "out")
-    assert [r["id"] for r in records] == ["c0", "c1", "c2"]
-    assert [m["content"] for m in records[1]["messages"] if m["role"] == "user"] == ["hello 1", "more 1"]
-    assert all(m["content"] != "old" for r in records for m in r["messages"] if m["role"] == "assistant")
+def regen(urls, tmp_path, data_cfg, name="out", **overrides):
+    cfg = RegenConfig(base_urls=urls, model="m", output_dir=str(tmp_path / name), backoff_s=0.01,
+                      **{"concurrency": 3, "max_retries": 6, "shard_size": 4, **overrides})
+    return run_regen(cfg, data_cfg)
 
 
-def test_regen_retries_flaky_servers_round_robin(tmp_path):
-    servers = [FlakyServer(), FlakyServer()]
+def test_regen_retries_flaky_servers_round_robin_and_retries_do_not_change_the_data(tmp_path):
+    data_cfg = write_source(tmp_path / "src.json", 6)
+    servers = [ChatServer(flaky), ChatServer(flaky)]
+    clean = ChatServer()
     try:
-        cfg = RegenConfig(base_urls=[s.url for s in servers], model="m", output_dir=str(tmp_path / "out"),
-                          concurrency=3, backoff_s=0.01, max_retries=6, shard_size=4)
-        stats = run_regen(cfg, write_source(tmp_path / "src.json", 6))
+        mixture = dict(temperatures=[0.0, 0.5, 1.0], temperature_weights=[1, 1, 1])
+        stats = regen([s.url for s in servers], tmp_path, data_cfg, **mixture)
+        regen([clean.url], tmp_path, data_cfg, name="clean", **mixture)
     finally:
-        for s in servers:
+        for s in servers + [clean]:
             s.close()
     assert stats["done"] == 6 and stats["failed"] == 0 and stats["retries"] > 0
     assert all(s.count > 0 for s in servers)
     records = read_output(tmp_path / "out")
     assert [r["id"] for r in records] == [f"c{i}" for i in range(6)]
-    assert records[4]["messages"][1]["content"] == "echo hello 4"
+    assert records[4]["messages"][1]["content"].startswith("echo hello 4 t=")
+    assert records[4]["messages"][3]["content"].startswith("echo more 4 t=")  # the second turn was replayed
+    # every turn's temperature and seed are those of the run without a single retry
+    raw = [json.loads(line) for p in sorted((tmp_path / "out").glob("*.jsonl")) for line in open(p)]
+    assert raw == [json.loads(line) for p in sorted((tmp_path / "clean").glob("*.jsonl")) for line in open(p)]
+    assert {t for r in raw for t in r["temperatures"]} == {0.0, 0.5, 1.0}
+
+
+def bad_answers(body, k):
+    """Answers by the conversation's first user turn: "empty", "cut" (finish_reason=length), "huge" (HTTP 400)."""
+    first = body["messages"][0]["content"]
+    if first == "huge":
+        return 400, {"error": {"message": "maximum context length is 1024 tokens", "code": 400}}
+    if first == "empty" and len(body["messages"]) == 3:  # the second turn
+        return 200, {"choices": [{"message": {"role": "assistant", "content": "  "}, "finish_reason": "stop"}]}
+    if first == "cut":
+        return 200, {"choices": [{"message": {"role": "assistant", "content": "partial"}, "finish_reason": "length"}]}
+    return echo(body)
+
+
+def test_bad_answers_are_counted_per_reason_never_written_and_not_asked_again(tmp_path):
+    data_cfg = write_source(tmp_path / "src.json", 7, {1: "huge", 3: "empty", 4: "cut", 6: "cut"})
+    server = ChatServer(bad_answers)
+    try:
+        stats = regen([server.url], tmp_path, data_cfg)
+        num_requests = server.count
+        again = regen([server.url], tmp_path, data_cfg)
+    finally:
+        server.close()
+    assert (stats["done"], stats["failed"]) == (3, 0)
+    assert (stats["rejected_http_400"], stats["rejected_empty"], stats["rejected_length"]) == (1, 1, 2)
+    assert [r["id"] for r in read_output(tmp_path / "out")] == ["c0", "c2", "c5"]
+    rejected = [json.loads(line) for p in sorted((tmp_path / "out").glob("*.rejected")) for line in open(p)]
+    assert [(r["id"], r["reason"]) for r in rejected] == [("c1", "http_400"), ("c3", "empty"), ("c4", "length"),
+                                                          ("c6", "length")]
+    assert "maximum context length" in rejected[0]["detail"]
+    assert again["skipped"] == 7 and again["done"] == 0 and server.count == num_requests
+    assert not list((tmp_path / "out").glob("*.partial"))
+
+
+def test_a_wrong_setting_stops_the_run_with_one_line(tmp_path):
+    server = ChatServer(lambda body, k: (404, {"error": {"message": "The model `m` does not exist."}}))
+    try:
+        with pytest.raises(ValueError, match="HTTP 404 .*regen.model"):
+            regen([server.url], tmp_path, write_source(tmp_path / "src.json", 3))
+    finally:
+        server.close()
+
+
+def test_changed_generation_settings_are_refused_on_resume(tmp_path):
+    data_cfg = write_source(tmp_path / "src.json", 2)
+    server = ChatServer()
+    try:
+        regen([server.url], tmp_path, data_cfg, max_tokens=16)
+        with pytest.raises(ValueError, match="other max_tokens"):
+            regen([server.url], tmp_path, data_cfg, max_tokens=32)
+    finally:
+        server.close()
+
+
+def settled_ids(out_dir):
+    """Ids in the output's shards and journals (a shard and its journal coexist for a moment: a set)."""
+    ids = set()
+    for path in out_dir.glob("regen-*"):
+        for line in open(path):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # being written
+            ids.add((entry.get("record") or entry.get("rejected") or entry)["id"])
+    return ids
+
+
+def test_at_most_concurrency_conversations_are_in_flight(tmp_path):
+    server = ChatServer(delay_s=0.02)
+    try:
+        stats = regen([server.url], tmp_path, write_source(tmp_path / "src.json", 12), concurrency=3)
+    finally:
+        server.close()
+    assert stats["done"] == 12 and server.max_in_flight == 3
 
 
 def test_regen_resumes_after_kill(tmp_path):
-    server = FlakyServer(delay_s=0.05)
+    server = ChatServer(flaky, delay_s=0.05)
     out = tmp_path / "out"
     data_cfg = write_source(tmp_path / "src.json", 12)
     cfg = RegenConfig(base_urls=[server.url], model="m", output_dir=str(out), concurrency=2, backoff_s=0.01,
@@ -121,8 +205,7 @@ def test_regen_resumes_after_kill(tmp_path):
     try:
         deadline = time.time() + 30
         while time.time() < deadline:
-            lines = sum(1 for p in out.glob("regen-*") for _ in open(p)) if out.exists() else 0
-            if lines >= 6:
+            if len(settled_ids(out)) >= 6:
                 break
             time.sleep(0.02)
         else:
@@ -130,11 +213,42 @@ def test_regen_resumes_after_kill(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    done_before = sum(1 for p in out.glob("regen-*") for _ in open(p))
-    assert 6 <= done_before < 12
+    assert 6 <= len(settled_ids(out)) < 12
     stats = run_regen(cfg, data_cfg)
     server.close()
     assert stats["skipped"] >= 6 and stats["done"] + stats["skipped"] == 12 and stats["failed"] == 0
     records = read_output(out)
     assert [r["id"] for r in records] == [f"c{i}" for i in range(12)]  # no duplicates, no losses, in order
     assert not list(out.glob("*.partial"))
+
+
+def test_a_run_that_writes_too_little_is_an_error(tmp_path):
+    data_cfg = write_source(tmp_path / "src.json", 4, {0: "cut", 1: "cut", 2: "cut"})
+    server = ChatServer(bad_answers)
+    try:
+        stats = regen([server.url], tmp_path, data_cfg)
+    finally:
+        server.close()
+    assert (stats["done"], stats["rejected_length"]) == (1, 3)
+    assert done_share_error(stats, 0.25) is None
+    assert done_share_error(stats, 0.5) == ("aerie regen: wrote 1 of the 4 conversations tried "
+                                            "(regen.min_done_share=0.5); see the counts above")
+    assert done_share_error({**stats, "done": 0, "skipped": 4, "rejected_length": 0}, 0.5) is None  # nothing to do
+    # the CLI: nothing listens at the URL, every conversation fails: exit 1 with one line, not a traceback
+    proc = run_aerie("regen", f"regen.base_urls=[{server.url}]", "regen.model=m", "regen.max_retries=0",
+                     "data.source=sharegpt", f"data.path={data_cfg.path}", f"regen.output_dir={tmp_path / 'c'}",
+                     check=False)
+    assert proc.returncode == 1 and "done=0 failed=4" in proc.stdout and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("aerie regen: wrote 0 of the 4 conversations tried")
+
+
+def test_an_http_400_naming_a_setting_stops_the_run(tmp_path):
+    refusal = {"error": {"message": "max_tokens=2000 cannot be greater than max_model_len=1024.",
+                         "param": "max_tokens", "code": 400}}
+    server = ChatServer(lambda body, k: (400, refusal))
+    try:
+        with pytest.raises(ValueError, match=r"HTTP 400 \(a request field is refused: max_tokens"):
+            regen([server.url], tmp_path, write_source(tmp_path / "src.json", 3))
+    finally:
+        server.close()
+    assert not list((tmp_path / "out").glob("regen-*"))  # nothing journaled as rejected

@@ -33,3 +33,21 @@ def test_slurm_run_dir_comes_from_the_job_name_unless_overridden(tmp_path):
     assert resolve_run_dir(tmp_path, "name=n") == (f"{tmp_path}/outputs/n", ["name=n"])
     assert resolve_run_dir(tmp_path, "b=has space") == (f"{tmp_path}/outputs/myrun",
                                                         ["b=has space", f"run_dir={tmp_path}/outputs/myrun"])
+
+
+def test_vllm_serve_sh_passes_flags_adds_cpu_settings_and_fails_when_the_server_dies(tmp_path):
+    # AERIE_VLLM_PYTHON=echo prints the server command line (to stderr, the server's log) and exits at once;
+    # PATH holds only what the script needs besides bash, so no nvidia-smi: the CPU build's settings
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("bash", "dirname", "sleep"):
+        (tools / tool).symlink_to(subprocess.run(["which", tool], capture_output=True, text=True).stdout.strip())
+    proc = subprocess.run([str(ROOT / "launch/vllm/serve.sh"), "/models/t", "--port=8123", "--tensor-parallel-size",
+                           "2"], env={**os.environ, "AERIE_VLLM_PYTHON": "echo", "PATH": str(tools)},
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stdout == ""  # no URL: it never became healthy
+    command, message = proc.stderr.strip().splitlines()[-2:]
+    assert command.split() == ["-m", "vllm.entrypoints.launchers.api_server.entry", "--model", "/models/t", "--host",
+                               "127.0.0.1", "--port", "8123", "--tensor-parallel-size", "2", "--dtype", "float32",
+                               "--enforce-eager"]
+    assert message == "serve.sh: vLLM's server for /models/t (echo) exited (0) before /health answered"

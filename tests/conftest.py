@@ -159,9 +159,38 @@ def qwen3_vl_target_dir(tmp_path_factory):
                            patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
                            deepstack_visual_indexes=[0, 1]))
     torch.manual_seed(0)
-    Qwen3VLForConditionalGeneration(config).save_pretrained(str(path))
+    model = Qwen3VLForConditionalGeneration(config)
+    with torch.no_grad():  # logits std ~4 instead of ~0.16: a peaked teacher whose greedy answers can be learnt
+        model.lm_head.weight.mul_(25)
+    model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
                                          min_pixels=64 * 64, max_pixels=128 * 128)
     processor.save_pretrained(str(path))
     return str(path), tokenizer, processor
+
+
+QWEN3_ASR_TOKENS = ["<|audio_start|>", "<|audio_pad|>", "<|audio_end|>"]
+
+
+@pytest.fixture(scope="session")
+def qwen3_asr_target_dir(tmp_path_factory):
+    """A tiny Qwen3-ASR (chunked conv audio tower + Qwen3 decoder), random weights."""
+    from transformers import Qwen3ASRConfig, Qwen3ASRFeatureExtractor, Qwen3ASRForConditionalGeneration
+
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny_qwen3_asr")
+    named = dict(zip(("audio_bos_token", "audio_token", "audio_eos_token"), QWEN3_ASR_TOKENS))
+    tokenizer = AutoTokenizer.from_pretrained(str(TINY_CHAT), extra_special_tokens=named)  # as Qwen3ASRProcessor reads
+    config = Qwen3ASRConfig(
+        text_config=dict(model_type="qwen3", head_dim=16, **text_config(len(tokenizer))),
+        audio_config=dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
+                          num_mel_bins=128, downsample_hidden_size=8, output_dim=64),
+        audio_token_id=tokenizer.convert_tokens_to_ids("<|audio_pad|>"))
+    torch.manual_seed(0)
+    Qwen3ASRForConditionalGeneration(config).save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    extractor = Qwen3ASRFeatureExtractor()
+    extractor.save_pretrained(str(path))
+    return str(path), tokenizer, extractor

@@ -389,8 +389,11 @@ def run_eval(cfg) -> dict:
     """`aerie eval`: cfg.eval (EvalConfig fields) and cfg.target (target.path ...); prints the JSON summary."""
     from omegaconf import OmegaConf
 
+    from trainer.evaluate_media import is_media_eval, run_media_eval
     from trainer.export import load_draft
 
+    if is_media_eval(cfg):  # prompts with images / audio through the modality adapter
+        return run_media_eval(cfg)
     ecfg = EvalConfig(**OmegaConf.to_container(cfg.eval, resolve=True))
     if not ecfg.draft or not cfg.target.path:
         raise ValueError("eval.draft and target.path are required")

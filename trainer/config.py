@@ -25,6 +25,7 @@ from trainer.export import ExportConfig
 from trainer.logger import LoggerConfig
 from trainer.plan import PlanConfig
 from trainer.train import TrainerConfig
+from trainer.vllm_engine import EngineConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,6 +59,7 @@ class AerieConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
 
 

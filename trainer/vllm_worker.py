@@ -1,0 +1,85 @@
+"""Standalone vLLM worker: `python vllm_worker.py JOB.json RESULT.json`, run by trainer/vllm_engine.py.
+
+Imports only vllm and the standard library (it runs in vLLM's own environment, not Aerie's).  For each run of
+the job it starts one LLM on the target (with the run's speculative_config, passed to vLLM as it is), generates
+from the given prompt token ids, and reads vLLM's own `vllm:spec_decode_*` counters (difference before/after
+generate(); the Prometheus registry is process-wide).  generate_seconds times generate() alone, not start-up.
+"""
+import gc
+import json
+import os
+import sys
+import time
+
+SPEC_COUNTERS = {"vllm:spec_decode_num_drafts": "num_drafts",
+                 "vllm:spec_decode_num_draft_tokens": "num_draft_tokens",
+                 "vllm:spec_decode_num_accepted_tokens": "num_accepted_tokens"}
+PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos"
+
+
+def read_counters(llm) -> dict:
+    """Summed spec-decode counters (all engines / labels) of the LLM's metrics."""
+    from vllm.v1.metrics.reader import Counter, Vector
+
+    out = {key: 0 for key in SPEC_COUNTERS.values()}
+    out["num_accepted_tokens_per_pos"] = []
+    for metric in llm.get_metrics():
+        if isinstance(metric, Counter) and metric.name in SPEC_COUNTERS:
+            out[SPEC_COUNTERS[metric.name]] += int(metric.value)
+        elif isinstance(metric, Vector) and metric.name == PER_POS:
+            per_pos = out["num_accepted_tokens_per_pos"]
+            per_pos.extend([0] * (len(metric.values) - len(per_pos)))
+            for i, value in enumerate(metric.values):
+                per_pos[i] += int(value)
+    return out
+
+
+def counter_difference(after: dict, before: dict) -> dict:
+    diff = {key: after[key] - before[key] for key in SPEC_COUNTERS.values()}
+    old = before["num_accepted_tokens_per_pos"] + [0] * len(after["num_accepted_tokens_per_pos"])
+    diff["num_accepted_tokens_per_pos"] = [a - b for a, b in zip(after["num_accepted_tokens_per_pos"], old)]
+    return diff
+
+
+def run_one(job: dict, run: dict) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=job["target"], dtype=job.get("dtype", "float32"), enforce_eager=True,
+              max_model_len=int(job["max_model_len"]), disable_log_stats=False, seed=int(run.get("seed", 0)),
+              speculative_config=run.get("speculative_config"))
+    try:
+        prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in run["prompt_token_ids"]]
+        seed = int(run.get("seed", 0))
+        params = [SamplingParams(max_tokens=int(run["max_new_tokens"]), temperature=float(run["temperature"]),
+                                 seed=seed + i if float(run["temperature"]) > 0 else None)
+                  for i in range(len(prompts))]
+        before = read_counters(llm)
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        counters = counter_difference(read_counters(llm), before)
+    finally:
+        del llm
+        gc.collect()
+    tokens = [list(out.outputs[0].token_ids) for out in outputs]
+    return {"name": run["name"], "output_token_ids": tokens, **counters,
+            "num_generated_tokens": sum(len(t) for t in tokens), "generate_seconds": seconds}
+
+
+def main(argv) -> int:
+    if len(argv) != 3:
+        print("usage: vllm_worker.py JOB.json RESULT.json", file=sys.stderr)
+        return 2
+    with open(argv[1]) as handle:
+        job = json.load(handle)
+    result = {"runs": [run_one(job, run) for run in job["runs"]]}
+    tmp = argv[2] + ".tmp"
+    with open(tmp, "w") as handle:
+        json.dump(result, handle)
+    os.replace(tmp, argv[2])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -187,9 +187,12 @@ def qwen3_asr_target_dir(tmp_path_factory):
         text_config=dict(model_type="qwen3", head_dim=16, **text_config(len(tokenizer))),
         audio_config=dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
                           num_mel_bins=128, downsample_hidden_size=8, output_dim=64),
-        audio_token_id=tokenizer.convert_tokens_to_ids("<|audio_pad|>"))
+        audio_token_id=tokenizer.convert_tokens_to_ids("<|audio_pad|>"), tie_word_embeddings=False)
     torch.manual_seed(0)
-    Qwen3ASRForConditionalGeneration(config).save_pretrained(str(path))
+    model = Qwen3ASRForConditionalGeneration(config)
+    with torch.no_grad():  # a peaked teacher, as for the tiny Qwen3-VL
+        model.lm_head.weight.mul_(25)
+    model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     extractor = Qwen3ASRFeatureExtractor()
     extractor.save_pretrained(str(path))

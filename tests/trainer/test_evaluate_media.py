@@ -112,6 +112,7 @@ def audio_prompts(root):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two CLI processes; a shared, loaded 2-core machine needs the margin
 @pytest.mark.parametrize("modality", ["vision", "qwen3_asr"])
 def test_trained_draft_drafts_media_well_above_an_untrained_one(modality, image_prompts, qwen3_vl_target_dir,
                                                                 qwen3_asr_target_dir, tmp_path, monkeypatch,

@@ -350,12 +350,17 @@ def eos_ids(tokenizer, target: nn.Module) -> List[int]:
     return sorted(ids)
 
 
-def evaluate_draft(target: nn.Module, draft: Eagle3LlamaDraft, tokenizer, cfg: EvalConfig) -> dict:
-    """Acceptance of `draft` on cfg.prompts for each k; writes the reports when cfg.out_dir is set."""
+def evaluate_draft(target: nn.Module, draft: Eagle3LlamaDraft, tokenizer, cfg: EvalConfig,
+                   prompts: Optional[list] = None, decoder: Optional[SpeculativeDecoder] = None) -> dict:
+    """Acceptance of `draft` on cfg.prompts for each k; writes the reports when cfg.out_dir is set.
+
+    prompts / decoder: what the decoder's generate takes and the decoder (default: cfg.prompts rendered by the
+    tokenizer, a SpeculativeDecoder); trainer.evaluate_media passes encoded media prompts and its decoder."""
     if cfg.max_new_tokens < 1:
         raise ValueError(f"eval.max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
-    prompts = [render_prompt(tokenizer, conv) for conv in load_prompts(cfg.prompts, cfg.max_prompts)]
-    decoder = SpeculativeDecoder(target, draft)
+    if prompts is None:
+        prompts = [render_prompt(tokenizer, conv) for conv in load_prompts(cfg.prompts, cfg.max_prompts)]
+    decoder = decoder if decoder is not None else SpeculativeDecoder(target, draft)
     eos = eos_ids(tokenizer, target)
     runs = []
     for k in speculative_ks(cfg.num_speculative_tokens):

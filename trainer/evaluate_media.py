@@ -19,8 +19,7 @@ from typing import Any, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from trainer.evaluate import (DecodeResult, EvalConfig, SpeculativeDecoder, _read_jsonl, eos_ids, speculative_ks,
-                              summarize, write_reports)
+from trainer.evaluate import DecodeResult, EvalConfig, SpeculativeDecoder, _read_jsonl, evaluate_draft
 
 
 def load_media_prompts(path: str, adapter, max_prompts: int = 0) -> List[dict]:
@@ -84,9 +83,8 @@ class MediaSpeculativeDecoder(SpeculativeDecoder):
         return super()._draft_call(result, fn, hidden, ids, self._seq_positions(positions), cache, **kwargs)
 
     @torch.no_grad()
-    def generate_media(self, prompt: dict, max_new_tokens: int, num_speculative_tokens: int,
-                       temperature: float = 0.0, generator: Optional[torch.Generator] = None,
-                       eos_token_ids: Sequence[int] = ()) -> DecodeResult:
+    def generate(self, prompt, max_new_tokens: int, num_speculative_tokens: int, temperature: float = 0.0,
+                 generator: Optional[torch.Generator] = None, eos_token_ids: Sequence[int] = ()) -> DecodeResult:
         """Speculative decoding of one encoded prompt (adapter.encode_prompt: input_ids + media tensors)."""
         batch = self.adapter.collate([prompt])
         batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -100,29 +98,17 @@ class MediaSpeculativeDecoder(SpeculativeDecoder):
             self._positions, self._delta = None, 0
         self._prefill = inputs
         try:
-            return self.generate(list(prompt["input_ids"]), max_new_tokens, num_speculative_tokens, temperature,
-                                 generator, eos_token_ids)
+            return super().generate(list(prompt["input_ids"]), max_new_tokens, num_speculative_tokens, temperature,
+                                    generator, eos_token_ids)
         finally:
             self._prefill, self._positions = None, None
 
 
 def evaluate_media_draft(target: nn.Module, draft, adapter, cfg: EvalConfig) -> dict:
     """Acceptance of `draft` on cfg.prompts (a JSONL with media) for each k; reports as trainer.evaluate."""
-    if cfg.max_new_tokens < 1:
-        raise ValueError(f"eval.max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
     prompts = load_media_prompts(cfg.prompts, adapter, cfg.max_prompts)
-    decoder = MediaSpeculativeDecoder(target, draft, adapter)
-    eos = eos_ids(adapter.tokenizer, target)
-    runs = []
-    for k in speculative_ks(cfg.num_speculative_tokens):
-        generator = torch.Generator(device=decoder.device).manual_seed(int(cfg.seed))
-        results = [decoder.generate_media(p, cfg.max_new_tokens, k, cfg.temperature, generator, eos) for p in prompts]
-        runs.append(summarize(results, k))
-    summary = {"prompts": cfg.prompts, "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens,
-               "seed": cfg.seed, "draft": cfg.draft, "results": runs}
-    if cfg.out_dir:
-        summary["files"] = {name: str(path) for name, path in write_reports(summary, cfg.out_dir).items()}
-    return summary
+    return evaluate_draft(target, draft, adapter.tokenizer, cfg, prompts=prompts,
+                          decoder=MediaSpeculativeDecoder(target, draft, adapter))
 
 
 def run_media_eval(cfg) -> dict:

@@ -57,7 +57,7 @@ def test_speculative_output_is_the_targets_greedy_output(vl, image_prompts):
     target, adapter = vl
     prompt = load_media_prompts(str(image_prompts[0]), adapter, max_prompts=2)[1]
     decoder = MediaSpeculativeDecoder(target.module, untrained_draft(target), adapter)
-    result = decoder.generate_media(prompt, max_new_tokens=10, num_speculative_tokens=3)
+    result = decoder.generate(prompt, max_new_tokens=10, num_speculative_tokens=3)
     ids = torch.tensor([prompt["input_ids"] + result.tokens])
     positions = mrope_position_ids(target.module.model, {"input_ids": ids, "document_ids": torch.zeros_like(ids),
                                                          "image_grid_thw": prompt["image_grid_thw"]})
@@ -138,7 +138,7 @@ def test_trained_draft_drafts_media_well_above_an_untrained_one(modality, image_
     torch.set_num_threads(1)  # token-by-token decoding of a tiny model: threads only add contention
     try:
         for row, prompt in zip(rows, load_media_prompts(str(prompts_path), adapter)):
-            answer = decoder.generate_media(prompt, max_new_tokens=24, num_speculative_tokens=1).tokens
+            answer = decoder.generate(prompt, max_new_tokens=24, num_speculative_tokens=1).tokens
             text = tokenizer.decode(answer, skip_special_tokens=True)
             if modality == "vision":
                 train_rows.append({**row, "messages": row["messages"] + [{"role": "assistant", "content": text}]})

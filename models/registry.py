@@ -54,6 +54,7 @@ MODALITIES = Registry(
         "text": "models.modality.text",
         "vision": "models.modality.vision",
         "audio": "models.modality.audio",
+        "qwen3_asr": "models.modality.audio",
         "speech_tokens": "models.modality.speech_tokens",
     },
 )

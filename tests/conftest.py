@@ -139,3 +139,61 @@ def wav_path(tmp_path):
     path = tmp_path / "a.wav"
     soundfile.write(str(path), (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 8000)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def qwen3_vl_target_dir(tmp_path_factory):
+    """A tiny Qwen3-VL (interleaved M-RoPE, DeepStack after decoder layers 0 and 1), random weights."""
+    from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    path = tmp_path_factory.mktemp("tiny_qwen3_vl")
+    tokenizer = tokenizer_with(VISION_TOKENS)
+    ids = tokenizer.convert_tokens_to_ids(VISION_TOKENS)
+    tc = dict(text_config(len(tokenizer)), head_dim=16, tie_word_embeddings=False,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                               "mrope_interleaved": True})
+    config = Qwen3VLConfig(
+        text_config=tc, vision_start_token_id=ids[0], image_token_id=ids[1], vision_end_token_id=ids[2],
+        tie_word_embeddings=False,
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                           deepstack_visual_indexes=[0, 1]))
+    torch.manual_seed(0)
+    model = Qwen3VLForConditionalGeneration(config)
+    with torch.no_grad():  # logits std ~4 instead of ~0.16: a peaked teacher whose greedy answers can be learnt
+        model.lm_head.weight.mul_(25)
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
+                                         min_pixels=64 * 64, max_pixels=128 * 128)
+    processor.save_pretrained(str(path))
+    return str(path), tokenizer, processor
+
+
+QWEN3_ASR_TOKENS = ["<|audio_start|>", "<|audio_pad|>", "<|audio_end|>"]
+
+
+@pytest.fixture(scope="session")
+def qwen3_asr_target_dir(tmp_path_factory):
+    """A tiny Qwen3-ASR (chunked conv audio tower + Qwen3 decoder), random weights."""
+    from transformers import Qwen3ASRConfig, Qwen3ASRFeatureExtractor, Qwen3ASRForConditionalGeneration
+
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny_qwen3_asr")
+    named = dict(zip(("audio_bos_token", "audio_token", "audio_eos_token"), QWEN3_ASR_TOKENS))
+    tokenizer = AutoTokenizer.from_pretrained(str(TINY_CHAT), extra_special_tokens=named)  # as Qwen3ASRProcessor reads
+    config = Qwen3ASRConfig(
+        text_config=dict(model_type="qwen3", head_dim=16, **text_config(len(tokenizer))),
+        audio_config=dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
+                          num_mel_bins=128, downsample_hidden_size=8, output_dim=64),
+        audio_token_id=tokenizer.convert_tokens_to_ids("<|audio_pad|>"), tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = Qwen3ASRForConditionalGeneration(config)
+    with torch.no_grad():  # a peaked teacher, as for the tiny Qwen3-VL
+        model.lm_head.weight.mul_(25)
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    extractor = Qwen3ASRFeatureExtractor()
+    extractor.save_pretrained(str(path))
+    return str(path), tokenizer, extractor

@@ -424,25 +424,32 @@ def eval_summary(cfg: EvalConfig, engine: str, runs: List[dict], **extra) -> dic
     return summary
 
 
-def evaluate_draft(target: nn.Module, draft: Eagle3LlamaDraft, tokenizer, cfg: EvalConfig) -> dict:
-    """Acceptance of `draft` on cfg.prompts for each k (engine=hf); writes the reports when cfg.out_dir is set."""
+def evaluate_draft(target: nn.Module, draft: Eagle3LlamaDraft, tokenizer, cfg: EvalConfig,
+                   prompts: Optional[list] = None, decoder: Optional[SpeculativeDecoder] = None) -> dict:
+    """Acceptance of `draft` on cfg.prompts for each k (engine=hf); writes the reports when cfg.out_dir is set.
+
+    prompts / decoder: what the decoder's generate takes and the decoder (default: cfg.prompts rendered by the
+    tokenizer, the draft's decoder); trainer.evaluate_media passes encoded media prompts and its decoder."""
     ks = check_eval_config(cfg)
-    prompts = [render_prompt(tokenizer, conv) for conv in load_prompts(cfg.prompts, cfg.max_prompts)]
-    if getattr(draft, "architecture", "") == "dflash":  # block drafter: one draft pass per round
+    if prompts is None:
+        prompts = [render_prompt(tokenizer, conv) for conv in load_prompts(cfg.prompts, cfg.max_prompts)]
+    if decoder is None and getattr(draft, "architecture", "") == "dflash":  # block drafter: a pass per round
         from trainer.evaluate_dflash import BlockSpeculativeDecoder
 
         decoder = BlockSpeculativeDecoder(target, draft)
-    else:
-        decoder = SpeculativeDecoder(target, draft)
+    decoder = decoder if decoder is not None else SpeculativeDecoder(target, draft)
+    token_prompts = all(isinstance(ids, list) for ids in prompts)  # media prompts are encoded dicts
     eos = eos_ids(tokenizer, target)
     runs = []
     for k in ks:
         generator = torch.Generator(device=decoder.device).manual_seed(int(cfg.seed))
         results = [decoder.generate(ids, cfg.max_new_tokens, k, cfg.temperature, generator, eos, cfg.verify)
                    for ids in prompts]
-        generations = [r.tokens for r in results]  # oracle: a perfect draft's τ next to this one's
-        runs.append(with_oracle(summarize(results, k), decoder.target, prompts, generations, cfg.temperature,
-                                cfg.verify))
+        run = summarize(results, k)
+        if token_prompts:  # oracle: a perfect draft's τ next to this one's, on the target's own generations
+            run = with_oracle(run, decoder.target, prompts, [r.tokens for r in results], cfg.temperature,
+                              cfg.verify)
+        runs.append(run)
     return eval_summary(cfg, "hf", runs)
 
 
@@ -560,8 +567,11 @@ def run_eval(cfg) -> dict:
     prints the JSON summary."""
     from omegaconf import OmegaConf
 
+    from trainer.evaluate_media import is_media_eval, run_media_eval
     from trainer.vllm_engine import engine_config
 
+    if is_media_eval(cfg):  # prompts with images / audio through the modality adapter
+        return run_media_eval(cfg)
     ecfg = EvalConfig(**OmegaConf.to_container(cfg.eval, resolve=True))
     engine = engine_config(cfg)
     if not ecfg.draft or not cfg.target.path:

@@ -4,8 +4,8 @@ Prefill: the target runs the prompt; its aux states at positions 0..P-1 become t
 token x_P is the bonus token.  Each round: one draft pass proposes k tokens from [x_n, MASK x k] at positions
 n..n+k; the target verifies [x_n, d_1..d_k] in one forward; the accepted drafts plus the target's next token are
 kept; the aux states of the verified positions n..n+accepted extend the context; the target's token is the next
-bonus.  T = 0: greedy verification (vLLM's counts); T > 0: speculative sampling with the draft's distribution
-(each drafted token sampled from its own softmax), as SpeculativeDecoder does for Eagle3.
+bonus.  T = 0: greedy verification (vLLM's counts); T > 0: eval.verify as SpeculativeDecoder does for Eagle3
+(target_only: each position's argmax accepted with the target's probability; exact: sampled from its softmax).
 """
 from __future__ import annotations
 
@@ -13,14 +13,15 @@ import time
 
 import torch
 
-from trainer.evaluate import DecodeResult, SpeculativeDecoder, crop_target_cache, verify_greedy, verify_sampled
+from trainer.evaluate import (DecodeResult, SpeculativeDecoder, crop_target_cache, verify_greedy,
+                              verify_sampled)
 
 
 class BlockSpeculativeDecoder(SpeculativeDecoder):
     """SpeculativeDecoder with one DFlash block per round instead of a chain of draft steps."""
 
     def _propose_block(self, result: DecodeResult, bonus: int, position: int, k: int, context, temperature,
-                       generator):
+                       generator, verify: str):
         self._sync()
         start = time.perf_counter()
         logits = self.draft.draft_block(torch.tensor([bonus], device=self.device),
@@ -28,10 +29,10 @@ class BlockSpeculativeDecoder(SpeculativeDecoder):
         self._sync()
         result.draft_seconds += time.perf_counter() - start
         result.num_draft_calls += 1
-        drafts, qs = zip(*(self._propose(row, temperature, generator) for row in logits))
+        drafts, qs = zip(*(self._propose(row, temperature, generator, verify) for row in logits))
         return list(drafts), list(qs)
 
-    def _generate(self, prompt, max_new_tokens, k, temperature, generator, eos, cache) -> DecodeResult:
+    def _generate(self, prompt, max_new_tokens, k, temperature, generator, eos, cache, verify) -> DecodeResult:
         result = DecodeResult(tokens=[])
         logits, aux = self._target_forward(prompt, cache)
         result.num_target_forwards += 1
@@ -41,7 +42,8 @@ class BlockSpeculativeDecoder(SpeculativeDecoder):
         context = self.draft.new_context()
         self.draft.extend_context(aux, torch.arange(num_seen, device=self.device)[None], context)
         while len(result.tokens) < max_new_tokens and last not in eos:
-            drafts, qs = self._propose_block(result, last, num_seen, k, context, temperature, generator)
+            drafts, qs = self._propose_block(result, last, num_seen, k, context, temperature, generator,
+                                             verify)
             self._sync()
             start = time.perf_counter()
             logits, aux = self._target_forward([last] + drafts, cache)

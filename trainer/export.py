@@ -39,7 +39,10 @@ EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32"
 # itself when rope_scaling carries mrope_section).  None: the engine registers no Eagle3 draft for that target.
 MULTIMODAL_ARCHITECTURES = {
     "vllm": {"qwen2_5_vl": "Eagle3Qwen2_5vlForCausalLM", "qwen3_vl": "Eagle3Qwen3vlForCausalLM",
-             "qwen2_vl": None, "qwen2_audio": None},
+             "qwen2_vl": None, "qwen2_audio": None,
+             # speech targets vLLM 0.32 serves with an Eagle3 draft (SupportsEagle3 in qwen3_asr.py and
+             # qwen3_omni_moe_thinker.py); the draft is the plain Llama Eagle3 head
+             "qwen3_asr": "Eagle3LlamaForCausalLM", "qwen3_omni_moe": "Eagle3LlamaForCausalLM"},
     "sglang": {"qwen2_5_vl": "LlamaForCausalLMEagle3", "qwen3_vl": "LlamaForCausalLMEagle3",
                "qwen2_vl": "LlamaForCausalLMEagle3", "qwen2_audio": None},
 }

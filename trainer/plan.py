@@ -86,6 +86,9 @@ PRESET_ARCHS: Dict[str, TargetArch] = {
                                        num_active_params=22_000_000_000),
     "Qwen/Qwen2.5-VL-7B-Instruct": TargetArch(28, 3584, 18944, 28, 4, 128, 152064, 8_292_166_656),
     "Qwen/Qwen2-Audio-7B-Instruct": TargetArch(32, 4096, 11008, 32, 32, 128, 156032, 8_397_094_912),
+    # Qwen3-VL / Qwen3-ASR: parameters counted on the meta device from their config.json numbers (text + tower)
+    "Qwen/Qwen3-VL-8B-Instruct": TargetArch(36, 4096, 12288, 32, 8, 128, 151936, 8_767_123_696),
+    "Qwen/Qwen3-ASR-1.7B": TargetArch(28, 2048, 6144, 16, 8, 128, 151936, 2_038_052_480),
     "canopylabs/orpheus-3b-0.1-ft": TargetArch(28, 3072, 8192, 24, 8, 128, 156940, 3_300_867_072),
     "deepseek-ai/DeepSeek-V3": TargetArch(61, 7168, 18432, 128, 128, 192, 129280, 671_026_419_200, num_experts=256,
                                           num_experts_per_token=8, moe_intermediate_size=2048, num_shared_experts=1,

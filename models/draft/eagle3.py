@@ -119,11 +119,29 @@ def rope_inv_freq(config: Eagle3ModelConfig) -> Tuple[Tensor, float]:
     return inv_freq.float(), float(attention_scaling)
 
 
+def mrope_components(section: List[int], interleaved: bool) -> Tensor:
+    """Which position component (0 = t, 1 = h, 2 = w) rotates each of the head_dim/2 frequencies.
+
+    Chunked (Qwen2-VL / Qwen2.5-VL): [t]*s0 + [h]*s1 + [w]*s2.  Interleaved (Qwen3-VL, ``mrope_interleaved``):
+    t h w t h w ... while each of h and w has frequencies left (j % 3 == 1 and j < 3*s1: h; j % 3 == 2 and
+    j < 3*s2: w), t everywhere else, as HF's Qwen3VLTextRotaryEmbedding and vLLM's apply_interleaved_rope."""
+    if not interleaved:
+        return torch.repeat_interleave(torch.arange(len(section)), torch.tensor(section, dtype=torch.long))
+    if len(section) != 3:
+        raise ValueError(f"rope_scaling.mrope_interleaved needs a 3-part mrope_section (t, h, w), got {section}")
+    j = torch.arange(sum(section))
+    component = torch.zeros_like(j)
+    component[(j % 3 == 1) & (j < 3 * section[1])] = 1
+    component[(j % 3 == 2) & (j < 3 * section[2])] = 2
+    return component
+
+
 class RotaryEmbedding(nn.Module):
     """RoPE over (B, T) positions, or M-RoPE over (3, B, T) positions when rope_scaling has mrope_section.
 
-    M-RoPE (Qwen2-VL / Qwen2.5-VL): frequency j rotates by the temporal, height or width position according to
-    the section it falls in; with equal components (text) it is plain RoPE, so (B, T) positions also work."""
+    M-RoPE: frequency j rotates by the temporal, height or width position according to ``mrope_components``
+    (chunked sections for Qwen2-VL / Qwen2.5-VL, interleaved for Qwen3-VL); with equal components (text) it
+    is plain RoPE, so (B, T) positions also work."""
 
     def __init__(self, config: Eagle3ModelConfig):
         super().__init__()
@@ -131,11 +149,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         scaling = config.rope_scaling or {}
         section = [int(n) for n in scaling.get("mrope_section") or []]
-        if section and scaling.get("mrope_interleaved"):
-            raise ValueError("rope_scaling.mrope_interleaved (Qwen3-VL layout) is not supported by the draft")
         if section and sum(section) != inv_freq.numel():
             raise ValueError(f"rope_scaling.mrope_section {section} must sum to head_dim/2 = {inv_freq.numel()}")
-        component = torch.repeat_interleave(torch.arange(len(section)), torch.tensor(section, dtype=torch.long))
+        component = mrope_components(section, bool(scaling.get("mrope_interleaved")))
         self.register_buffer("mrope_component", component, persistent=False)
 
     def forward(self, position_ids: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:

@@ -31,6 +31,11 @@ class ModalityAdapter:
     record_kind = "conversation"  # conversation | raw
     media_path_keys: Tuple[str, ...] = ()  # record keys holding file paths (resolved against the data file's dir)
     pad_token_id = 0
+    # Whether the draft reads the target's merged media embeddings at the placeholders (else the placeholder
+    # tokens' own embeddings).  vLLM 0.32's Eagle3 proposer turns multimodal inputs off for drafts without
+    # SupportsMultiModalEmbeddings (Eagle3LlamaForCausalLM, llm_base_proposer.load_model), so its draft embeds
+    # the placeholder ids; training gives the draft the same.
+    draft_reads_media_embeddings = False
 
     def __init__(self, cfg: Optional[ModalityConfig] = None, tokenizer=None, processor=None, data=None):
         """data: the DataConfig whose templating settings apply (default: DataConfig())."""

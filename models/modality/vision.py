@@ -1,10 +1,11 @@
-"""Vision adapter for Qwen2-VL / Qwen2.5-VL targets: images -> merged input embeddings + M-RoPE positions.
+"""Vision adapter for Qwen2-VL / Qwen2.5-VL / Qwen3-VL targets: images -> placeholders + M-RoPE positions.
 
 Each ``<image>`` marker in a message (or, without markers, the start of the first user turn) becomes
 ``<|vision_start|>`` + ``<|image_pad|>`` x (patches / merge^2) + ``<|vision_end|>``, as the Qwen processor
-does. The target merges the vision tower's features into those placeholders; the draft is given the
-same merged embeddings and the target's 3D (M-RoPE) positions, which is what vLLM's Eagle3 proposer
-feeds the drafter when serving Qwen2.5-VL.
+does. The target merges the vision tower's features into those placeholders (Qwen3-VL also adds its DeepStack
+features to the first decoder layers' outputs there, so the aux states carry them, as in vLLM); the draft is
+given the placeholder tokens' own embeddings, the aux states and the target's 3D (M-RoPE) positions, which is
+what vLLM's Eagle3 proposer feeds the drafter when serving Qwen2.5-VL and Qwen3-VL.
 """
 from __future__ import annotations
 
@@ -50,6 +51,28 @@ class VisionAdapter(ModalityAdapter):
 
     def encode(self, sample: dict) -> dict:
         sid = sample_id(sample)
+        messages, media = self._messages_and_media(sample, sid)
+        tokens = tokenize(self, messages)
+        input_ids, loss_mask = list(tokens["input_ids"]), list(tokens["loss_mask"])
+        self._check_placeholders(input_ids, media, sid)
+        image_token_id = self.tokenizer.convert_tokens_to_ids(self.cfg.image_token)
+        loss_mask = [0 if t == image_token_id else m for t, m in zip(input_ids, loss_mask)]
+        return {"id": sid, "input_ids": input_ids, "loss_mask": loss_mask, **media}
+
+    def encode_prompt(self, sample: dict) -> dict:
+        """A generation prompt (the conversation up to its last user turn) + media, for speculative eval."""
+        from trainer.evaluate import render_prompt
+
+        sid = sample_id(sample)
+        messages, media = self._messages_and_media(sample, sid)
+        while messages and messages[-1].get("role") == "assistant":  # a reference answer, not the prompt
+            messages.pop()
+        input_ids = render_prompt(self.tokenizer, messages)
+        self._check_placeholders(input_ids, media, sid)
+        return {"id": sid, "input_ids": input_ids, "loss_mask": [0] * len(input_ids), **media}
+
+    def _messages_and_media(self, sample: dict, sid: str):
+        """(messages with each image's placeholder block in place, {pixel_values, image_grid_thw} or {})."""
         paths = sample.get("images") or []
         if isinstance(paths, str):
             paths = [paths]
@@ -57,26 +80,25 @@ class VisionAdapter(ModalityAdapter):
         if not isinstance(messages, list):
             raise ValueError(f"sample {sid}: 'messages' must be a list of {{role, content}}")
         images = [open_image(p, sid) for p in paths]
-        cfg = self.cfg
-        media = {}
-        if images:
-            image_processor = self._image_processor()
-            processed = image_processor(images=images, return_tensors="pt")
-            grid = processed["image_grid_thw"]
-            merge = image_processor.merge_size
-            counts = (grid.prod(-1) // (merge * merge)).tolist()
-            media = {"pixel_values": processed["pixel_values"], "image_grid_thw": grid}
-            self._expand_markers(messages, counts, sid)
-        tokens = tokenize(self, messages)
-        input_ids, loss_mask = list(tokens["input_ids"]), list(tokens["loss_mask"])
-        image_token_id = self.tokenizer.convert_tokens_to_ids(cfg.image_token)
+        if not images:
+            return messages, {}
+        image_processor = self._image_processor()
+        processed = image_processor(images=images, return_tensors="pt")
+        grid = processed["image_grid_thw"]
+        merge = image_processor.merge_size
+        self._expand_markers(messages, (grid.prod(-1) // (merge * merge)).tolist(), sid)
+        return messages, {"pixel_values": processed["pixel_values"], "image_grid_thw": grid}
+
+    def _check_placeholders(self, input_ids: List[int], media: dict, sid: str) -> None:
+        image_token_id = self.tokenizer.convert_tokens_to_ids(self.cfg.image_token)
         num_placeholders = sum(1 for t in input_ids if t == image_token_id)
-        expected = int(media["image_grid_thw"].prod(-1).sum() // merge ** 2) if images else 0
+        expected = 0
+        if media:
+            expected = int(media["image_grid_thw"].prod(-1).sum() // self._image_processor().merge_size ** 2)
         if num_placeholders != expected:
             raise ValueError(f"sample {sid}: {num_placeholders} image placeholder tokens after tokenization, expected "
-                             f"{expected} (image cut by data.max_length={self.data.max_length}?)")
-        loss_mask = [0 if t == image_token_id else m for t, m in zip(input_ids, loss_mask)]
-        return {"id": sid, "input_ids": input_ids, "loss_mask": loss_mask, **media}
+                             f"{expected} (image cut by data.max_length={self.data.max_length}, or "
+                             f"{self.cfg.image_token} written in the text?)")
 
     def _expand_markers(self, messages: List[dict], counts: List[int], sid: str) -> None:
         cfg = self.cfg

@@ -142,6 +142,8 @@ class HFTargetModel(TargetModel):
         rope = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
         rope_theta = float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
         rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if c.model_type in ("qwen3_vl_text", "qwen3_vl_moe_text"):  # HF always interleaves; [24, 20, 20] default
+            rope_scaling = {"mrope_section": [24, 20, 20], **rope_scaling, "mrope_interleaved": True}
         if rope_scaling.get("rope_type", "default") == "default" and set(rope_scaling) <= {"rope_type"}:
             rope_scaling = None
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -235,7 +237,7 @@ class HFTargetModel(TargetModel):
         return TargetOutput(
             aux_hidden_states=aux_hidden_states, teacher_logits=teacher_logits, teacher_argmax=teacher_argmax,
             last_hidden_state=last_hidden_state if return_last_hidden else None,
-            inputs_embeds=inputs_embeds if multimodal else None,
+            inputs_embeds=inputs_embeds if multimodal and self.adapter_cls.draft_reads_media_embeddings else None,
             position_ids=position_ids if position_ids.dim() == 3 else None)
 
     @torch.no_grad()

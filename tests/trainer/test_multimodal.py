@@ -54,7 +54,7 @@ def _compose(overrides):
         return compose(config_name="config", overrides=overrides)
 
 
-def test_vision_batches_give_the_draft_merged_embeddings_and_mrope(vl_target_dir, vl_data, tmp_path, hydra_restore):
+def test_vision_batches_give_the_draft_mrope_positions(vl_target_dir, vl_data, tmp_path, hydra_restore):
     from trainer.data import build_train_data
 
     cfg = _compose(_vision_overrides(vl_target_dir, vl_data, tmp_path / "run", tmp_path / "cache"))
@@ -72,8 +72,7 @@ def test_vision_batches_give_the_draft_merged_embeddings_and_mrope(vl_target_dir
             assert batch["image_grid_thw"].shape[0] == num_images
             out = target(batch, torch.arange(8))
             assert out.position_ids.shape == (3, *batch["input_ids"].shape)
-            is_image = batch["input_ids"] == image_id
-            assert not torch.allclose(out.inputs_embeds[is_image], target.decoder.embed_tokens(batch["input_ids"][is_image]))
+            assert out.inputs_embeds is None  # vLLM's Eagle3 proposer embeds the placeholder ids for the draft
     assert seen_image
     assert data.spec.rope_scaling["mrope_section"] == [2, 3, 3]  # so the draft applies M-RoPE to those positions
 

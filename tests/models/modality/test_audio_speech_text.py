@@ -24,8 +24,7 @@ def test_audio_forward_matches_hf(audio_target_dir, wav_path):
                         feature_attention_mask=batch["feature_attention_mask"][:1], output_hidden_states=True)
     torch.testing.assert_close(out.aux_hidden_states[:1], torch.cat([ref.hidden_states[i] for i in (1, 2, 3)], -1))
     torch.testing.assert_close(out.teacher_logits[:1], ref.logits.float()[..., DRAFT_IDS])
-    is_audio = batch["input_ids"][0] == audio_id
-    assert not torch.allclose(out.inputs_embeds[0, is_audio], target.decoder.embed_tokens(batch["input_ids"][0, is_audio]))
+    assert out.inputs_embeds is None  # the draft embeds the placeholder ids (as vLLM does for Qwen3-ASR)
 
 
 def test_missing_audio_names_sample_and_path(audio_target_dir, tmp_path):

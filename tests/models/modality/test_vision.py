@@ -34,9 +34,7 @@ def test_vision_forward_matches_hf_and_packs(vl_target_dir, png_path):
                         mm_token_type_ids=(ids == image_id).int(), output_hidden_states=True)
     torch.testing.assert_close(out.aux_hidden_states, torch.cat([ref.hidden_states[i] for i in (1, 2, 3)], -1))
     torch.testing.assert_close(out.teacher_logits, ref.logits.float()[..., DRAFT_IDS])
-    text_pos = ids[0] != image_id
-    torch.testing.assert_close(out.inputs_embeds[0, text_pos], target.decoder.embed_tokens(ids[0, text_pos]))
-    assert not torch.allclose(out.inputs_embeds[0, ~text_pos], target.decoder.embed_tokens(ids[0, ~text_pos]))
+    assert out.inputs_embeds is None  # the draft embeds the placeholder ids, as vLLM's proposer does
     assert out.position_ids.shape == (3, 1, ids.shape[1])
     assert not torch.equal(out.position_ids[1], out.position_ids[2])  # height/width differ on image tokens
 
@@ -45,7 +43,6 @@ def test_vision_forward_matches_hf_and_packs(vl_target_dir, png_path):
     out_packed = target(packed, DRAFT_IDS)
     n0 = len(enc[0]["input_ids"])
     torch.testing.assert_close(out_packed.aux_hidden_states[:, :n0], out.aux_hidden_states, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out_packed.inputs_embeds[:, :n0], out.inputs_embeds)
     alone = target(adapter.collate(enc[1:]), DRAFT_IDS)
     torch.testing.assert_close(out_packed.aux_hidden_states[:, n0:], alone.aux_hidden_states, atol=1e-5, rtol=1e-5)
     assert torch.equal(out_packed.position_ids[:, :, n0:], alone.position_ids)

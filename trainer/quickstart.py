@@ -7,6 +7,7 @@ Run it again and the trainer resumes from its newest checkpoint, or reports that
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from omegaconf import open_dict
@@ -51,7 +52,7 @@ def _vllm_summary(cfg, export_dir: str):
     from transformers import AutoTokenizer
 
     from trainer.evaluate import EvalConfig, evaluate_with_vllm
-    from trainer.vllm_engine import engine_config, vllm_python
+    from trainer.vllm_engine import VllmRunError, engine_config, vllm_python
 
     engine = engine_config(cfg)
     try:
@@ -61,7 +62,11 @@ def _vllm_summary(cfg, export_dir: str):
         return None
     ecfg = EvalConfig(**{**OmegaConf.to_container(cfg.eval, resolve=True), "out_dir": ""})
     tokenizer = AutoTokenizer.from_pretrained(cfg.target.path)
-    return evaluate_with_vllm(export_dir, cfg.target.path, tokenizer, ecfg, engine)
+    try:  # the draft, Aerie's eval and the exports are written by now: a failing engine does not undo them
+        return evaluate_with_vllm(export_dir, cfg.target.path, tokenizer, ecfg, engine)
+    except (ValueError, VllmRunError) as err:
+        print(f"vLLM measurement failed (the draft and exports are written): {err}", file=sys.stderr, flush=True)
+        return None
 
 
 def _print_summary(cfg, report: dict, path: Path) -> None:

@@ -7,12 +7,13 @@ One `aerie dump` of the embedded tiny target's hidden states (compact store), th
 offline run of --steps optimizer steps of --tokens tokens (--ttt-steps TTT, draft vocab 4096, lr 2e-3), all in
 this process.
 Each draft is scored on the store's held-out split, teacher-forced (no sampling noise): per TTT step the share
-of positions where the draft's argmax is the target's (T=0) and the acceptance sum_v min(p_v, q_v) of speculative
-sampling with the draft's own q (T=1); τ = 1 + sum_i prod_{j<=i} a_j at k=3 and k=7.  With --decode-prompts N it
+of positions where the draft's argmax is the target's (T=0) and the acceptance sum_v min(p_v, q_v) of
+speculative sampling with the draft's own q (T=1); τ = 1 + sum_i prod_{j<=i} a_j at k=3 and k=7.  With
+--decode-prompts N it
 also decodes N MT-Bench prompts (64 new tokens, k=3, T=0) with the HF target (`aerie eval`'s decoder) for the
-real τ.  With --vllm-prompts N, each draft is exported (vllm format) and served by real vLLM (the shared runner,
-trainer/vllm_engine.py, one LLM per draft, under flock /tmp/aerie-vllm.lock) on N MT-Bench prompts x 128 new
-tokens at k=3, T=0: τ = 1 + accepted / drafts from vLLM's own counters.  Prints the means over seeds and their
+real τ.  With --vllm-prompts N, each draft is exported (vllm format) and served by real vLLM (the shared
+runner, trainer/vllm_engine.py, one LLM per draft, under flock /tmp/aerie-vllm.lock) on N MT-Bench prompts
+x 128 new tokens at k=3, T=0: τ = 1 + accepted / drafts from vLLM's own counters.  Prints the means over seeds and their
 ratios against soft cross-entropy.  Runs resume (a rerun with the same --work only scores what is missing).
 """
 from __future__ import annotations
@@ -39,8 +40,9 @@ VARIANTS = {
 
 def base_overrides(args, store_dir: str) -> list:
     return [f"data.cache_dir={args.cache}", f"data.max_samples={args.samples}", "data.max_length=512",
-            "data.max_eval_samples=48", f"trainer.max_tokens_per_batch={args.tokens}", "draft.draft_vocab_size=4096",
-            f"draft.ttt_steps={args.ttt_steps}", "trainer.lr=2e-3", f"trainer.warmup_steps={max(1, args.steps // 10)}",
+            "data.max_eval_samples=48", f"trainer.max_tokens_per_batch={args.tokens}",
+            "draft.draft_vocab_size=4096", f"draft.ttt_steps={args.ttt_steps}", "trainer.lr=2e-3",
+            f"trainer.warmup_steps={max(1, args.steps // 10)}",
             "trainer.eval_every=0", "trainer.ckpt_every=0", "logger.progress=false", "trainer.resume=auto",
             f"store.path={store_dir}", "store.layout=compact", "trainer.eval_max_batches=1000"]
 
@@ -128,7 +130,7 @@ def main() -> None:
     parser.add_argument("--variants", default="all")
     parser.add_argument("--decode-prompts", type=int, default=0)
     parser.add_argument("--vllm-prompts", type=int, default=0)
-    parser.add_argument("--vllm-variants", default="soft_ce,lk,lk_hybrid,soft_ce+top1,soft_ce+noise,lk_hybrid+noise")
+    parser.add_argument("--vllm-variants", default=",".join(VARIANTS))
     parser.add_argument("--ttt-steps", type=int, default=7)
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "aerie-bench-cache"))
     parser.add_argument("--work", default="", help="working dir (kept); default: a new temporary dir")
@@ -147,10 +149,12 @@ def main() -> None:
                         f"run_dir={work / 'dump'}"], cwd=REPO, check=True, capture_output=True)
     decode = load_decoder_inputs(args.decode_prompts) if args.decode_prompts else None
     seeds = [int(s) for s in args.seeds.split(",")]
-    scored = {(name, seed): train_and_score(args, str(store), work / f"{name}-{seed}", VARIANTS[name], seed, decode)
+    scored = {(name, seed): train_and_score(args, str(store), work / f"{name}-{seed}", VARIANTS[name], seed,
+                                            decode)
               for name in names for seed in seeds}
     if args.vllm_prompts:
-        exports = {f"{name}-{seed}": run.pop("export") for (name, seed), run in scored.items() if "export" in run}
+        exports = {f"{name}-{seed}": run.pop("export")
+                   for (name, seed), run in scored.items() if "export" in run}
         taus = vllm_taus(exports, args.vllm_prompts)
         for (name, seed), run in scored.items():
             run["vllm_t0_k3"] = taus.get(f"{name}-{seed}", float("nan"))
@@ -163,7 +167,8 @@ def main() -> None:
     base = results.get("soft_ce")
     print(f"\n{args.steps} steps x {args.tokens} tokens, offline, k={args.ttt_steps} TTT, seeds {seeds}; "
           f"teacher-forced τ "
-          f"(tf) on the held-out split{', decoded τ on %d MT-Bench prompts' % args.decode_prompts if decode else ''}")
+          f"(tf) on the held-out split"
+          f"{', decoded τ on %d MT-Bench prompts' % args.decode_prompts if decode else ''}")
     print(f"{'variant':16} " + " ".join(f"{k:>15}" for k in keys))
     for name, scores in results.items():
         cells = [f"{scores[k]:.3f}" + (f" ({scores[k] / base[k]:.3f}x)" if base else "") for k in keys]

@@ -1,15 +1,16 @@
-"""Training-step FLOP/s against the machine's dense matmul FLOP/s, online and offline, before/after skipping work.
+"""Training-step FLOP/s against dense matmul FLOP/s, online and offline, before/after skipping dead work.
 
     .venv/bin/python bench/throughput.py [--batches 4] [--rounds 2] [--tokens 1024] [--samples 200]
 
 1. Dense fp32 matmul (2048^3) with the process's threads: the machine's reachable FLOP/s.
-2. A real `Trainer` (embedded tiny target, k=7, draft vocab 4096, packed ShareGPT rows of --tokens tokens) runs
+2. A real `Trainer` (embedded tiny target, k=7, draft vocab 4096, packed ShareGPT rows of --tokens tokens)
+   runs
    forward + backward + optimizer step on the same fixed micro-batches with TTT steps >= 1 on every position
    (baseline: `skip_dead=False`) and only on positions with a trained step still ahead (`skip_dead=True`, what
    the trainer runs), interleaved `--rounds` times.  Offline reads a store written by `aerie dump` first.
 Useful FLOPs per micro-batch are counted from the shapes (matmuls and attention; the draft's forward x3 for
-training, the online target's forward x1): the target on real tokens, draft step 0 on real tokens, steps >= 1 on
-the positions whose chain still trains, the draft lm_head on trained positions.  Work on other positions counts
+training, the online target's forward x1): the target on real tokens, draft step 0 on real tokens, steps
+>= 1 on the positions whose chain still trains, the draft lm_head on trained positions.  Work elsewhere counts
 as waste, so the achieved fraction is useful FLOP/s / matmul FLOP/s.
 """
 from __future__ import annotations
@@ -39,7 +40,8 @@ def matmul_flops_per_s(size: int = 2048, repeats: int = 5) -> float:
 
 def layer_flops(hidden: int, inner: int, heads: int, kv_heads: int, head_dim: int, input_size: int) -> int:
     """Forward matmul FLOPs of one Llama layer per position, attention scores excluded."""
-    return 2 * input_size * (heads + 2 * kv_heads) * head_dim + 2 * heads * head_dim * hidden + 6 * hidden * inner
+    projections = 2 * input_size * (heads + 2 * kv_heads) * head_dim + 2 * heads * head_dim * hidden
+    return projections + 6 * hidden * inner
 
 
 def useful_flops(batch, spec, draft, ttt_steps: int, online: bool, every_position: bool = False) -> float:
@@ -56,11 +58,12 @@ def useful_flops(batch, spec, draft, ttt_steps: int, online: bool, every_positio
     valid = [valid_positions(batch["loss_mask"], docs, i) for i in range(ttt_steps)]
     flops = 0.0
     if online:
-        per_token = spec.num_layers * layer_flops(spec.hidden_size, spec.intermediate_size, spec.num_attention_heads,
-                                                  spec.num_key_value_heads, spec.head_dim, spec.hidden_size)
-        per_token += 2 * spec.hidden_size * spec.vocab_size  # teacher logits (argmax over the full vocabulary)
-        flops += per_token * float(real.sum()) + spec.num_layers * 4 * spec.num_attention_heads * spec.head_dim * \
-            float(context.sum())
+        per_token = spec.num_layers * layer_flops(spec.hidden_size, spec.intermediate_size,
+                                                  spec.num_attention_heads, spec.num_key_value_heads,
+                                                  spec.head_dim, spec.hidden_size)
+        per_token += 2 * spec.hidden_size * spec.vocab_size  # teacher logits (argmax over the full vocab)
+        scores = spec.num_layers * 4 * spec.num_attention_heads * spec.head_dim * float(context.sum())
+        flops += per_token * float(real.sum()) + scores
     alive = torch.zeros_like(valid[0])
     draft_fwd = 0.0
     for step in reversed(range(ttt_steps)):
@@ -68,10 +71,11 @@ def useful_flops(batch, spec, draft, ttt_steps: int, online: bool, every_positio
         positions = real if step == 0 or every_position else alive
         count = float(positions.sum())
         draft_fwd += count * sum(layer_flops(c.hidden_size, c.intermediate_size, c.num_attention_heads,
-                                             c.num_key_value_heads, c.head_dim, (2 if i == 0 else 1) * c.hidden_size)
+                                             c.num_key_value_heads, c.head_dim,
+                                             (2 if i == 0 else 1) * c.hidden_size)
                                  for i in range(c.num_layers))
-        draft_fwd += c.num_layers * 4 * c.num_attention_heads * c.head_dim * (float((context * positions).sum())
-                                                                              + step * count)
+        keys_seen = float((context * positions).sum()) + step * count
+        draft_fwd += c.num_layers * 4 * c.num_attention_heads * c.head_dim * keys_seen
         draft_fwd += 2 * c.hidden_size * c.draft_vocab_size * float(valid[step].sum())
     draft_fwd += 2 * c.num_aux_layers * c.target_hidden_size * c.hidden_size * float(real.sum())  # fc
     return flops + 3 * draft_fwd
@@ -79,7 +83,8 @@ def useful_flops(batch, spec, draft, ttt_steps: int, online: bool, every_positio
 
 def overrides(run_dir: str, args, mode: str) -> list:
     return [f"run_dir={run_dir}", f"data.cache_dir={args.cache}", f"data.max_samples={args.samples}",
-            "data.max_length=512", f"trainer.max_tokens_per_batch={args.tokens}", "draft.draft_vocab_size=4096",
+            "data.max_length=512", f"trainer.max_tokens_per_batch={args.tokens}",
+            "draft.draft_vocab_size=4096",
             "draft.ttt_steps=7", f"trainer.mode={mode}", "trainer.eval_every=0", "trainer.ckpt_every=0",
             "logger.progress=false", "trainer.resume=never", "trainer.max_steps=1000", "store.layout=compact"]
 
@@ -92,8 +97,9 @@ def measure(cfg, args) -> dict:
     trainer = Trainer(cfg)
     batches = [next(trainer.data.train_batches) for _ in range(args.batches + 1)]
     online = cfg.trainer.mode == "online"
-    flops = sum(useful_flops(b, trainer.spec, trainer.draft, cfg.draft.ttt_steps, online) for b in batches[1:])
-    executed = sum(useful_flops(b, trainer.spec, trainer.draft, cfg.draft.ttt_steps, online, every_position=True)
+    steps = cfg.draft.ttt_steps
+    flops = sum(useful_flops(b, trainer.spec, trainer.draft, steps, online) for b in batches[1:])
+    executed = sum(useful_flops(b, trainer.spec, trainer.draft, steps, online, every_position=True)
                    for b in batches[1:])
     original = ttt_objective.ttt_forward
     variants = {"baseline": functools.partial(original, skip_dead=False), "skip_dead": original}
@@ -121,7 +127,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--modes", default="online,offline")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "aerie-bench-cache"))
-    parser.add_argument("--store", default="", help="offline: an existing store dir (<run_dir>/store) to read")
+    parser.add_argument("--store", default="", help="offline: an existing store (<run_dir>/store) to read")
     args = parser.parse_args()
     import torch
     from hydra import compose, initialize_config_dir
@@ -138,8 +144,8 @@ def main() -> None:
         if mode == "offline" and args.store:
             run_dir = str(Path(args.store).parent)  # a store another bench dumped (same data settings)
         elif mode == "offline":
-            subprocess.run([str(Path(sys.executable).parent / "aerie"), "dump", *overrides(run_dir, args, "online")],
-                           cwd=REPO, check=True, capture_output=True)
+            dump = [str(Path(sys.executable).parent / "aerie"), "dump", *overrides(run_dir, args, "online")]
+            subprocess.run(dump, cwd=REPO, check=True, capture_output=True)
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
             extra = [f"store.path={args.store}"] if mode == "offline" and args.store else []
             cfg = compose(config_name="config", overrides=overrides(run_dir, args, mode) + extra)

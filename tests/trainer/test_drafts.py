@@ -73,6 +73,7 @@ def _hf_counts(export_dir: Path, prompts, option):
     return [r.tokens for r in results], len(accepted), [sum(a > i for a in accepted) for i in range(K)]
 
 
+@pytest.mark.timeout(1200)  # its setup trains the eagle3_1 draft; then two vLLM starts
 def test_vllm_serves_each_export_as_aerie_decodes_it(trained):
     from transformers import AutoTokenizer
 

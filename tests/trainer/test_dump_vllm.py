@@ -54,14 +54,15 @@ def test_aerie_dump_engine_vllm_matches_the_hf_dump_and_trains_the_same(tmp_path
     out = run_aerie("dump", f"run_dir={vllm}", *common, "engine=vllm")
     assert "states from vLLM" in out.stdout
     num = 0
-    for a, b in zip(HiddenStateStoreReader(str(hf / "store" / "train")),
-                    HiddenStateStoreReader(str(vllm / "store" / "train"))):
+    stores = [HiddenStateStoreReader(str(run_dir / "store" / "train")) for run_dir in (hf, vllm)]
+    assert len(stores[0]) == len(stores[1]) > 8
+    for a, b in zip(*stores):
         assert a["id"] == b["id"] and torch.equal(a["input_ids"], b["input_ids"])
         for key in ("aux_hidden_states", "last_hidden_state"):  # both stored in bf16: within its rounding
             assert torch.allclose(a[key], b[key], rtol=1 / 64, atol=1e-3), key
         num += 1
-    assert num == 16 and not list(vllm.glob("store/*.vllm-states"))
+    assert num == len(stores[0]) and not list(vllm.glob("store/*.vllm-states"))
     for run_dir in (hf, vllm):
         run_aerie("train", f"run_dir={run_dir}", *common, "trainer.mode=offline")
     for x, y in zip(read_metrics(hf), read_metrics(vllm)):
-        assert y["loss"] == pytest.approx(x["loss"], rel=2e-3), x["step"]
+        assert y["loss"] == pytest.approx(x["loss"], rel=5e-3), x["step"]  # stores equal up to bf16 rounding

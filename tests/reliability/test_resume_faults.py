@@ -58,6 +58,7 @@ def test_torn_last_metrics_line_does_not_block_resume(corrupted_rerun, base_run)
     assert _losses(run_dir) == _losses(base_run)
 
 
+@pytest.mark.timeout(1200)  # two runs; past 600 s only on a machine shared by several suites
 def test_every_checkpoint_corrupt_stops_unless_auto_or_fresh(run_copy, data_cache):
     """Also: a fresh start keeps none of the dead run's metrics rows (they move aside with its checkpoints)."""
     shutil.rmtree(run_copy / "final")

@@ -71,6 +71,13 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def write_manifest(directory: Path, step: int) -> None:
+    """manifest.json (size + sha256 of every file under `directory`), written last: it marks the dir complete."""
+    entries = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+               for p in sorted(directory.rglob("*")) if p.is_file()}
+    (directory / MANIFEST).write_text(json.dumps({"step": step, "files": entries}, indent=2))
+
+
 def checkpoint_problem(path: Path) -> Optional[str]:
     """Why a step dir cannot be resumed from, or None when it is complete and intact."""
     manifest = path / MANIFEST
@@ -160,9 +167,7 @@ class CheckpointManager:
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
             for name, payload in files.items():
                 (tmp / name).write_bytes(payload)
-            entries = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
-                       for p in sorted(tmp.rglob("*")) if p.is_file()}
-            (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": entries}, indent=2))
+            write_manifest(tmp, step)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

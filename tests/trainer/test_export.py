@@ -204,6 +204,8 @@ def test_load_draft_from_deepspeed_checkpoint(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
+    from trainer.checkpoint import write_manifest
+
     target_dir = tmp_path / "target"
     tconfig = transformers.LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=INTER, num_hidden_layers=8,
                                        num_attention_heads=HEADS, num_key_value_heads=KV, head_dim=HEAD_DIM,
@@ -236,6 +238,8 @@ def test_load_draft_from_deepspeed_checkpoint(tmp_path, monkeypatch):
     step_dir = root / "step-3"
     (step_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
     save_file({"d2t": reference.d2t.contiguous(), "t2d": reference.t2d.contiguous()}, str(step_dir / "vocab.safetensors"))
+    (step_dir / "trainer_state.json").write_text(json.dumps({"step": 3, "world_size": 1}))
+    write_manifest(step_dir, 3)  # what CheckpointManager writes last; export refuses a step dir without it
 
     loaded = ex.load_draft(step_dir, embed_weight=reference.embed_tokens.weight)
     assert loaded.config == reference.config

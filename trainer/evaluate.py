@@ -253,6 +253,25 @@ class SpeculativeDecoder:
             return int(logits.argmax())
         return int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator))
 
+    def _verify(self, result: DecodeResult, cache, num_seen: int, last: int, drafts: List[int], qs, temperature,
+                generator) -> Tuple[int, int, Tensor]:
+        """One timed target forward over [last] + drafts: (accepted, next token, aux states of those positions);
+        the target cache keeps the verified positions only."""
+        self._sync()
+        start = time.perf_counter()
+        logits, aux = self._target_forward([last] + drafts, cache)
+        self._sync()
+        result.verify_seconds += time.perf_counter() - start
+        result.num_target_forwards += 1
+        if temperature <= 0:
+            accepted, nxt = verify_greedy(logits.argmax(-1).tolist(), drafts)
+        else:
+            p = torch.softmax(logits / temperature, -1)
+            accepted, nxt = verify_sampled(p, torch.stack(qs), drafts, generator)
+        result.accepted.append(accepted)
+        crop_target_cache(cache, num_seen + 1 + accepted)
+        return accepted, nxt, aux
+
     def _generate(self, prompt, max_new_tokens, k, temperature, generator, eos, cache, verify) -> DecodeResult:
         result = DecodeResult(tokens=[])
         logits, aux = self._target_forward(prompt, cache)
@@ -275,19 +294,7 @@ class SpeculativeDecoder:
                 drafts.append(token)
                 qs.append(q)
             draft_cache.crop(num_seen)
-            self._sync()
-            start = time.perf_counter()
-            logits, aux = self._target_forward([last] + drafts, cache)
-            self._sync()
-            result.verify_seconds += time.perf_counter() - start
-            result.num_target_forwards += 1
-            if temperature <= 0:
-                accepted, nxt = verify_greedy(logits.argmax(-1).tolist(), drafts)
-            else:
-                p = torch.softmax(logits / temperature, -1)
-                accepted, nxt = verify_sampled(p, torch.stack(qs), drafts, generator)
-            result.accepted.append(accepted)
-            crop_target_cache(cache, num_seen + 1 + accepted)
+            accepted, nxt, aux = self._verify(result, cache, num_seen, last, drafts, qs, temperature, generator)
             new = drafts[:accepted] + [nxt]
             positions = torch.arange(num_seen, num_seen + accepted + 1, device=self.device)[None]
             draft_logits, hidden = self._draft_call(result, self.draft.extend, aux[:, :accepted + 1],

@@ -13,8 +13,7 @@ import time
 
 import torch
 
-from trainer.evaluate import (DecodeResult, SpeculativeDecoder, crop_target_cache, verify_greedy,
-                              verify_sampled)
+from trainer.evaluate import DecodeResult, SpeculativeDecoder
 
 
 class BlockSpeculativeDecoder(SpeculativeDecoder):
@@ -44,19 +43,7 @@ class BlockSpeculativeDecoder(SpeculativeDecoder):
         while len(result.tokens) < max_new_tokens and last not in eos:
             drafts, qs = self._propose_block(result, last, num_seen, k, context, temperature, generator,
                                              verify)
-            self._sync()
-            start = time.perf_counter()
-            logits, aux = self._target_forward([last] + drafts, cache)
-            self._sync()
-            result.verify_seconds += time.perf_counter() - start
-            result.num_target_forwards += 1
-            if temperature <= 0:
-                accepted, nxt = verify_greedy(logits.argmax(-1).tolist(), drafts)
-            else:
-                accepted, nxt = verify_sampled(torch.softmax(logits / temperature, -1), torch.stack(qs), drafts,
-                                               generator)
-            result.accepted.append(accepted)
-            crop_target_cache(cache, num_seen + 1 + accepted)
+            accepted, nxt, aux = self._verify(result, cache, num_seen, last, drafts, qs, temperature, generator)
             positions = torch.arange(num_seen, num_seen + accepted + 1, device=self.device)[None]
             self.draft.extend_context(aux[:, :accepted + 1], positions, context)
             num_seen += accepted + 1

@@ -136,4 +136,4 @@ def run_media_eval(cfg) -> dict:
 def is_media_eval(cfg: Any) -> bool:
     from models.registry import MODALITIES
 
-    return MODALITIES.get(cfg.target.modality).is_multimodal
+    return MODALITIES.get(cfg.target.get("modality") or "text").is_multimodal

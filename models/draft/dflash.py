@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from models.draft.eagle3 import (DraftKVCache, Eagle3MLP, RMSNorm, RotaryEmbedding, _resolve, apply_rotary,
-                                 attention_sizes)
+                                 layer_fields)
 from models.registry import DRAFTS
 
 
@@ -173,7 +173,6 @@ class DFlashDraft(nn.Module):
             raise ValueError(f"draft.arch is {draft_cfg.arch!r}, DFlashDraft builds 'dflash'")
         if (spec.rope_scaling or {}).get("mrope_section"):
             raise ValueError("draft=dflash: vLLM's DFlash draft applies 1-D RoPE; M-RoPE targets are not supported")
-        hidden, heads, kv_heads, head_dim = attention_sizes(draft_cfg, spec)
         if draft_cfg.num_layers < 1 or draft_cfg.block_size < 2 or draft_cfg.num_anchors < 1:
             raise ValueError("draft.num_layers >= 1, draft.block_size >= 2 and draft.num_anchors >= 1 are required")
         if draft_cfg.loss_decay < 0:
@@ -182,23 +181,9 @@ class DFlashDraft(nn.Module):
         if not 0 <= mask_token_id < spec.vocab_size:
             raise ValueError(f"draft.mask_token_id={mask_token_id} is not a target id in [0, {spec.vocab_size})")
         config = DFlashModelConfig(
-            hidden_size=hidden,
-            intermediate_size=_resolve(draft_cfg.intermediate_size, spec.intermediate_size),
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            head_dim=head_dim,
-            rms_norm_eps=_resolve(draft_cfg.rms_norm_eps, spec.rms_norm_eps),
-            rope_theta=float(spec.rope_theta),
-            rope_scaling=dict(spec.rope_scaling) if spec.rope_scaling else None,
-            max_position_embeddings=spec.max_position_embeddings,
-            vocab_size=spec.vocab_size,
-            draft_vocab_size=min(draft_cfg.draft_vocab_size, spec.vocab_size),
-            target_hidden_size=spec.hidden_size,
-            num_aux_layers=len(spec.aux_layer_ids),
-            num_layers=draft_cfg.num_layers,
+            **layer_fields(draft_cfg, spec),
             block_size=draft_cfg.block_size,
             mask_token_id=mask_token_id,
-            aux_layer_ids=list(spec.aux_layer_ids),
         )
         draft = cls(config)
         draft.gradient_checkpointing = draft_cfg.gradient_checkpointing

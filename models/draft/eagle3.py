@@ -279,6 +279,29 @@ def attention_sizes(draft_cfg, spec) -> Tuple[int, int, int, int]:
     return hidden, heads, kv_heads, _resolve(draft_cfg.head_dim, spec.head_dim if same_heads else hidden // heads)
 
 
+def layer_fields(draft_cfg, spec) -> dict:
+    """The decoder-layer, rotary and vocabulary fields every draft's model config shares, from the draft config
+    (None: the target's) and the target spec."""
+    hidden, heads, kv_heads, head_dim = attention_sizes(draft_cfg, spec)
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=_resolve(draft_cfg.intermediate_size, spec.intermediate_size),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=_resolve(draft_cfg.rms_norm_eps, spec.rms_norm_eps),
+        rope_theta=float(spec.rope_theta),
+        rope_scaling=dict(spec.rope_scaling) if spec.rope_scaling else None,
+        max_position_embeddings=spec.max_position_embeddings,
+        vocab_size=spec.vocab_size,
+        draft_vocab_size=min(draft_cfg.draft_vocab_size, spec.vocab_size),
+        target_hidden_size=spec.hidden_size,
+        num_aux_layers=len(spec.aux_layer_ids),
+        num_layers=draft_cfg.num_layers,
+        aux_layer_ids=list(spec.aux_layer_ids),
+    )
+
+
 @DRAFTS.register("eagle3_llama")
 class Eagle3LlamaDraft(nn.Module):
     """Eagle3 draft.  Training: models.draft.ttt.ttt_forward.  Inference with a KV cache (chain drafting):
@@ -336,26 +359,11 @@ class Eagle3LlamaDraft(nn.Module):
             raise ValueError(f"draft.arch is {draft_cfg.arch!r}, Eagle3LlamaDraft builds 'eagle3_llama'")
         if draft_cfg.attention not in ("lean", "dense"):
             raise ValueError(f"draft.attention must be 'lean' or 'dense', got {draft_cfg.attention!r}")
-        hidden, heads, kv_heads, head_dim = attention_sizes(draft_cfg, spec)
         if draft_cfg.num_layers < 1 or draft_cfg.ttt_steps < 1:
             raise ValueError("draft.num_layers and draft.ttt_steps must be >= 1")
         config = Eagle3ModelConfig(
-            hidden_size=hidden,
-            intermediate_size=_resolve(draft_cfg.intermediate_size, spec.intermediate_size),
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            head_dim=head_dim,
-            rms_norm_eps=_resolve(draft_cfg.rms_norm_eps, spec.rms_norm_eps),
-            rope_theta=float(spec.rope_theta),
-            rope_scaling=dict(spec.rope_scaling) if spec.rope_scaling else None,
-            max_position_embeddings=spec.max_position_embeddings,
-            vocab_size=spec.vocab_size,
-            draft_vocab_size=min(draft_cfg.draft_vocab_size, spec.vocab_size),
-            target_hidden_size=spec.hidden_size,
-            num_aux_layers=len(spec.aux_layer_ids),
-            num_layers=draft_cfg.num_layers,
+            **layer_fields(draft_cfg, spec),
             norm_before_residual=draft_cfg.norm_before_residual,
-            aux_layer_ids=list(spec.aux_layer_ids),
             norm_before_fc=draft_cfg.norm_before_fc,
             fc_norm=draft_cfg.fc_norm,
             norm_output=draft_cfg.norm_output,

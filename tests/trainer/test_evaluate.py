@@ -219,7 +219,8 @@ def test_run_eval_from_composed_config(tmp_path, capsys):
     save_aerie_draft(draft, tmp_path / "final")
     cfg = OmegaConf.create({"eval": {**ev.EvalConfig(draft=str(tmp_path / "final"), prompts="humaneval", max_prompts=1,
                                                       max_new_tokens=5, num_speculative_tokens=[2],
-                                                      temperature=1.0, out_dir=str(tmp_path / "eval")).__dict__},
+                                                      temperature=1.0, verify="exact",
+                                                      out_dir=str(tmp_path / "eval")).__dict__},
                             "target": {"path": FIXTURE, "dtype": "float32"}})
     summary = ev.run_eval(cfg)
     assert json.loads(capsys.readouterr().out)["results"][0]["num_speculative_tokens"] == 2

@@ -48,8 +48,8 @@ def check_run(run_dir, world_size):
     step_dir = run_dir / "ckpt" / (run_dir / "ckpt" / "latest").read_text().strip()
     assert step_dir.name == f"step-{MAX_STEPS}"
     manifest = json.loads((step_dir / "manifest.json").read_text())
-    for name, size in manifest["files"].items():
-        assert (step_dir / name).stat().st_size == size, name
+    for name, entry in manifest["files"].items():
+        assert (step_dir / name).stat().st_size == entry["size"], name
     for rank in range(world_size):
         assert f"rng/rank-{rank}.pt" in manifest["files"]
         assert f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in manifest["files"]

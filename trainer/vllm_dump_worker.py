@@ -18,9 +18,13 @@ import shutil
 import sys
 import time
 
-import torch
-from safetensors.torch import load_file
-from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connector import (
+# The engine core must run in its own process: the reader below waits (flock) on lock files the connector holds
+# until its write, which in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, the runner's default) never comes back to.
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connector import (  # noqa: E402
     ExampleHiddenStatesConnector, extract_from_kv_cache)
 
 

@@ -124,20 +124,27 @@ def save_aerie_draft(draft: Eagle3LlamaDraft, out_dir: Union[str, Path], state_d
     return _write_dir_atomically(out_dir, files)
 
 
-def _build_draft(config: Eagle3ModelConfig, state: Dict[str, Tensor], embed_weight: Optional[Tensor],
-                 source: str) -> Eagle3LlamaDraft:
-    draft = Eagle3LlamaDraft(config)
+def load_draft_tensors(draft, state: Dict[str, Tensor], embed_weight: Optional[Tensor], source: str):
+    """`draft` (freshly built from its config) with `state`'s tensors, its d2t/t2d and the target's embedding, in
+    fp32 eval mode; tensors that load_embedding initialises from the embedding (DFlash's mask) keep their values."""
     vocab = {k: state[k] for k in ("d2t", "t2d") if k in state}
     weights = {k: v for k, v in state.items() if k not in ("d2t", "t2d")}
     missing, unexpected = draft.load_state_dict(weights, strict=False)
     missing = [n for n in missing if not n.startswith("embed_tokens.") and n not in ("d2t", "t2d")]
     if missing or unexpected or len(vocab) != 2:
-        raise ValueError(f"{source}: tensors do not match the draft config: missing "
+        raise ValueError(f"{source}: tensors do not match the {draft.architecture} config: missing "
                          f"{(missing + sorted({'d2t', 't2d'} - set(vocab)))[:5]}, unexpected {unexpected[:5]}")
     draft.set_draft_vocab(vocab["d2t"], vocab["t2d"])
     if embed_weight is not None:
+        loaded = {n: p.detach().clone() for n, p in draft.named_parameters() if not n.startswith("embed_tokens.")}
         draft.load_embedding(embed_weight.to(draft.embed_tokens.weight.dtype))
+        draft.load_state_dict(loaded, strict=False)
     return draft.float().eval()
+
+
+def _build_draft(config: Eagle3ModelConfig, state: Dict[str, Tensor], embed_weight: Optional[Tensor],
+                 source: str) -> Eagle3LlamaDraft:
+    return load_draft_tensors(Eagle3LlamaDraft(config), state, embed_weight, source)
 
 
 def load_aerie_draft(path: Union[str, Path], embed_weight: Optional[Tensor] = None) -> Eagle3LlamaDraft:

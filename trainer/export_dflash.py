@@ -28,22 +28,10 @@ MASK_EMBEDDING_NAME = "mask_embedding.pt"
 
 
 def build_dflash(config: DFlashModelConfig, state: Dict[str, Tensor], embed_weight: Optional[Tensor],
-           source: str) -> DFlashDraft:
-    draft = DFlashDraft(config)
-    vocab = {k: state[k] for k in ("d2t", "t2d") if k in state}
-    weights = {k: v for k, v in state.items() if k not in ("d2t", "t2d")}
-    missing, unexpected = draft.load_state_dict(weights, strict=False)
-    missing = [n for n in missing if not n.startswith("embed_tokens.") and n not in ("d2t", "t2d")]
-    if missing or unexpected or len(vocab) != 2:
-        raise ValueError(f"{source}: tensors do not match the DFlash config: missing "
-                         f"{(missing + sorted({'d2t', 't2d'} - set(vocab)))[:5]}, unexpected {unexpected[:5]}")
-    draft.set_draft_vocab(vocab["d2t"], vocab["t2d"])
-    if embed_weight is not None:
-        mask = draft.mask_embedding.detach().clone()
-        draft.load_embedding(embed_weight.to(draft.embed_tokens.weight.dtype))
-        with torch.no_grad():
-            draft.mask_embedding.copy_(mask)  # the trained one, not the row load_embedding starts from
-    return draft.float().eval()
+                 source: str) -> DFlashDraft:
+    from trainer.export import load_draft_tensors
+
+    return load_draft_tensors(DFlashDraft(config), state, embed_weight, source)
 
 
 def load_aerie_dflash(path: Union[str, Path], raw: dict, embed_weight: Optional[Tensor] = None) -> DFlashDraft:

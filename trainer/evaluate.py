@@ -272,12 +272,23 @@ class SpeculativeDecoder:
         crop_target_cache(cache, num_seen + 1 + accepted)
         return accepted, nxt, aux
 
-    def _generate(self, prompt, max_new_tokens, k, temperature, generator, eos, cache, verify) -> DecodeResult:
-        result = DecodeResult(tokens=[])
+    def _first_token(self, prompt, cache, temperature, generator) -> Tuple[DecodeResult, int, Tensor]:
+        """The target over the prompt: (a result holding its first token, that token, the prompt's aux states)."""
         logits, aux = self._target_forward(prompt, cache)
-        result.num_target_forwards += 1
         last = self._choose(logits[-1], temperature, generator)
-        result.tokens.append(last)
+        return DecodeResult(tokens=[last], num_target_forwards=1), last, aux
+
+    @staticmethod
+    def _emit(result: DecodeResult, new: List[int], eos, max_new_tokens: int) -> int:
+        """Append the round's tokens up to EOS or the budget; returns the last one appended."""
+        for token in new:
+            result.tokens.append(token)
+            if token in eos or len(result.tokens) >= max_new_tokens:
+                break
+        return result.tokens[-1]
+
+    def _generate(self, prompt, max_new_tokens, k, temperature, generator, eos, cache, verify) -> DecodeResult:
+        result, last, aux = self._first_token(prompt, cache, temperature, generator)
         num_seen = len(prompt)  # positions processed by the target (and, once extended, by the draft)
         draft_cache = self.draft.new_cache()
         positions = torch.arange(num_seen, device=self.device)[None]
@@ -300,11 +311,7 @@ class SpeculativeDecoder:
             draft_logits, hidden = self._draft_call(result, self.draft.extend, aux[:, :accepted + 1],
                                                     torch.tensor([new], device=self.device), positions, draft_cache)
             num_seen += accepted + 1
-            for token in new:
-                result.tokens.append(token)
-                last = token
-                if token in eos or len(result.tokens) >= max_new_tokens:
-                    break
+            last = self._emit(result, new, eos, max_new_tokens)
         return result
 
 

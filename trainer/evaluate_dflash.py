@@ -32,11 +32,7 @@ class BlockSpeculativeDecoder(SpeculativeDecoder):
         return list(drafts), list(qs)
 
     def _generate(self, prompt, max_new_tokens, k, temperature, generator, eos, cache, verify) -> DecodeResult:
-        result = DecodeResult(tokens=[])
-        logits, aux = self._target_forward(prompt, cache)
-        result.num_target_forwards += 1
-        last = self._choose(logits[-1], temperature, generator)
-        result.tokens.append(last)
+        result, last, aux = self._first_token(prompt, cache, temperature, generator)
         num_seen = len(prompt)  # positions verified by the target, all in the draft's context
         context = self.draft.new_context()
         self.draft.extend_context(aux, torch.arange(num_seen, device=self.device)[None], context)
@@ -47,9 +43,5 @@ class BlockSpeculativeDecoder(SpeculativeDecoder):
             positions = torch.arange(num_seen, num_seen + accepted + 1, device=self.device)[None]
             self.draft.extend_context(aux[:, :accepted + 1], positions, context)
             num_seen += accepted + 1
-            for token in drafts[:accepted] + [nxt]:
-                result.tokens.append(token)
-                last = token
-                if token in eos or len(result.tokens) >= max_new_tokens:
-                    break
+            last = self._emit(result, drafts[:accepted] + [nxt], eos, max_new_tokens)
         return result

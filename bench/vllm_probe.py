@@ -1,13 +1,14 @@
-"""Where vLLM's T > 0 acceptance comes from: what reaches its rejection sampler, next to Aerie's exact sampling.
+"""Where vLLM's T > 0 acceptance comes from: what reaches its rejection sampler, next to Aerie's own decoder.
 
     python bench/vllm_probe.py DRAFT_DIR [--max-prompts 16] [--max-new-tokens 64] [--k 3] [--temperature 1]
 
-Serves the draft's vllm export in real vLLM (bench/vllm_probe_worker.py: one worker, one LLM per verification
-mode) with draft_sample_method greedy and probabilistic, and prints per draft position, over the draft tokens vLLM
-verified (so given the earlier ones were accepted): vLLM's acceptance rate; the mean of min(1, p(x)/q(x)) from the p and q it was handed (the acceptance
-rate its sampler must give: a check of the sampler in the run); the mean of Σ_v min(p, q) (what exact speculative
-sampling accepts when x ~ q); the mean q(x); and how many sampler calls had no draft probabilities.  Then Aerie's
-decoder on the same export, prompts, k and T with eval.verify=exact and target_only.
+Serves the draft's vllm export in real vLLM (bench/vllm_probe_worker.py: one worker, one LLM per run) with
+draft_sample_method greedy and probabilistic, each as vLLM ships and with the worker's fix of its CPU temperature
+expansion.  Per draft position, over the draft tokens vLLM verified (so given the earlier ones were accepted):
+vLLM's acceptance rate; the mean min(1, p(x)/q(x)) of the p and q its sampler was handed (the rate that sampler
+must give); the mean Σ_v min(p, q) (what exact speculative sampling accepts when x ~ q); the mean q(x); and the
+sampler calls without draft probabilities.  Then Aerie's decoder on the same export, prompts, k and T with
+eval.verify=exact and target_only.
 """
 from __future__ import annotations
 
@@ -39,14 +40,15 @@ def probe_job(export_dir, target: str, prompts, k: int, temperature: float, max_
 
 
 def position_rows(probe: dict) -> list:
-    """Per position: (tokens verified, acceptance, mean min(1, p/q), mean Σ min(p, q) or nan, mean q(x) or nan)."""
+    """Per position: (verified, acceptance, mean min(1, p/q), mean Σ min(p, q) or nan, mean q(x) or nan)."""
     nan = float("nan")
     rows = []
     for stats in probe["positions"]:
         n = stats["num_tokens"]
         with_q = n if probe["num_calls_without_draft_probs"] == 0 else 0
-        rows.append((int(n), stats["sum_accepted"] / n if n else nan, stats["sum_min_ratio"] / n if n else nan,
-                     stats["sum_overlap"] / with_q if with_q else nan, stats["sum_q_of_x"] / with_q if with_q else nan))
+        mean = [stats[key] / n if n else nan for key in ("sum_accepted", "sum_min_ratio")]
+        mean += [stats[key] / with_q if with_q else nan for key in ("sum_overlap", "sum_q_of_x")]
+        rows.append((int(n), *mean))
     return rows
 
 
@@ -94,8 +96,8 @@ def main() -> int:
     for verify, run in aerie.items():
         reached = [run["num_verify_steps"]] + run["num_accepted_per_position"]
         rates = " / ".join(f"{a / r:.3f}" if r else "nan" for r, a in zip(reached, reached[1:]))
-        print(f"Aerie eval.verify={verify}: tau {run['tau']:.3f}, acceptance per position given reached {rates} "
-              f"({run['num_verify_steps']} steps)")
+        print(f"Aerie eval.verify={verify}: tau {run['tau']:.3f}, acceptance per position given reached "
+              f"{rates} ({run['num_verify_steps']} steps)")
     return 0
 
 

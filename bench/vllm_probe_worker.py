@@ -1,14 +1,15 @@
-"""What reaches vLLM's rejection sampler in a real Eagle3 run: `python vllm_probe_worker.py JOB.json RESULT.json`.
+"""What reaches vLLM's rejection sampler in a real Eagle3 run: `python vllm_probe_worker.py JOB.json OUT.json`.
 
-Runs in vLLM's own environment (vllm, torch, stdlib), for bench/vllm_probe.py and tests/trainer/test_vllm_parity.py.
-It wraps `vllm.v1.sample.rejection_sampler.rejection_sample` (the function RejectionSampler.forward calls) and, for
-every draft token it verifies, records from the very tensors vLLM passes in: whether draft probabilities came at
-all, q(x) (the draft's probability of its own token x), p(x) (the target's, after vLLM's temperature), the exact
-acceptance probability of a draft sampled from q, Σ_v min(p(v), q(v)), and whether vLLM accepted x; positions
-after a rejection are not verified and not counted.  A job is the standard worker's (trainer/vllm_worker.py,
-imported from the job's "worker_dir") plus that key and, per run, "fix_cpu_expand" (apply the standard worker's
-fix of vLLM's CPU expand_kernel, when that one is broken); each run's result adds "cpu_expand_kernel_fixed" and "probe": {"num_calls", "num_calls_without_draft_probs",
-"positions": [{"num_tokens", "sum_accepted", "sum_min_ratio", "sum_overlap", "sum_q_of_x", "num_q_zero"}]}.
+Runs in vLLM's own environment (vllm, torch, stdlib), for bench/vllm_probe.py.  It wraps
+`vllm.v1.sample.rejection_sampler.rejection_sample` (what RejectionSampler.forward calls) and records, for every
+draft token vLLM verifies, from the very tensors it is handed: whether draft probabilities came at all, q(x) (the
+draft's probability of its token x), p(x) (the target's, after vLLM's temperature), Σ_v min(p(v), q(v)) (the
+exact acceptance probability of x ~ q), and whether vLLM accepted x; tokens after a rejection are not verified
+and not counted.  A job is the standard worker's (trainer/vllm_worker.py, imported from the job's "worker_dir")
+plus, per run, "fix_cpu_expand" (apply that worker's fix of vLLM's CPU expand_kernel when it is broken); each
+run's result adds "cpu_expand_kernel_fixed" and "probe": {"num_calls", "num_calls_without_draft_probs",
+"samples", "positions": [{"num_tokens", "sum_accepted", "sum_min_ratio", "sum_overlap", "sum_q_of_x",
+"num_q_zero"}]}.
 """
 import json
 import os
@@ -29,7 +30,8 @@ class Probe:
             seen = (draft_token_ids.clone(), list(num_draft_tokens),
                     None if draft_probs is None else draft_probs.float().clone(), target_logits.float().clone())
             out = rejection_sample(draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens,
-                                   draft_probs, target_logits, bonus_token_ids, sampling_metadata, *args, **kwargs)
+                                   draft_probs, target_logits, bonus_token_ids, sampling_metadata, *args,
+                                   **kwargs)
             self.record(*seen, out)
             return out
 
@@ -46,8 +48,8 @@ class Probe:
         p_x = p[rows, x]
         q = draft_probs.float() if draft_probs is not None else None
         if len(self.samples) < 4:
-            self.samples.append({"x": x.tolist(), "p_x": p_x.tolist(), "num_draft_tokens": list(num_draft_tokens),
-                                 "q_x": None if q is None else q[rows, x].tolist(), "out": out.tolist()})
+            self.samples.append({"x": x.tolist(), "p_x": p_x.tolist(), "out": out.tolist(),
+                                 "q_x": None if q is None else q[rows, x].tolist()})
         start = 0
         for req, num in enumerate(num_draft_tokens):
             for i in range(num):
@@ -85,8 +87,8 @@ def main(argv) -> int:
         probe = Probe(int(spec.get("num_speculative_tokens", 0)))
         rs.rejection_sample = probe.wrap(original)
         # run["fix_cpu_expand"]: the worker's fix of vLLM's CPU expand_kernel (registered when the LLM starts)
-        cpu_triton_utils._expand_kernel_impl = (vllm_worker.expand_tokens if broken and run.get("fix_cpu_expand")
-                                                else shipped)
+        fix = broken and run.get("fix_cpu_expand")
+        cpu_triton_utils._expand_kernel_impl = vllm_worker.expand_tokens if fix else shipped
         try:
             result = vllm_worker.run_one(job, run)
         finally:

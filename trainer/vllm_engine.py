@@ -5,9 +5,10 @@ without CUDA; on a GPU machine the user's vLLM: `engine.python=/path/to/python`)
 runs `trainer/vllm_worker.py` (vllm + stdlib only) with that interpreter and returns the worker's JSON result.
 
 A job: {"target": path, "runs": [{"name", "speculative_config": dict | None, "prompt_token_ids": [[int]],
-"max_new_tokens", "temperature", "seed"}]}; a result: {"runs": [{"name", "output_token_ids", "num_drafts",
-"num_draft_tokens", "num_accepted_tokens", "num_accepted_tokens_per_pos", "num_generated_tokens",
-"generate_seconds"}]}, counters read from vLLM's own `vllm:spec_decode_*` metrics, one LLM per run.
+"max_new_tokens", "temperature", "seed"}], "keep_going": bool (then a run vLLM refuses gives {"name", "error"})};
+a result: {"runs": [{"name", "output_token_ids", "num_drafts", "num_draft_tokens", "num_accepted_tokens",
+"num_accepted_tokens_per_pos", "num_generated_tokens", "generate_seconds"}], "cpu_expand_kernel_fixed"}, counters
+read from vLLM's own `vllm:spec_decode_*` metrics, one LLM per run.
 """
 from __future__ import annotations
 

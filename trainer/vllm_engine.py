@@ -62,12 +62,23 @@ def _imports_vllm() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def _finds_vllm(python: str) -> bool:
+    """Whether `python` finds the vllm package (without importing it)."""
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
+    try:
+        return subprocess.run([python, "-c", probe], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 def vllm_python(python: str = "") -> str:
     """The interpreter that runs vLLM: explicit path, $AERIE_VLLM_PYTHON, <repo>/.venv-vllm, or this one."""
     for source, path in (("engine.python", python), ("AERIE_VLLM_PYTHON", os.environ.get("AERIE_VLLM_PYTHON", ""))):
         if path:
             if not (Path(path).is_file() and os.access(path, os.X_OK)):
                 raise ValueError(f"{source}={path!r}: not an executable Python interpreter")
+            if not _finds_vllm(path):
+                raise ValueError(f"{source}={path!r}: vllm is not installed for that interpreter")
             return str(path)
     local = REPO_ROOT / ".venv-vllm" / "bin" / "python"
     if local.is_file():

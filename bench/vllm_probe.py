@@ -44,8 +44,7 @@ def position_rows(probe: dict) -> list:
     nan = float("nan")
     rows = []
     for stats in probe["positions"]:
-        n = stats["num_tokens"]
-        with_q = n if probe["num_calls_without_draft_probs"] == 0 else 0
+        n, with_q = stats["num_tokens"], stats["num_with_q"]
         mean = [stats[key] / n if n else nan for key in ("sum_accepted", "sum_min_ratio")]
         mean += [stats[key] / with_q if with_q else nan for key in ("sum_overlap", "sum_q_of_x")]
         rows.append((int(n), *mean))

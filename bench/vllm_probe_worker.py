@@ -8,7 +8,7 @@ exact acceptance probability of x ~ q), and whether vLLM accepted x; tokens afte
 and not counted.  A job is the standard worker's (trainer/vllm_worker.py, imported from the job's "worker_dir")
 plus, per run, "fix_cpu_expand" (apply that worker's fix of vLLM's CPU expand_kernel when it is broken); each
 run's result adds "cpu_expand_kernel_fixed" and "probe": {"num_calls", "num_calls_without_draft_probs",
-"samples", "positions": [{"num_tokens", "sum_accepted", "sum_min_ratio", "sum_overlap", "sum_q_of_x",
+"samples", "positions": [{"num_tokens", "num_with_q", "sum_accepted", "sum_min_ratio", "sum_overlap", "sum_q_of_x",
 "num_q_zero"}]}.
 """
 import json
@@ -19,7 +19,8 @@ import sys
 class Probe:
     def __init__(self, num_positions: int):
         self.num_calls = self.num_calls_without_draft_probs = 0
-        keys = ("num_tokens", "sum_accepted", "sum_min_ratio", "sum_overlap", "sum_q_of_x", "num_q_zero")
+        keys = ("num_tokens", "num_with_q", "sum_accepted", "sum_min_ratio", "sum_overlap", "sum_q_of_x",
+                "num_q_zero")
         self.positions = [dict.fromkeys(keys, 0.0) for _ in range(num_positions)]
         self.samples = []  # the first calls' draft tokens, p(x), q(x) and output rows, to read by eye
 
@@ -61,6 +62,7 @@ class Probe:
                     stats["sum_min_ratio"] += float(p_x[row])
                 else:
                     q_x = float(q[row, x[row]])
+                    stats["num_with_q"] += 1
                     stats["sum_q_of_x"] += q_x
                     stats["num_q_zero"] += q_x <= 0
                     stats["sum_min_ratio"] += min(1.0, float(p_x[row]) / q_x) if q_x > 0 else 1.0

@@ -135,6 +135,7 @@ def test_vllm_serves_each_export_as_aerie_decodes_it(served):
     for option in ("dflash", "eagle3_1"):
         tokens, num_drafts, per_pos = _hf_counts(served["dirs"][option], served["prompts"], option)
         run = served["runs"][option]
+        assert "error" not in run, run
         assert run["output_token_ids"] == tokens
         assert (run["num_drafts"], run["num_accepted_tokens_per_pos"]) == (num_drafts, per_pos), option
         assert per_pos[0] > 0, option  # trained drafts get accepted
@@ -182,6 +183,7 @@ def test_t1_acceptance_agrees_with_vllm(served, mode):
     cfg = EvalConfig(draft="", max_prompts=NUM_T1_PROMPTS, max_new_tokens=T1_NEW, num_speculative_tokens=K,
                      temperature=1.0, verify=VERIFY_OF_VLLM[mode])
     hf = evaluate_draft(target, draft, AutoTokenizer.from_pretrained(TINY_CHAT), cfg)["results"][0]
+    assert "error" not in served["runs"][f"T1_{mode}"], served["runs"][f"T1_{mode}"]
     vllm = summarize_vllm_run(served["runs"][f"T1_{mode}"], K, float("nan"))
     n_hf, n_vllm = hf["num_verify_steps"], vllm["num_verify_steps"]
     band = 4 * (hf["tau_std"] ** 2 / n_hf + vllm["tau_std"] ** 2 / n_vllm) ** 0.5

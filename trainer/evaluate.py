@@ -493,11 +493,14 @@ def evaluate_with_vllm(export_dir, target_path: str, tokenizer, cfg: EvalConfig,
     runs = [{"name": "target", "speculative_config": None, **common}] if measure_speedup else []
     runs += [{"name": f"k{k}", "speculative_config": vllm_speculative_config(export_dir, k, cfg.temperature,
                                                                              cfg.verify), **common} for k in ks]
-    result = {run["name"]: run for run in run_vllm({"target": str(target_path), "runs": runs}, engine)["runs"]}
+    raw = run_vllm({"target": str(target_path), "runs": runs}, engine)
+    result = {run["name"]: run for run in raw["runs"]}
     baseline = (result["target"]["num_generated_tokens"] / result["target"]["generate_seconds"]
                 if measure_speedup else float("nan"))
     summaries = [summarize_vllm_run(result[f"k{k}"], k, baseline) for k in ks]
-    return eval_summary(cfg, "vllm", summaries, export=str(export_dir), target_tokens_per_second=baseline)
+    # True: vLLM's CPU temperature expansion was broken and the worker fixed it (trainer/vllm_worker.py)
+    return eval_summary(cfg, "vllm", summaries, export=str(export_dir), target_tokens_per_second=baseline,
+                        vllm_cpu_expand_kernel_fixed=raw.get("cpu_expand_kernel_fixed", False))
 
 
 def default_export_dir(draft: Union[str, Path]) -> Path:

@@ -5,9 +5,10 @@ without CUDA; on a GPU machine the user's vLLM: `engine.python=/path/to/python`)
 runs `trainer/vllm_worker.py` (vllm + stdlib only) with that interpreter and returns the worker's JSON result.
 
 A job: {"target": path, "runs": [{"name", "speculative_config": dict | None, "prompt_token_ids": [[int]],
-"max_new_tokens", "temperature", "seed"}]}; a result: {"runs": [{"name", "output_token_ids", "num_drafts",
-"num_draft_tokens", "num_accepted_tokens", "num_accepted_tokens_per_pos", "num_generated_tokens",
-"generate_seconds"}]}, counters read from vLLM's own `vllm:spec_decode_*` metrics, one LLM per run.
+"max_new_tokens", "temperature", "seed"}], "keep_going": bool (then a run vLLM refuses gives {"name", "error"})};
+a result: {"runs": [{"name", "output_token_ids", "num_drafts", "num_draft_tokens", "num_accepted_tokens",
+"num_accepted_tokens_per_pos", "num_generated_tokens", "generate_seconds"}], "cpu_expand_kernel_fixed"}, counters
+read from vLLM's own `vllm:spec_decode_*` metrics, one LLM per run.
 """
 from __future__ import annotations
 
@@ -61,12 +62,23 @@ def _imports_vllm() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def _finds_vllm(python: str) -> bool:
+    """Whether `python` finds the vllm package (without importing it)."""
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
+    try:
+        return subprocess.run([python, "-c", probe], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 def vllm_python(python: str = "") -> str:
     """The interpreter that runs vLLM: explicit path, $AERIE_VLLM_PYTHON, <repo>/.venv-vllm, or this one."""
     for source, path in (("engine.python", python), ("AERIE_VLLM_PYTHON", os.environ.get("AERIE_VLLM_PYTHON", ""))):
         if path:
             if not (Path(path).is_file() and os.access(path, os.X_OK)):
                 raise ValueError(f"{source}={path!r}: not an executable Python interpreter")
+            if not _finds_vllm(path):
+                raise ValueError(f"{source}={path!r}: vllm is not installed for that interpreter")
             return str(path)
     local = REPO_ROOT / ".venv-vllm" / "bin" / "python"
     if local.is_file():

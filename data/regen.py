@@ -2,8 +2,9 @@
 /v1/chat/completions endpoints (`vllm serve`, SGLang; round-robin over base URLs, bounded concurrency, retries with
 exponential backoff).
 
-Output: ``regen-NNNNN.jsonl`` shards of ``{"id", "messages", "temperatures"}`` covering consecutive source records,
-each written atomically once all of its conversations are settled.  A conversation is either written or rejected:
+Output: ``regen-NNNNN.jsonl`` shards of ``{"id", "messages", "temperatures", "finish_reasons"}`` (the last two per
+reply) covering consecutive source records, each written atomically once all of its conversations are settled.
+A conversation is either written or rejected:
 a reply that is empty, stopped by ``max_tokens`` (finish_reason=length; kept instead with ``keep_length_cut``) or
 refused with HTTP 400/413/422 (an over-long prompt) rejects the whole conversation, counted per reason and listed in
 ``regen-NNNNN.rejected``.

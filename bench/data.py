@@ -14,6 +14,7 @@ Each figure is printed with a ratio against a baseline measured in the same proc
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import sys
 import tempfile
@@ -126,7 +127,10 @@ def bench_dump_engines(tokenizer, records, max_length):
         job = {"target": FIXTURE_MODEL, "layer_ids": list(spec.aux_layer_ids) + [spec.num_layers],
                "prompt_token_ids": [list(r["input_ids"]) for r in rows], "out_dir": os.path.join(tmp, "states")}
         worker = Path(__file__).resolve().parents[1] / "trainer" / "vllm_dump_worker.py"
-        result, t_total = timed(lambda: run_vllm(job, EngineConfig(max_model_len=max(2048, max_length)), worker))
+        with open("/tmp/aerie-vllm.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one vLLM at a time on a shared machine
+            result, t_total = timed(lambda: run_vllm(job, EngineConfig(max_model_len=max(2048, max_length)),
+                                                     worker))
         samples = ((i, row, load_file(path)["hidden_states"])
                    for i, (row, path) in enumerate(zip(rows, result["files"])))
         store = StoreConfig(path=os.path.join(tmp, "vllm"))

@@ -2,10 +2,12 @@
 /v1/chat/completions endpoints (`vllm serve`, SGLang; round-robin over base URLs, bounded concurrency, retries with
 exponential backoff).
 
-Output: ``regen-NNNNN.jsonl`` shards of ``{"id", "messages", "temperatures"}`` covering consecutive source records,
-each written atomically once all of its conversations are settled.  A conversation is either written or rejected:
-a reply that is empty, stopped by ``max_tokens`` (finish_reason=length) or refused with HTTP 400/413/422 (an
-over-long prompt) rejects the whole conversation, counted per reason and listed in ``regen-NNNNN.rejected``.
+Output: ``regen-NNNNN.jsonl`` shards of ``{"id", "messages", "temperatures", "finish_reasons"}`` (the last two per
+reply) covering consecutive source records, each written atomically once all of its conversations are settled.
+A conversation is either written or rejected:
+a reply that is empty, stopped by ``max_tokens`` (finish_reason=length; kept instead with ``keep_length_cut``) or
+refused with HTTP 400/413/422 (an over-long prompt) rejects the whole conversation, counted per reason and listed in
+``regen-NNNNN.rejected``.
 Settled conversations of unfinished shards are journaled (``regen-NNNNN.jsonl.partial``, one line each), so an
 interrupted run continues without duplicates or losses.  Each user turn's temperature and seed come from the
 conversation's own generator (retry jitter does not), so a retried or resumed run asks for what an uninterrupted
@@ -49,6 +51,7 @@ class RegenConfig:
     output_dir: str = "regen"
     concurrency: int = 8                   # conversations in flight
     max_tokens: int = 1024                 # per reply; a reply cut by it rejects the conversation ("length")
+    keep_length_cut: bool = False          # write replies cut by max_tokens instead (still the target's own text)
     temperatures: List[float] = field(default_factory=lambda: [0.0, 0.7, 1.0])
     temperature_weights: List[float] = field(default_factory=lambda: [0.2, 0.4, 0.4])
     extra_body: Dict[str, Any] = field(default_factory=dict)  # more request fields: top_p, logit_bias, stop, ...
@@ -148,25 +151,26 @@ def _error_param(body: str) -> Optional[str]:
         return None
 
 
-def _reply_content(reply: dict, conversation_id: str) -> str:
-    """The assistant text of a completion, or Rejected for an empty or max_tokens-cut reply."""
+def _reply_content(reply: dict, conversation_id: str, keep_length_cut: bool = False) -> tuple:
+    """(assistant text, finish_reason) of a completion; Rejected for an empty reply, or one cut by max_tokens
+    unless `keep_length_cut`."""
     try:
         choice = reply["choices"][0]
         content = choice["message"]["content"]
     except (KeyError, IndexError, TypeError) as e:
         raise MalformedReply(f"malformed completion for conversation {conversation_id}: {str(reply)[:200]}") from e
-    if choice.get("finish_reason") == "length":
-        raise Rejected("length", "reply reached regen.max_tokens")
+    if choice.get("finish_reason") == "length" and not keep_length_cut:
+        raise Rejected("length", "reply reached regen.max_tokens (regen.keep_length_cut=true keeps such replies)")
     if not content or not content.strip():
         raise Rejected("empty")
-    return content
+    return content, choice.get("finish_reason")
 
 
 def regenerate_conversation(client: Client, cfg: RegenConfig, model: str, index: int, record: dict) -> dict:
     """The record with every assistant turn replaced by the server's reply to the history before it."""
     rng = random.Random(f"{cfg.seed}:{index}")
     history: List[dict] = []
-    temperatures = []
+    temperatures, finish_reasons = [], []
     for m in record["messages"]:
         if m["role"] == "assistant":
             continue  # replaced by the endpoint's reply to the preceding user turn
@@ -178,9 +182,11 @@ def regenerate_conversation(client: Client, cfg: RegenConfig, model: str, index:
         reply = client.request("POST", "/chat/completions", {
             **cfg.extra_body, "model": model, "messages": history, "max_tokens": cfg.max_tokens,
             "temperature": temperature, "seed": seed})
-        history.append({"role": "assistant", "content": _reply_content(reply, record["id"])})
+        content, finish_reason = _reply_content(reply, record["id"], cfg.keep_length_cut)
+        history.append({"role": "assistant", "content": content})
         temperatures.append(temperature)
-    return {"id": record["id"], "messages": history, "temperatures": temperatures}
+        finish_reasons.append(finish_reason)
+    return {"id": record["id"], "messages": history, "temperatures": temperatures, "finish_reasons": finish_reasons}
 
 
 class ShardJournal:
@@ -266,6 +272,8 @@ def _check_meta(cfg: RegenConfig, data_cfg: DataConfig, num_records: int) -> Non
     meta = {"source": source_fingerprint(data_cfg), "num_records": num_records, "shard_size": cfg.shard_size,
             "model": cfg.model, "max_tokens": cfg.max_tokens, "temperatures": list(cfg.temperatures),
             "temperature_weights": list(cfg.temperature_weights), "extra_body": cfg.extra_body, "seed": cfg.seed}
+    if cfg.keep_length_cut:  # absent when off, so outputs begun before the option existed still resume
+        meta["keep_length_cut"] = True
     meta = json.loads(json.dumps(meta))  # as it reads back
     if os.path.exists(meta_path):
         with open(meta_path) as f:
@@ -281,7 +289,7 @@ def _check_meta(cfg: RegenConfig, data_cfg: DataConfig, num_records: int) -> Non
 def run_regen(cfg: RegenConfig, data_cfg: DataConfig) -> Dict[str, int]:
     """Regenerates the train split of `data_cfg`; returns counts: done (written), failed (retries exhausted or a
     malformed answer: retried by the next run), rejected_<reason>, skipped (settled by earlier runs), requests,
-    retries, completion_tokens."""
+    retries, completion_tokens, and with keep_length_cut, kept_length (written replies cut by max_tokens)."""
     if len(cfg.temperatures) != len(cfg.temperature_weights) or not cfg.temperatures:
         raise ValueError(f"regen.temperatures ({len(cfg.temperatures)}) and regen.temperature_weights "
                          f"({len(cfg.temperature_weights)}) must be non-empty and of the same length")
@@ -298,6 +306,7 @@ def run_regen(cfg: RegenConfig, data_cfg: DataConfig) -> Dict[str, int]:
     todo = [i for i in range(len(records)) if not journal.is_settled(i)]
     stats: Dict[str, int] = {"done": 0, "failed": 0, "skipped": len(records) - len(todo)}
     rejected: Counter = Counter()
+    num_cut = 0
     with ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
         pending = {}
         queue = iter(todo)
@@ -314,8 +323,10 @@ def run_regen(cfg: RegenConfig, data_cfg: DataConfig) -> Dict[str, int]:
                 index = pending.pop(future)
                 conversation_id = records[index]["id"]
                 try:
-                    journal.add(index, future.result())
+                    record = future.result()
+                    journal.add(index, record)
                     stats["done"] += 1
+                    num_cut += record["finish_reasons"].count("length")
                 except Rejected as e:
                     journal.add(index, {"id": conversation_id, "reason": e.reason, "detail": e.detail}, True)
                     rejected[e.reason] += 1
@@ -327,6 +338,8 @@ def run_regen(cfg: RegenConfig, data_cfg: DataConfig) -> Dict[str, int]:
                     stats["failed"] += 1
                     print(f"regen: conversation {conversation_id} failed: {e}", flush=True)
     stats.update({f"rejected_{reason}": n for reason, n in sorted(rejected.items())})
+    if cfg.keep_length_cut:
+        stats["kept_length"] = num_cut
     stats.update(requests=client.num_requests, retries=client.num_retries,
                  completion_tokens=client.num_completion_tokens)
     print(f"regen: {stats}; failed conversations are retried by rerunning" if stats["failed"] else f"regen: {stats}",
@@ -340,8 +353,10 @@ def done_share_error(stats: Dict[str, int], min_done_share: float) -> Optional[s
     tried = stats["done"] + stats["failed"] + sum(n for k, n in stats.items() if k.startswith("rejected_"))
     if tried == 0 or (stats["done"] > 0 and stats["done"] >= min_done_share * tried):
         return None
+    hint = ("; most replies reached regen.max_tokens: raise it, or keep them with regen.keep_length_cut=true"
+            if 2 * stats.get("rejected_length", 0) > tried else "; see the counts above")
     return (f"aerie regen: wrote {stats['done']} of the {tried} conversations tried (regen.min_done_share="
-            f"{min_done_share}); see the counts above")
+            f"{min_done_share}){hint}")
 
 
 class VllmServer:

@@ -150,6 +150,25 @@ def test_bad_answers_are_counted_per_reason_never_written_and_not_asked_again(tm
     assert not list((tmp_path / "out").glob("*.partial"))
 
 
+def test_keep_length_cut_writes_replies_cut_by_max_tokens_and_counts_them(tmp_path):
+    data_cfg = write_source(tmp_path / "src.json", 7, {1: "huge", 3: "empty", 4: "cut", 6: "cut"})
+    server = ChatServer(bad_answers)
+    try:
+        stats = regen([server.url], tmp_path, data_cfg, keep_length_cut=True)
+        with pytest.raises(ValueError, match="other keep_length_cut"):  # the same output, other rows kept
+            regen([server.url], tmp_path, data_cfg)
+    finally:
+        server.close()
+    assert (stats["done"], stats["kept_length"], stats["rejected_http_400"], stats["rejected_empty"]) == (5, 4, 1, 1)
+    assert "rejected_length" not in stats
+    records = {r["id"]: r for r in read_output(tmp_path / "out")}
+    assert sorted(records) == ["c0", "c2", "c4", "c5", "c6"]
+    assert [m["content"] for m in records["c4"]["messages"] if m["role"] == "assistant"] == ["partial", "partial"]
+    raw = [json.loads(line) for p in sorted((tmp_path / "out").glob("*.jsonl")) for line in open(p)]
+    assert {r["id"]: r["finish_reasons"] for r in raw}["c4"] == ["length", "length"]
+    assert {r["id"]: r["finish_reasons"] for r in raw}["c0"] == ["stop", "stop"]
+
+
 def test_a_wrong_setting_stops_the_run_with_one_line(tmp_path):
     server = ChatServer(lambda body, k: (404, {"error": {"message": "The model `m` does not exist."}}))
     try:
@@ -232,7 +251,9 @@ def test_a_run_that_writes_too_little_is_an_error(tmp_path):
     assert (stats["done"], stats["rejected_length"]) == (1, 3)
     assert done_share_error(stats, 0.25) is None
     assert done_share_error(stats, 0.5) == ("aerie regen: wrote 1 of the 4 conversations tried "
-                                            "(regen.min_done_share=0.5); see the counts above")
+                                            "(regen.min_done_share=0.5); most replies reached regen.max_tokens: "
+                                            "raise it, or keep them with regen.keep_length_cut=true")
+    assert done_share_error({**stats, "rejected_length": 1, "failed": 2}, 0.5).endswith("see the counts above")
     assert done_share_error({**stats, "done": 0, "skipped": 4, "rejected_length": 0}, 0.5) is None  # nothing to do
     # the CLI: nothing listens at the URL, every conversation fails: exit 1 with one line, not a traceback
     proc = run_aerie("regen", f"regen.base_urls=[{server.url}]", "regen.model=m", "regen.max_retries=0",

@@ -141,3 +141,27 @@ def test_no_conversation_lost_or_duplicated_after_kill_9_and_a_server_restart(se
     ids = [r["id"] for r in raw_lines(out, "*.jsonl") + raw_lines(out, "*.rejected")]
     assert len(ids) == num and len(set(ids)) == num  # zero lost, zero duplicated
     assert not list(out.glob("*.partial"))
+
+
+def test_the_vllm_pipeline_recipe_end_to_end(server, tmp_path, data_cache):
+    """conf/experiment/vllm_pipeline.yaml as the README runs it (short settings): regen through the served target,
+    train on its answers, export, and vLLM's own acceptance counters for the export."""
+    run_dir = tmp_path / "run"
+    common = ["experiment=vllm_pipeline", f"run_dir={run_dir}", f"data.cache_dir={data_cache}", "data.max_samples=6",
+              "draft.draft_vocab_size=1024", "draft.ttt_steps=3", "logger.progress=false"]
+    regen = run_aerie("regen", *common, f"regen.base_urls=[{server.url}]", "regen.max_tokens=24")
+    counts = dict(kv.split("=") for kv in regen.stdout.strip().splitlines()[-1].split())
+    written = [json.loads(line) for p in sorted((run_dir / "regen").glob("regen-*.jsonl")) for line in open(p)]
+    assert int(counts["done"]) == len(written) >= 4 and int(counts["kept_length"]) > 0  # cut replies kept
+    assert "length" in {r for record in written for r in record["finish_reasons"]}
+    train = ["data.source=openai", f"data.path={run_dir / 'regen'}", "trainer.max_steps=3", "data.max_length=256",
+             "trainer.max_tokens_per_batch=256", "trainer.ckpt_every=3"]
+    run_aerie("train", *common, *train)
+    assert (run_dir / "final").is_dir()
+    run_aerie("export", *common, "export.format=vllm")
+    assert (run_dir / "export" / "vllm" / "config.json").is_file()
+    run_aerie("eval", *common, "engine=vllm", "eval.max_prompts=2", "eval.max_new_tokens=16")
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    (result,) = summary["results"]
+    assert summary["engine"] == "vllm" and result["num_speculative_tokens"] == 3
+    assert result["num_verify_steps"] > 0 and result["tau"] >= 1.0 and result["speedup_source"] == "measured"

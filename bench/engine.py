@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from accept import FIXTURE, untrained_like  # noqa: E402
-from trainer.evaluate import load_prompts, render_prompt, summarize_vllm_run  # noqa: E402
-from trainer.export import export, load_draft, load_target_embedding, save_aerie_draft  # noqa: E402
-from trainer.vllm_engine import EngineConfig, run_vllm  # noqa: E402
+from tools.eval.decode import load_prompts, render_prompt, summarize_vllm_run  # noqa: E402
+from tools.export.base import export, load_draft, load_target_embedding, save_aerie_draft  # noqa: E402
+from tools.vllm.engine import EngineConfig, run_vllm  # noqa: E402
 
 MODES = ((0.0, "greedy"), (1.0, "greedy"), (1.0, "probabilistic"))
 

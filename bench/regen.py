@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.regen import RegenConfig, VllmServer, run_regen  # noqa: E402
 from data.sources import DataConfig  # noqa: E402
-from trainer.vllm_engine import vllm_python  # noqa: E402
+from tools.vllm.engine import vllm_python  # noqa: E402
 
 FIXTURE = str(Path(__file__).resolve().parents[1] / "assets" / "tiny-chat-llama")
 

@@ -40,7 +40,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def text_adapter(cfg: DataConfig, tokenizer):
-    from models.modality.text import TextAdapter
+    from data.modality.text import TextAdapter
 
     return TextAdapter(tokenizer=tokenizer, data=cfg)
 

@@ -51,17 +51,17 @@ TARGETS = Registry("target backend", {"hf": "models.targets.hf"})
 MODALITIES = Registry(
     "modality adapter",
     {
-        "text": "models.modality.text",
-        "vision": "models.modality.vision",
-        "audio": "models.modality.audio",
-        "qwen3_asr": "models.modality.audio",
-        "speech_tokens": "models.modality.speech_tokens",
+        "text": "data.modality.text",
+        "vision": "data.modality.vision",
+        "audio": "data.modality.audio",
+        "qwen3_asr": "data.modality.audio",
+        "speech_tokens": "data.modality.speech_tokens",
     },
 )
 DRAFTS = Registry("draft architecture", {"eagle3_llama": "models.draft.eagle3", "dflash": "models.draft.dflash"})
 EXPORTS = Registry(
     "export format",
-    {"vllm": "trainer.export", "sglang": "trainer.export", "speculators": "trainer.export"},
+    {"vllm": "tools.export.base", "sglang": "tools.export.base", "speculators": "tools.export.base"},
 )
 OBJECTIVES = Registry("training objective",
                       {"ttt": "models.objectives.ttt", "dflash": "models.objectives.dflash"})

@@ -2,7 +2,7 @@
 
     aerie train target=tiny_chat trainer.max_steps=100
     aerie train --cfg job            # print the composed config
-    deepspeed --num_gpus 8 --module trainer.cli train deepspeed=zero3   # --local_rank=N is accepted
+    deepspeed --num_gpus 8 --module tools.cli train deepspeed=zero3   # --local_rank=N is accepted
 
 A failing command prints one line, `aerie <command>: error: <what and where>`, and exits 1; the traceback
 comes only with `--debug` (anywhere on the command line) or AERIE_DEBUG=1.
@@ -18,14 +18,14 @@ from typing import Callable, Dict, List, Optional, Tuple
 # name -> ("module:function", one-line help). Each function takes the composed DictConfig.
 COMMANDS: Dict[str, Tuple[str, str]] = {
     "train": ("trainer.train:run_train", "train an Eagle3 draft head, online (target in the loop) or offline (from a dump)"),
-    "inspect": ("trainer.commands:run_inspect_command", "show a tokenised sample with its loss mask highlighted, and dataset statistics"),
-    "vocab": ("trainer.commands:run_vocab_command", "count loss-masked tokens and write the draft vocabulary (d2t / t2d)"),
-    "regen": ("trainer.commands:run_regen_command", "regenerate the answers through an OpenAI-compatible server (launch/vllm/serve.sh, SGLang)"),
-    "dump": ("trainer.dump:run_dump_command", "run the target once over the data and write the offline hidden-state store"),
-    "export": ("trainer.export:run_export", "write a trained draft for vLLM, SGLang or speculators (export.format=...)"),
-    "eval": ("trainer.evaluate:run_eval", "speculative decoding with the target: acceptance length, per-position rates"),
-    "plan": ("trainer.plan:run_plan", "per-rank GPU memory of online/offline training and the smallest setup that fits"),
-    "quickstart": ("trainer.quickstart:run_quickstart", "train, evaluate and export in one go (what `make train` runs)"),
+    "inspect": ("tools.commands:run_inspect_command", "show a tokenised sample with its loss mask highlighted, and dataset statistics"),
+    "vocab": ("tools.commands:run_vocab_command", "count loss-masked tokens and write the draft vocabulary (d2t / t2d)"),
+    "regen": ("tools.commands:run_regen_command", "regenerate the answers through an OpenAI-compatible server (launch/vllm/serve.sh, SGLang)"),
+    "dump": ("tools.dump:run_dump_command", "run the target once over the data and write the offline hidden-state store"),
+    "export": ("tools.export.base:run_export", "write a trained draft for vLLM, SGLang or speculators (export.format=...)"),
+    "eval": ("tools.eval.decode:run_eval", "speculative decoding with the target: acceptance length, per-position rates"),
+    "plan": ("tools.plan:run_plan", "per-rank GPU memory of online/offline training and the smallest setup that fits"),
+    "quickstart": ("tools.quickstart:run_quickstart", "train, evaluate and export in one go (what `make train` runs)"),
 }
 
 
@@ -66,7 +66,7 @@ def _run_hydra(command: str, overrides: List[str]) -> None:
     """Compose the config and run the command; its first exception is raised here (not printed by Hydra)."""
     import hydra
 
-    from trainer.config import REPO_ROOT, register_configs, validate_config
+    from tools.config import REPO_ROOT, register_configs, validate_config
 
     register_configs()
     function = resolve(COMMANDS[command][0])

@@ -13,7 +13,7 @@ def _adapter(cfg):
     """The modality adapter over the target's tokenizer (and processor), without loading the target's weights."""
     from models.registry import MODALITIES
     from models.targets.hf import load_tokenizer_and_processor
-    from trainer.data import build_adapter
+    from trainer.inputs import build_adapter
 
     tokenizer, processor = load_tokenizer_and_processor(cfg.target, MODALITIES.get(cfg.modality.name).is_multimodal)
     return build_adapter(cfg, tokenizer, processor)
@@ -29,7 +29,7 @@ def run_inspect_command(cfg) -> None:
 def run_vocab_command(cfg) -> None:
     """Count loss-masked tokens of the train split and write <run_dir>/vocab.safetensors (+ .json)."""
     from data.dataset import build_tokenized_datasets, dataset_fingerprint
-    from trainer.data import _main_first, draft_vocab
+    from trainer.inputs import _main_first, draft_vocab
     from trainer.distributed import init_distributed
 
     dist = init_distributed()

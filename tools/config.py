@@ -18,19 +18,19 @@ from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 
+from data.paths import REPO_ROOT
 from data.regen import RegenConfig
 from data.sources import SOURCES, DataConfig
-from data.store import StoreConfig
+from data.store.reader import StoreConfig
 from models.targets.base import TargetConfig
 from trainer.engine import DeepSpeedConfig
-from trainer.evaluate import EvalConfig
-from trainer.export import ExportConfig
+from tools.eval.decode import EvalConfig
+from tools.export.base import ExportConfig
 from trainer.logger import LoggerConfig
-from trainer.plan import PlanConfig
+from tools.plan import PlanConfig
 from trainer.train import TrainerConfig
-from trainer.vllm_engine import EngineConfig
+from tools.vllm.engine import EngineConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass

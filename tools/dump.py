@@ -2,7 +2,7 @@
 
 Ranks split the samples (rank r writes <store>/<split>/part-r); under ZeRO-3 each rank holds a slice of the
 target and DeepSpeed gathers layers in forward.  Interrupted dumps resume after their last complete shard.
-`engine=vllm`: vLLM runs the target instead (its hidden-state extraction, trainer/vllm_dump_worker.py, one process)
+`engine=vllm`: vLLM runs the target instead (its hidden-state extraction, tools/vllm/dump_worker.py, one process)
 and Aerie applies only the final norm and lm_head (read from the checkpoint) for the teacher: the same store.
 """
 from __future__ import annotations
@@ -28,10 +28,10 @@ def dump_with_vllm(cfg, dataset, store_cfg, fingerprint: str, engine) -> None:
 
     from safetensors.torch import load_file
 
-    from data.store import dump_from_hidden_states
+    from data.store.reader import dump_from_hidden_states
     from models.targets.teacher import load_lm_head_only
-    from trainer.export import target_spec_from_config
-    from trainer.vllm_engine import run_vllm
+    from tools.export.base import target_spec_from_config
+    from tools.vllm.engine import run_vllm
 
     spec = target_spec_from_config(cfg.target)
     teacher = load_lm_head_only(OmegaConf.to_object(cfg.target))
@@ -40,22 +40,22 @@ def dump_with_vllm(cfg, dataset, store_cfg, fingerprint: str, engine) -> None:
     job = {"target": cfg.target.path, "layer_ids": list(spec.aux_layer_ids) + [spec.num_layers],
            "prompt_token_ids": [list(map(int, dataset[i]["input_ids"])) for i in range(len(dataset))],
            "out_dir": str(staging.resolve())}
-    files = run_vllm(job, engine, worker=Path(__file__).with_name("vllm_dump_worker.py"))["files"]
+    files = run_vllm(job, engine, worker=Path(__file__).parent / "vllm" / "dump_worker.py")["files"]
     samples = ((i, dataset[i], load_file(path)["hidden_states"]) for i, path in enumerate(files))
     dump_from_hidden_states(spec, teacher, samples, store_cfg, dataset_fingerprint=fingerprint)
     shutil.rmtree(staging, ignore_errors=True)
 
 
 def run_dump_command(cfg) -> None:
-    from trainer.vllm_engine import engine_config
+    from tools.vllm.engine import engine_config
 
     engine = engine_config(cfg)
     if engine.name == "vllm":
         return run_vllm_dump_command(cfg, engine)
     from data.dataset import build_tokenized_datasets, dataset_fingerprint
-    from data.store import run_dump
+    from data.store.reader import run_dump
     from models.registry import TARGETS
-    from trainer.data import _main_first, build_adapter
+    from trainer.inputs import _main_first, build_adapter
     from trainer.distributed import barrier, init_distributed
     from trainer.engine import build_ds_config
     from trainer.logger import save_resolved_config
@@ -86,7 +86,7 @@ def run_vllm_dump_command(cfg, engine) -> None:
     from data.dataset import build_tokenized_datasets, dataset_fingerprint
     from models.registry import MODALITIES
     from models.targets.hf import load_tokenizer_and_processor
-    from trainer.data import build_adapter
+    from trainer.inputs import build_adapter
     from trainer.logger import save_resolved_config
 
     build_adapter(cfg, encode=False, offline=True)  # fails fast on a multimodal target

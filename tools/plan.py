@@ -221,7 +221,7 @@ def plan_memory(arch: TargetArch, draft_cfg, trainer_cfg, ds_cfg, world_size: in
     device="cpu" models a CPU run (what the tests measure): no overlap_comm double buffer, the DeepSpeed
     gradient bucket only as large as the gradients written into it, fp32 unless trainer.precision=bf16.
     """
-    from data.store import bytes_per_token
+    from data.store.reader import bytes_per_token
 
     if mode not in ("online", "offline", "dump"):
         raise ValueError(f"plan mode must be online, offline or dump, got {mode!r}")
@@ -309,7 +309,7 @@ def deepspeed_option(name: str, base):
     """The user's deepspeed settings with conf/deepspeed/<name>.yaml applied on top."""
     from omegaconf import OmegaConf
 
-    from trainer.config import REPO_ROOT
+    from data.paths import REPO_ROOT
     from trainer.engine import DeepSpeedConfig
 
     path = REPO_ROOT / "conf" / "deepspeed" / f"{name}.yaml"

@@ -14,8 +14,8 @@ from omegaconf import open_dict
 
 
 def run_quickstart(cfg) -> dict:
-    from trainer.evaluate import run_eval
-    from trainer.export import run_export
+    from tools.eval.decode import run_eval
+    from tools.export.base import run_export
     from trainer.train import Trainer
 
     path = Path(cfg.run_dir) / "quickstart_summary.json"
@@ -51,8 +51,8 @@ def _vllm_summary(cfg, export_dir: str):
     from omegaconf import OmegaConf
     from transformers import AutoTokenizer
 
-    from trainer.evaluate import EvalConfig, evaluate_with_vllm
-    from trainer.vllm_engine import VllmRunError, engine_config, vllm_python
+    from tools.eval.decode import EvalConfig, evaluate_with_vllm
+    from tools.vllm.engine import VllmRunError, engine_config, vllm_python
 
     engine = engine_config(cfg)
     try:

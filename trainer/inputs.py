@@ -261,9 +261,9 @@ def collate_store(samples: List[dict], packed: bool, max_tokens: int) -> dict:
 
 def build_offline_data(cfg, dist) -> TrainData:
     """Batches from the hidden-state store of `aerie dump`; the teacher is the target's norm + lm_head alone."""
-    from data.store import MANIFEST, HiddenStateStoreReader
+    from data.store.reader import MANIFEST, HiddenStateStoreReader
     from models.targets.teacher import load_lm_head_only
-    from trainer.export import load_target_embedding, target_spec_from_config
+    from tools.export.base import load_target_embedding, target_spec_from_config
 
     candidates = build_adapter(cfg, encode=False, offline=True).draft_vocab_candidates()
     store = Path(cfg.store.path)

@@ -68,7 +68,7 @@ class TrainModule(nn.Module):
                 out = self._target.forward(batch, draft_token_ids)
                 positions = out.position_ids if out.position_ids is not None else batch["position_ids"]
                 return out.aux_hidden_states, out.teacher_logits, out.teacher_argmax, out.inputs_embeds, positions
-            from trainer.data import teacher_from_store_batch
+            from trainer.inputs import teacher_from_store_batch
 
             logits, argmax = teacher_from_store_batch(batch, self.teacher_head, draft_token_ids)
             return batch["aux_hidden_states"], logits, argmax, None, batch["position_ids"]
@@ -161,7 +161,7 @@ class Trainer:
 
     # ---- composition -------------------------------------------------------------------------
     def _build_data(self):
-        from trainer.data import build_train_data
+        from trainer.inputs import build_train_data
 
         data = build_train_data(self.cfg, self.dist, self.ds_config)
         self.target = data.target
@@ -355,8 +355,8 @@ class Trainer:
         from omegaconf import OmegaConf
 
         from trainer.distributed import barrier, broadcast_object
-        from trainer.evaluate import EvalConfig, evaluate_draft, evaluate_state_with_vllm
-        from trainer.vllm_engine import check_engine_name
+        from tools.eval.decode import EvalConfig, evaluate_draft, evaluate_state_with_vllm
+        from tools.vllm.engine import check_engine_name
 
         on_vllm = check_engine_name(self.cfg.trainer.spec_eval_engine) == "vllm"
         if not on_vllm and (self.target is None or self.cfg.deepspeed.zero_stage == 3):
@@ -401,7 +401,7 @@ class Trainer:
 
     def save_final(self) -> Path:
         from trainer.distributed import barrier
-        from trainer.export import save_aerie_draft
+        from tools.export.base import save_aerie_draft
 
         final = self.run_dir / "final"
         state = _gathered_draft_state(self.draft)

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from models.modality.base import ModalityAdapter, ModalityConfig, sample_id
+from data.modality.base import ModalityAdapter, ModalityConfig, sample_id
 from models.registry import MODALITIES
 
 

@@ -1,7 +1,7 @@
 """Text adapter: a chat conversation -> token ids and an assistant-only loss mask."""
 from __future__ import annotations
 
-from models.modality.base import ModalityAdapter, ModalityConfig, sample_id, tokenize
+from data.modality.base import ModalityAdapter, ModalityConfig, sample_id, tokenize
 from models.registry import MODALITIES
 
 

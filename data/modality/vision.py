@@ -16,7 +16,7 @@ from typing import Dict, List
 import torch
 from torch import Tensor
 
-from models.modality.base import ModalityAdapter, ModalityConfig, sample_id, tokenize
+from data.modality.base import ModalityAdapter, ModalityConfig, sample_id, tokenize
 from models.registry import MODALITIES
 
 
@@ -61,7 +61,7 @@ class VisionAdapter(ModalityAdapter):
 
     def encode_prompt(self, sample: dict) -> dict:
         """A generation prompt (the conversation up to its last user turn) + media, for speculative eval."""
-        from trainer.evaluate import render_prompt
+        from tools.eval.decode import render_prompt
 
         sid = sample_id(sample)
         messages, media = self._messages_and_media(sample, sid)

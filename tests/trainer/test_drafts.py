@@ -35,8 +35,8 @@ def trained(dflash_run, tmp_path_factory, data_cache):
 
 
 def test_dflash_trains_and_its_loss_falls(dflash_run):
-    from trainer.export import load_draft, load_target_embedding
-    from trainer.export_dflash import probe_block_logits
+    from tools.export.base import load_draft, load_target_embedding
+    from tools.export.dflash import probe_block_logits
 
     metrics = read_metrics(dflash_run)
     assert [m["step"] for m in metrics] == list(range(1, 13))
@@ -54,10 +54,10 @@ def _hf_counts(export_dir: Path, prompts, option):
     from transformers import AutoModelForCausalLM
     from safetensors.torch import load_file
 
-    from trainer.evaluate import SpeculativeDecoder
-    from trainer.evaluate_dflash import BlockSpeculativeDecoder
-    from trainer.export import load_export
-    from trainer.export_dflash import from_vllm_files
+    from tools.eval.decode import SpeculativeDecoder
+    from tools.eval.block import BlockSpeculativeDecoder
+    from tools.export.base import load_export
+    from tools.export.dflash import from_vllm_files
 
     target = AutoModelForCausalLM.from_pretrained(TINY_CHAT, dtype=torch.float32).eval()
     embed = target.get_input_embeddings().weight.detach().float()
@@ -77,8 +77,8 @@ def _hf_counts(export_dir: Path, prompts, option):
 def test_vllm_serves_each_export_as_aerie_decodes_it(trained):
     from transformers import AutoTokenizer
 
-    from trainer.evaluate import load_prompts, render_prompt
-    from trainer.vllm_engine import EngineConfig, run_vllm
+    from tools.eval.decode import load_prompts, render_prompt
+    from tools.vllm.engine import EngineConfig, run_vllm
 
     tokenizer = AutoTokenizer.from_pretrained(TINY_CHAT)
     prompts = [render_prompt(tokenizer, conv) for conv in load_prompts("mtbench", 4)]

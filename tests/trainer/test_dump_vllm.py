@@ -1,4 +1,4 @@
-"""`aerie dump engine=vllm`: the target's states from vLLM's hidden-state extraction (trainer/vllm_dump_worker.py)
+"""`aerie dump engine=vllm`: the target's states from vLLM's hidden-state extraction (tools/vllm/dump_worker.py)
 fill the same store as the HF forward, and a draft trained offline from either store has the same losses."""
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from data.batching import collate
-from data.store import HiddenStateStoreReader, StoreConfig, dump_from_hidden_states, run_dump
+from data.store.reader import HiddenStateStoreReader, StoreConfig, dump_from_hidden_states, run_dump
 from tests.conftest import TINY_CHAT, TINY_TRAIN_OVERRIDES, read_metrics, run_aerie
 
 
@@ -41,7 +41,7 @@ def test_a_store_from_extracted_states_equals_the_forward_dump(tmp_path):
 
 @pytest.mark.slow
 def test_aerie_dump_engine_vllm_matches_the_hf_dump_and_trains_the_same(tmp_path, data_cache):
-    from trainer.vllm_engine import vllm_python
+    from tools.vllm.engine import vllm_python
 
     try:
         vllm_python()

@@ -211,7 +211,7 @@ def test_run_eval_from_composed_config(tmp_path, capsys):
     from omegaconf import OmegaConf
 
     from models.draft.eagle3 import DraftConfig
-    from trainer.export import load_target_embedding, save_aerie_draft, target_spec_from_config
+    from tools.export.base import load_target_embedding, save_aerie_draft, target_spec_from_config
 
     spec = target_spec_from_config({"path": FIXTURE})
     draft = Eagle3LlamaDraft.from_target(DraftConfig(draft_vocab_size=512), spec)

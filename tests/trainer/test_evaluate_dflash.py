@@ -7,7 +7,7 @@ import transformers
 
 from models.draft.dflash import DFlashConfig, DFlashDraft
 from trainer import evaluate as ev
-from trainer.evaluate_dflash import BlockSpeculativeDecoder
+from tools.eval.block import BlockSpeculativeDecoder
 
 
 def tiny_target(vocab=256):

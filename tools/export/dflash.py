@@ -29,7 +29,7 @@ MASK_EMBEDDING_NAME = "mask_embedding.pt"
 
 def build_dflash(config: DFlashModelConfig, state: Dict[str, Tensor], embed_weight: Optional[Tensor],
                  source: str) -> DFlashDraft:
-    from trainer.export import load_draft_tensors
+    from tools.export.base import load_draft_tensors
 
     return load_draft_tensors(DFlashDraft(config), state, embed_weight, source)
 
@@ -121,7 +121,7 @@ def probe_block_logits(draft: DFlashDraft, seed: int = 0) -> Tensor:
 def export_dflash(draft: DFlashDraft, out_dir: Union[str, Path], fmt: str, target: dict,
                   dtype: str = "bfloat16") -> Path:
     """Write the vLLM export of a DFlash draft (config.json, model.safetensors, mask_embedding.pt) atomically."""
-    from trainer.export import EXPORT_DTYPES, _safetensors_bytes, _write_dir_atomically, draft_state
+    from tools.export.base import EXPORT_DTYPES, _safetensors_bytes, _write_dir_atomically, draft_state
 
     if fmt != "vllm":
         raise ValueError(f"export.format={fmt!r}: a DFlash draft exports only to vllm (method 'dflash')")

@@ -1,4 +1,4 @@
-"""Standalone vLLM hidden-state worker: `python vllm_dump_worker.py JOB.json RESULT.json`, run by trainer/dump.py.
+"""Standalone vLLM hidden-state worker: `python dump_worker.py JOB.json RESULT.json`, run by tools/dump.py.
 
 Imports only vllm, torch, safetensors and the standard library (it runs in vLLM's own environment).  It starts one
 LLM on the target with vLLM's hidden-state extraction (`speculative_config={"method": "extract_hidden_states"}`,
@@ -63,7 +63,7 @@ def connector_config(storage: str) -> dict:
         # the engine process imports this module by name: put its folder on the path it inherits
         here = os.path.dirname(os.path.abspath(__file__))
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
-        config.update(kv_connector="CpuHiddenStatesConnector", kv_connector_module_path="vllm_dump_worker")
+        config.update(kv_connector="CpuHiddenStatesConnector", kv_connector_module_path="dump_worker")
     return config
 
 
@@ -98,7 +98,7 @@ def run(job: dict) -> dict:
 
 def main(argv) -> int:
     if len(argv) != 3:
-        print("usage: vllm_dump_worker.py JOB.json RESULT.json", file=sys.stderr)
+        print("usage: dump_worker.py JOB.json RESULT.json", file=sys.stderr)
         return 2
     with open(argv[1]) as handle:
         job = json.load(handle)

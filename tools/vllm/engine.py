@@ -2,7 +2,7 @@
 
 vLLM pins its own torch / transformers, so it lives in its own interpreter (`.venv-vllm`, made by `make` on machines
 without CUDA; on a GPU machine the user's vLLM: `engine.python=/path/to/python`).  `run_vllm` writes a job as JSON,
-runs `trainer/vllm_worker.py` (vllm + stdlib only) with that interpreter and returns the worker's JSON result.
+runs `tools/vllm/worker.py` (vllm + stdlib only) with that interpreter and returns the worker's JSON result.
 
 A job: {"target": path, "runs": [{"name", "speculative_config": dict | None, "prompt_token_ids": [[int]],
 "max_new_tokens", "temperature", "seed"}]}; a result: {"runs": [{"name", "output_token_ids", "num_drafts",
@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-WORKER = Path(__file__).resolve().parent / "vllm_worker.py"
+from data.paths import REPO_ROOT
+
+WORKER = Path(__file__).resolve().with_name("worker.py")
 ENGINES = ("hf", "vllm")
 
 
@@ -94,7 +95,7 @@ def _worker_env(engine: EngineConfig) -> dict:
 
 def run_vllm(job: dict, engine: EngineConfig, worker: Path = WORKER) -> dict:
     """Run the job's runs in vLLM (one LLM each) and return the worker's result (another `worker` script: its
-    own job, e.g. trainer/vllm_dump_worker.py's)."""
+    own job, e.g. tools/vllm/dump_worker.py's)."""
     python = vllm_python(engine.python)
     runs: List[dict] = list(job.get("runs") or [])
     if worker == WORKER and not runs or not job.get("target"):

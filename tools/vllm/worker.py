@@ -1,4 +1,4 @@
-"""Standalone vLLM worker: `python vllm_worker.py JOB.json RESULT.json`, run by trainer/vllm_engine.py.
+"""Standalone vLLM worker: `python worker.py JOB.json RESULT.json`, run by tools/vllm/engine.py.
 
 Imports only vllm and the standard library (it runs in vLLM's own environment, not Aerie's).  For each run of
 the job it starts one LLM on the target (with the run's speculative_config, passed to vLLM as it is), generates
@@ -71,7 +71,7 @@ def run_one(job: dict, run: dict) -> dict:
 
 def main(argv) -> int:
     if len(argv) != 3:
-        print("usage: vllm_worker.py JOB.json RESULT.json", file=sys.stderr)
+        print("usage: worker.py JOB.json RESULT.json", file=sys.stderr)
         return 2
     with open(argv[1]) as handle:
         job = json.load(handle)

@@ -28,7 +28,9 @@ FIXTURE_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 
 from data.dataset import tokenize_records  # noqa: E402
 from data.sources import DataConfig, load_conversations  # noqa: E402
-from data.store.reader import HiddenStateStoreReader, HiddenStateStoreWriter, bytes_per_token  # noqa: E402
+from data.store.format import bytes_per_token  # noqa: E402
+from data.store.reader import HiddenStateStoreReader  # noqa: E402
+from data.store.writer import HiddenStateStoreWriter  # noqa: E402
 from data.template import tokenize_conversation  # noqa: E402
 
 
@@ -108,7 +110,8 @@ def bench_store(train_tokens_per_s, num_samples=64, length=512):
 
 def bench_dump_engines(tokenizer, records, max_length):
     """HF forward dump vs vLLM extraction dump of the same tokenised samples, tokens/s (vLLM start-up apart)."""
-    from data.store.reader import StoreConfig, dump_from_hidden_states, run_dump
+    from data.store.format import StoreConfig
+    from tools.dump import dump_from_hidden_states, run_dump
     from models.targets.base import TargetConfig
     from models.targets.hf import HFTargetModel
     from models.targets.teacher import load_lm_head_only

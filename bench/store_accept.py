@@ -35,8 +35,9 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from data.store.reader import (HiddenStateStoreReader, HiddenStateStoreWriter, bytes_per_token,  # noqa: E402
-                        dequantize_fp8, quantize_fp8)
+from data.store.format import bytes_per_token, dequantize_fp8, quantize_fp8  # noqa: E402
+from data.store.reader import HiddenStateStoreReader  # noqa: E402
+from data.store.writer import HiddenStateStoreWriter  # noqa: E402
 
 # name -> (dump overrides, derived from another variant's store or None)
 VARIANTS = {
@@ -83,8 +84,9 @@ def expected_tau(draft_dir: Path, store: Path, target_cfg, k: int = 3) -> dict:
     from models.draft.ttt import run_ttt_steps, valid_positions
     from models.targets.base import TargetConfig
     from models.targets.teacher import load_lm_head_only
-    from trainer.inputs import collate_store
-    from tools.export.base import load_draft, load_target_embedding
+    from data.store.batch import collate_store
+    from models.targets.meta import load_target_embedding
+    from trainer.checkpoint import load_draft
 
     head = load_lm_head_only(TargetConfig(path=target_cfg.path, dtype=target_cfg.dtype))
     draft = load_draft(draft_dir, load_target_embedding(target_cfg.path)).eval()

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from data.modality.base import ModalityAdapter, ModalityConfig, sample_id, tokenize
-from models.registry import MODALITIES
+from data.registry import MODALITIES
 
 
 @dataclass
@@ -125,7 +125,7 @@ class AudioAdapter(ModalityAdapter):
 
     def encode_prompt(self, sample: dict) -> dict:
         """The generation prompt (user turn with the audio) + media, for speculative eval."""
-        from tools.eval.decode import render_prompt
+        from data.template import render_prompt
 
         sid = sample_id(sample)
         messages, media, num_tokens = self._turns(sample, sid, with_transcript=False)

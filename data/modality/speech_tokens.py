@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from data.modality.base import ModalityAdapter, ModalityConfig, sample_id
-from models.registry import MODALITIES
+from data.registry import MODALITIES
 
 
 @dataclass

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from data.modality.base import ModalityAdapter, ModalityConfig, sample_id, tokenize
-from models.registry import MODALITIES
+from data.registry import MODALITIES
 
 
 @MODALITIES.register("text")

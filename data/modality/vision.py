@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from data.modality.base import ModalityAdapter, ModalityConfig, sample_id, tokenize
-from models.registry import MODALITIES
+from data.registry import MODALITIES
 
 
 @dataclass
@@ -61,7 +61,7 @@ class VisionAdapter(ModalityAdapter):
 
     def encode_prompt(self, sample: dict) -> dict:
         """A generation prompt (the conversation up to its last user turn) + media, for speculative eval."""
-        from tools.eval.decode import render_prompt
+        from data.template import render_prompt
 
         sid = sample_id(sample)
         messages, media = self._messages_and_media(sample, sid)

@@ -76,7 +76,8 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from tools.eval.decode import load_prompts, render_prompt
+    from data.template import render_prompt
+    from tools.eval.decode import load_prompts
     from tools.vllm.engine import EngineConfig, run_vllm
 
     target = str(REPO / "assets" / "tiny-chat-llama")

@@ -82,7 +82,8 @@ def vllm_taus(exports: dict, num_prompts: int, k: int = 3) -> dict:
     """{run name: vLLM τ at k, T=0} for each exported draft, in one vLLM worker process."""
     import fcntl
 
-    from tools.eval.decode import load_prompts, render_prompt
+    from data.template import render_prompt
+    from tools.eval.decode import load_prompts
     from tools.vllm.engine import EngineConfig, run_vllm
     from transformers import AutoTokenizer
 
@@ -113,7 +114,8 @@ def decode_tau(draft, decode) -> float:
 def load_decoder_inputs(num_prompts: int):
     from types import SimpleNamespace
 
-    from tools.eval.decode import eos_ids, load_prompts, load_target_for_eval, render_prompt
+    from data.template import render_prompt
+    from tools.eval.decode import eos_ids, load_prompts, load_target_for_eval
 
     target, tokenizer = load_target_for_eval(SimpleNamespace(path=str(REPO / "assets" / "tiny-chat-llama"),
                                                              dtype="float32", trust_remote_code=False))

@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 # name -> ("module:function", one-line help). Each function takes the composed DictConfig.
 COMMANDS: Dict[str, Tuple[str, str]] = {
-    "train": ("trainer.train:run_train", "train an Eagle3 draft head, online (target in the loop) or offline (from a dump)"),
+    "train": ("tools.commands:run_train_command", "train an Eagle3 draft head, online (target in the loop) or offline (from a dump)"),
     "inspect": ("tools.commands:run_inspect_command", "show a tokenised sample with its loss mask highlighted, and dataset statistics"),
     "vocab": ("tools.commands:run_vocab_command", "count loss-masked tokens and write the draft vocabulary (d2t / t2d)"),
     "regen": ("tools.commands:run_regen_command", "regenerate the answers through an OpenAI-compatible server (launch/vllm/serve.sh, SGLang)"),

@@ -1,6 +1,6 @@
-"""Thin `aerie` subcommands over the data pipeline: inspect, vocab, regen.
+"""Thin `aerie` subcommands: train (the Trainer with its in-loop speculative eval), inspect, vocab, regen.
 
-Each takes the composed Hydra config and calls one function of `data/`; composition only, no logic.
+Each takes the composed Hydra config and calls into `trainer/` or `data/`; composition only, no logic.
 """
 from __future__ import annotations
 
@@ -17,6 +17,17 @@ def _adapter(cfg):
 
     tokenizer, processor = load_tokenizer_and_processor(cfg.target, MODALITIES.get(cfg.modality.name).is_multimodal)
     return build_adapter(cfg, tokenizer, processor)
+
+
+def run_train_command(cfg) -> None:
+    """Train a draft; speculative decoding every trainer.spec_eval_every steps comes from tools/eval/in_loop.py."""
+    from tools.eval.in_loop import speculative_eval
+    from trainer.train import Trainer
+
+    trainer = Trainer(cfg, spec_eval=speculative_eval)
+    out = trainer.fit()
+    if trainer.dist.is_main:
+        print(f"draft written to {out}" if out.name == "final" else f"run state in {out}", flush=True)
 
 
 def run_inspect_command(cfg) -> None:

@@ -21,7 +21,7 @@ from omegaconf import MISSING, OmegaConf
 from data.paths import REPO_ROOT
 from data.regen import RegenConfig
 from data.sources import SOURCES, DataConfig
-from data.store.reader import StoreConfig
+from data.store.format import StoreConfig
 from models.targets.base import TargetConfig
 from trainer.engine import DeepSpeedConfig
 from tools.eval.decode import EvalConfig

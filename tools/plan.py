@@ -221,7 +221,7 @@ def plan_memory(arch: TargetArch, draft_cfg, trainer_cfg, ds_cfg, world_size: in
     device="cpu" models a CPU run (what the tests measure): no overlap_comm double buffer, the DeepSpeed
     gradient bucket only as large as the gradients written into it, fp32 unless trainer.precision=bf16.
     """
-    from data.store.reader import bytes_per_token
+    from data.store.format import bytes_per_token
 
     if mode not in ("online", "offline", "dump"):
         raise ValueError(f"plan mode must be online, offline or dump, got {mode!r}")

@@ -15,11 +15,12 @@ from omegaconf import open_dict
 
 def run_quickstart(cfg) -> dict:
     from tools.eval.decode import run_eval
+    from tools.eval.in_loop import speculative_eval
     from tools.export.base import run_export
     from trainer.train import Trainer
 
     path = Path(cfg.run_dir) / "quickstart_summary.json"
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, spec_eval=speculative_eval)
     already_done = trainer.step >= cfg.trainer.max_steps
     final = trainer.fit()
     if final.name != "final" or not trainer.dist.is_main:  # preempted (checkpoint written), or not rank 0

@@ -35,7 +35,8 @@ def trained(dflash_run, tmp_path_factory, data_cache):
 
 
 def test_dflash_trains_and_its_loss_falls(dflash_run):
-    from tools.export.base import load_draft, load_target_embedding
+    from models.targets.meta import load_target_embedding
+    from trainer.checkpoint import load_draft
     from tools.export.dflash import probe_block_logits
 
     metrics = read_metrics(dflash_run)
@@ -77,7 +78,8 @@ def _hf_counts(export_dir: Path, prompts, option):
 def test_vllm_serves_each_export_as_aerie_decodes_it(trained):
     from transformers import AutoTokenizer
 
-    from tools.eval.decode import load_prompts, render_prompt
+    from data.template import render_prompt
+    from tools.eval.decode import load_prompts
     from tools.vllm.engine import EngineConfig, run_vllm
 
     tokenizer = AutoTokenizer.from_pretrained(TINY_CHAT)

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from data.batching import collate
-from data.store.reader import HiddenStateStoreReader, StoreConfig, dump_from_hidden_states, run_dump
+from data.store.format import StoreConfig
+from data.store.reader import HiddenStateStoreReader
+from tools.dump import dump_from_hidden_states, run_dump
 from tests.conftest import TINY_CHAT, TINY_TRAIN_OVERRIDES, read_metrics, run_aerie
 
 

@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from models.draft.eagle3 import Eagle3LlamaDraft, Eagle3ModelConfig
-from trainer import evaluate as ev
+from tools.eval import decode as ev
 
 FIXTURE = str(Path(__file__).resolve().parents[2] / "assets" / "tiny-chat-llama")
 
@@ -211,7 +211,8 @@ def test_run_eval_from_composed_config(tmp_path, capsys):
     from omegaconf import OmegaConf
 
     from models.draft.eagle3 import DraftConfig
-    from tools.export.base import load_target_embedding, save_aerie_draft, target_spec_from_config
+    from models.draft.io import save_aerie_draft
+    from models.targets.meta import load_target_embedding, target_spec_from_config
 
     spec = target_spec_from_config({"path": FIXTURE})
     draft = Eagle3LlamaDraft.from_target(DraftConfig(draft_vocab_size=512), spec)

@@ -6,7 +6,7 @@ import torch
 import transformers
 
 from models.draft.dflash import DFlashConfig, DFlashDraft
-from trainer import evaluate as ev
+from tools.eval import decode as ev
 from tools.eval.block import BlockSpeculativeDecoder
 
 

@@ -13,7 +13,7 @@ from models.registry import MODALITIES, TARGETS
 from models.targets.base import TargetConfig
 from tests.conftest import read_metrics, run_aerie
 from tools.eval.media import MediaSpeculativeDecoder, load_media_prompts
-from tools.export.base import save_aerie_draft
+from models.draft.io import save_aerie_draft
 
 SIZES = [(64, 64), (64, 96), (96, 64), (64, 128), (128, 64), (96, 96)]
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from models.draft import io as draft_io
 from models.draft.eagle3 import Eagle3LlamaDraft, Eagle3ModelConfig
 from models.registry import EXPORTS
-from trainer import export as ex
+from tools.export import base as ex
 
 H, INTER, HEADS, KV, HEAD_DIM, V, VD = 64, 128, 4, 2, 16, 512, 128
 TARGET = {"name_or_path": "tiny/llama-8l", "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
@@ -172,7 +173,7 @@ def test_unservable_drafts_and_multimodal_names(tmp_path):
 
 def test_aerie_format_round_trip_and_replace(tmp_path):
     draft = make_draft(num_layers=2, norm_before_residual=True)
-    out = ex.save_aerie_draft(draft, tmp_path / "final", metadata={"step": 7, "target": "t"})
+    out = draft_io.save_aerie_draft(draft, tmp_path / "final", metadata={"step": 7, "target": "t"})
     config = json.loads((out / "config.json").read_text())
     assert config["aerie_format"] == 1 and config["architecture"] == "eagle3_llama"
     assert config["metadata"] == {"step": 7, "target": "t"} and config["aux_layer_ids"] == [2, 4, 5]
@@ -183,12 +184,12 @@ def test_aerie_format_round_trip_and_replace(tmp_path):
     assert torch.allclose(logits_of(loaded), logits_of(draft), atol=1e-6)
     # a second save replaces the first and leaves no temporary dirs behind
     other = make_draft(seed=3, num_layers=2, norm_before_residual=True)
-    ex.save_aerie_draft(other, tmp_path / "final")
+    draft_io.save_aerie_draft(other, tmp_path / "final")
     assert sorted(os.listdir(tmp_path)) == ["final"]
     reloaded = ex.load_aerie_draft(tmp_path / "final", embed_weight=other.embed_tokens.weight)
     assert torch.allclose(logits_of(reloaded), logits_of(other), atol=1e-6)
     with pytest.raises(ValueError, match="missing"):
-        ex.save_aerie_draft(draft, tmp_path / "bad", state_dict={"fc.weight": draft.fc.weight})
+        draft_io.save_aerie_draft(draft, tmp_path / "bad", state_dict={"fc.weight": draft.fc.weight})
 
 
 class Container(torch.nn.Module):
@@ -255,7 +256,7 @@ def test_run_export_from_composed_config(tmp_path):
     from omegaconf import OmegaConf
 
     draft = make_draft()
-    ex.save_aerie_draft(draft, tmp_path / "final", metadata={"target": "unused"})
+    draft_io.save_aerie_draft(draft, tmp_path / "final", metadata={"target": "unused"})
     (tmp_path / "target").mkdir()
     (tmp_path / "target" / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": V,
                                                                   "hidden_size": H}))

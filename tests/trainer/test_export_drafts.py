@@ -9,8 +9,10 @@ from safetensors.torch import load_file
 
 from models.draft.dflash import DFlashConfig, DFlashDraft
 from models.draft.eagle3 import DraftConfig, Eagle3LlamaDraft
-from models.draft.vocab import build_draft_vocab
-from tools.export.base import export, load_draft, load_export, save_aerie_draft
+from data.vocab import build_draft_vocab
+from models.draft.io import save_aerie_draft
+from tools.export.base import export, load_export
+from trainer.checkpoint import load_draft
 from tools.export.dflash import MASK_EMBEDDING_NAME, probe_block_logits, from_vllm_files
 
 TARGET = {"name_or_path": "tiny", "model_type": "llama", "architectures": ["LlamaForCausalLM"]}

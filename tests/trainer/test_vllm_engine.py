@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer import vllm_engine as ve
+from tools.vllm import engine as ve
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = str(REPO / "assets" / "tiny-chat-llama")
@@ -44,7 +44,9 @@ def test_run_vllm_rejects_an_empty_job():
 def random_export(tmp_path, fmt="vllm"):
     """A random-weight draft for the tiny target, saved in Aerie's format and exported for `fmt`."""
     from models.draft.eagle3 import DraftConfig, Eagle3LlamaDraft
-    from tools.export.base import export, save_aerie_draft, target_spec_from_config
+    from models.draft.io import save_aerie_draft
+    from models.targets.meta import target_spec_from_config
+    from tools.export.base import export
 
     spec = target_spec_from_config({"path": FIXTURE})
     torch.manual_seed(0)
@@ -71,7 +73,8 @@ def corrupt(source: Path, out: Path, config=None, rename=None) -> Path:
 
 
 def test_validation_refuses_the_three_corruptions(tmp_path):
-    from tools.export.base import load_aerie_draft, validate_export
+    from models.draft.io import load_aerie_draft
+    from tools.export.base import validate_export
 
     out = random_export(tmp_path)
     assert validate_export(out, target=FIXTURE, draft_config=load_aerie_draft(tmp_path / "final").config) == "vllm"

@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from data.template import render_prompt
 from models.draft.eagle3 import Eagle3LlamaDraft
 from tools.eval.oracle import with_oracle
 
@@ -113,15 +114,6 @@ def load_prompts(prompts: str, max_prompts: int = 0) -> List[List[dict]]:
             else:
                 raise ValueError(f"{path}:{number}: needs a 'prompt' string or a non-empty 'messages' list")
     return convs[:max_prompts] if max_prompts and max_prompts > 0 else convs
-
-
-def render_prompt(tokenizer, messages: List[dict]) -> List[int]:
-    """Token ids of the conversation in the tokenizer's chat template (generation prompt added); the raw text of
-    the last message when the tokenizer has no chat template (completion prompt)."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(messages[-1]["content"])["input_ids"])
 
 
 # ---- speculative decoding ---------------------------------------------------------------------------------------
@@ -513,7 +505,8 @@ def _newest_mtime(path: Path) -> float:
 def vllm_export_for_eval(draft: str, export_dir: str, target_cfg) -> Path:
     """The vllm export to serve: eval.draft itself when it is one, else export_dir, (re)written from the draft when
     missing or older than it; validated against the target and the draft before vLLM ever starts."""
-    from tools.export.base import export, export_format, is_engine_export, load_draft, validate_export
+    from tools.export.base import export, export_format, is_engine_export, validate_export
+    from trainer.checkpoint import load_draft
 
     draft_path = Path(draft)
     if is_engine_export(draft_path):
@@ -537,7 +530,8 @@ def evaluate_state_with_vllm(draft: Eagle3LlamaDraft, state: Dict[str, Tensor], 
     from omegaconf import OmegaConf
     from transformers import AutoTokenizer
 
-    from tools.export.base import export, save_aerie_draft, validate_export
+    from models.draft.io import save_aerie_draft
+    from tools.export.base import export, validate_export
     from tools.vllm.engine import engine_config
 
     target_cfg = OmegaConf.to_container(cfg.target, resolve=True)
@@ -553,7 +547,8 @@ def evaluate_state_with_vllm(draft: Eagle3LlamaDraft, state: Dict[str, Tensor], 
 
 def load_eval_draft(path: str, embed_weight: Tensor) -> Eagle3LlamaDraft:
     """An Aerie draft, checkpoint step dir, or engine export (rebuilt from the export alone)."""
-    from tools.export.base import export_format, is_engine_export, load_draft, load_export
+    from tools.export.base import export_format, is_engine_export, load_export
+    from trainer.checkpoint import load_draft
 
     if is_engine_export(Path(path)):
         return load_export(path, export_format(path), embed_weight)

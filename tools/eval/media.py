@@ -119,7 +119,7 @@ def run_media_eval(cfg) -> dict:
     from models.targets.hf import load_tokenizer_and_processor
     from trainer.inputs import build_adapter
     from tools.eval.decode import load_target_for_eval
-    from tools.export.base import load_draft
+    from trainer.checkpoint import load_draft
 
     ecfg = EvalConfig(**OmegaConf.to_container(cfg.eval, resolve=True))
     if not ecfg.draft or not cfg.target.path:

@@ -26,12 +26,14 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from data.io import read_json, safetensors_bytes, write_dir_atomically
 from models.draft.eagle3 import Eagle3LlamaDraft, Eagle3ModelConfig
+from models.draft.io import CONFIG_NAME, WEIGHTS_NAME, build_draft, draft_state, load_aerie_draft
 from models.registry import DRAFTS, EXPORTS
 from models.targets.base import from_sglang_layer_ids, to_sglang_layer_ids
+from models.targets.meta import load_target_embedding, target_spec_from_config
+from trainer.checkpoint import load_draft
 
-AERIE_FORMAT = 1
-CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 # target model_type -> Eagle3 draft architecture each engine registers for it (vLLM registry.py
@@ -59,198 +61,6 @@ class ExportConfig:
     include_embed: bool = False  # also write embed_tokens.weight (engines take the target's when absent)
     dtype: str = "bfloat16"  # bfloat16 | float16 | float32 for the floating-point tensors
     verifier: str = ""  # the target's name in config.json (hub id); "" -> target.path, a local dir by its name
-
-
-# ---- atomic directory writes ------------------------------------------------------------------------------
-def _write_dir_atomically(out_dir: Union[str, Path], files: Dict[str, bytes]) -> Path:
-    """Write `files` into a hidden sibling tmp dir, then swap it in place of out_dir (an older one is replaced)."""
-    from data.io import umask_mode
-
-    out = Path(out_dir).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    os.chmod(tmp, umask_mode(directory=True))  # mkdtemp makes it 0700: unreadable to a serving engine's user
-    try:
-        for name, payload in files.items():
-            (tmp / name).write_bytes(payload)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".old-{out.name}-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def _safetensors_bytes(tensors: Dict[str, Tensor], metadata: Optional[Dict[str, str]] = None) -> bytes:
-    from safetensors.torch import save
-
-    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path}: not found") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: invalid JSON ({err})") from None
-
-
-# ---- Aerie's own format -----------------------------------------------------------------------------------
-def draft_state(draft: Eagle3LlamaDraft) -> Dict[str, Tensor]:
-    """The draft's persistent tensors without the frozen embedding."""
-    return {n: t.detach() for n, t in draft.state_dict().items() if not n.startswith("embed_tokens.")}
-
-
-def save_aerie_draft(draft: Eagle3LlamaDraft, out_dir: Union[str, Path], state_dict: Optional[Dict[str, Tensor]] = None,
-                     metadata: Optional[dict] = None, extra_files: Optional[Dict[str, bytes]] = None) -> Path:
-    """Write config.json + model.safetensors (draft weights, d2t, t2d; no embed_tokens) and `extra_files`
-    atomically to out_dir."""
-    state = {n: t for n, t in (state_dict if state_dict is not None else draft_state(draft)).items()
-             if not n.startswith("embed_tokens.")}
-    expected = set(draft_state(draft))
-    if set(state) != expected:
-        raise ValueError(f"save_aerie_draft: state_dict names differ from the draft's: missing "
-                         f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}")
-    config = {**draft.config.to_dict(), "aerie_format": AERIE_FORMAT, "architecture": draft.architecture,
-              "metadata": dict(metadata or {})}
-    files = {CONFIG_NAME: json.dumps(config, indent=2, sort_keys=True).encode(), WEIGHTS_NAME: _safetensors_bytes(state),
-             **(extra_files or {})}
-    return _write_dir_atomically(out_dir, files)
-
-
-def load_draft_tensors(draft, state: Dict[str, Tensor], embed_weight: Optional[Tensor], source: str):
-    """`draft` (freshly built from its config) with `state`'s tensors, its d2t/t2d and the target's embedding, in
-    fp32 eval mode; tensors that load_embedding initialises from the embedding (DFlash's mask) keep their values."""
-    vocab = {k: state[k] for k in ("d2t", "t2d") if k in state}
-    weights = {k: v for k, v in state.items() if k not in ("d2t", "t2d")}
-    missing, unexpected = draft.load_state_dict(weights, strict=False)
-    missing = [n for n in missing if not n.startswith("embed_tokens.") and n not in ("d2t", "t2d")]
-    if missing or unexpected or len(vocab) != 2:
-        raise ValueError(f"{source}: tensors do not match the {draft.architecture} config: missing "
-                         f"{(missing + sorted({'d2t', 't2d'} - set(vocab)))[:5]}, unexpected {unexpected[:5]}")
-    draft.set_draft_vocab(vocab["d2t"], vocab["t2d"])
-    if embed_weight is not None:
-        loaded = {n: p.detach().clone() for n, p in draft.named_parameters() if not n.startswith("embed_tokens.")}
-        draft.load_embedding(embed_weight.to(draft.embed_tokens.weight.dtype))
-        draft.load_state_dict(loaded, strict=False)
-    return draft.float().eval()
-
-
-def _build_draft(config: Eagle3ModelConfig, state: Dict[str, Tensor], embed_weight: Optional[Tensor],
-                 source: str) -> Eagle3LlamaDraft:
-    return load_draft_tensors(Eagle3LlamaDraft(config), state, embed_weight, source)
-
-
-def load_aerie_draft(path: Union[str, Path], embed_weight: Optional[Tensor] = None) -> Eagle3LlamaDraft:
-    """Eagle3LlamaDraft (float32, eval) from an Aerie draft dir; embed_weight (V, H) is the target's embedding."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    raw = _read_json(path / CONFIG_NAME)
-    if raw.get("aerie_format") == AERIE_FORMAT and raw.get("architecture") == "dflash":
-        from tools.export.dflash import load_aerie_dflash
-
-        return load_aerie_dflash(path, raw, embed_weight)
-    if raw.get("aerie_format") != AERIE_FORMAT or raw.get("architecture") != "eagle3_llama":
-        raise ValueError(f"{path / CONFIG_NAME}: not an Aerie eagle3_llama draft (aerie_format "
-                         f"{raw.get('aerie_format')!r}, architecture {raw.get('architecture')!r})")
-    fields = {f.name for f in dataclasses.fields(Eagle3ModelConfig)}
-    config = Eagle3ModelConfig.from_dict({k: v for k, v in raw.items() if k in fields})
-    return _build_draft(config, load_file(str(path / WEIGHTS_NAME)), embed_weight, str(path))
-
-
-def aerie_metadata(path: Union[str, Path]) -> dict:
-    return dict(_read_json(Path(path) / CONFIG_NAME).get("metadata") or {})
-
-
-# ---- DeepSpeed checkpoints -----------------------------------------------------------------------------------
-def target_spec_from_config(target_cfg):
-    """TargetSpec of a target config (the `target` section) without loading its weights (meta device)."""
-    from transformers import AutoConfig
-
-    from models.targets.base import TargetConfig
-    from models.targets.hf import HFTargetModel, instantiate_from_config, model_class_for
-
-    known = {f.name for f in dataclasses.fields(TargetConfig)}
-    tcfg = TargetConfig(**{k: v for k, v in dict(target_cfg).items() if k in known})
-    if tcfg.backend != "hf":
-        raise ValueError(f"target.backend={tcfg.backend!r}: rebuilding the target spec supports only 'hf'")
-    config = AutoConfig.from_pretrained(tcfg.path, trust_remote_code=tcfg.trust_remote_code)
-    with torch.device("meta"):
-        module = instantiate_from_config(model_class_for(config, tcfg), config, tcfg.trust_remote_code)
-    return HFTargetModel(module, tcfg, name_or_path=tcfg.path).spec
-
-
-def load_draft_from_checkpoint(step_dir: Union[str, Path], embed_weight: Optional[Tensor] = None) -> Eagle3LlamaDraft:
-    """Draft from `<run_dir>/ckpt/step-N/`: ZeRO shards (any stage) consolidated, `draft.` prefix stripped."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from omegaconf import OmegaConf
-    from safetensors.torch import load_file
-
-    from models.draft.eagle3 import DraftConfig
-
-    from trainer.checkpoint import checkpoint_problem
-
-    step_dir = Path(step_dir).resolve()
-    for name in ("config.yaml", "vocab.safetensors"):
-        if not (step_dir / name).is_file():
-            raise ValueError(f"{step_dir}: not an Aerie checkpoint step dir (no {name})")
-    why = checkpoint_problem(step_dir)  # checksums, and weights-only unpickling before DeepSpeed's full one
-    if why is not None:
-        raise ValueError(f"{step_dir}: refusing to load this checkpoint: {why}")
-    cfg = OmegaConf.to_container(OmegaConf.load(step_dir / "config.yaml"), resolve=True)
-    if "draft" not in cfg or "target" not in cfg:
-        raise ValueError(f"{step_dir / 'config.yaml'}: needs 'draft' and 'target' sections")
-    draft_cls = DRAFTS.get(cfg["draft"].get("arch", "eagle3_llama"))  # the architecture the run trained
-    schema = getattr(draft_cls, "config_class", DraftConfig)
-    known = {f.name for f in dataclasses.fields(schema)}
-    draft_cfg = schema(**{k: v for k, v in cfg["draft"].items() if k in known})
-    config = draft_cls.from_target(draft_cfg, target_spec_from_config(cfg["target"])).config
-    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
-    state = {n[len("draft."):]: t for n, t in consolidated.items() if n.startswith("draft.")}
-    # buffers come back as float from zero_to_fp32: the vocabulary is taken from vocab.safetensors instead
-    state.update({k: v for k, v in load_file(str(step_dir / "vocab.safetensors")).items() if k in ("d2t", "t2d")})
-    if getattr(draft_cls, "architecture", "") == "dflash":
-        from tools.export.dflash import build_dflash
-
-        return build_dflash(config, state, embed_weight, str(step_dir))
-    return _build_draft(config, state, embed_weight, str(step_dir))
-
-
-def load_draft(path: Union[str, Path], embed_weight: Optional[Tensor] = None) -> Eagle3LlamaDraft:
-    """An Aerie draft dir or a checkpoint step dir."""
-    path = Path(path)
-    if (path / CONFIG_NAME).is_file():
-        return load_aerie_draft(path, embed_weight)
-    if (path / "config.yaml").is_file():
-        return load_draft_from_checkpoint(path, embed_weight)
-    raise ValueError(f"{path}: neither an Aerie draft dir (config.json) nor a checkpoint step dir (config.yaml)")
-
-
-def load_target_embedding(target_path: Union[str, Path]) -> Tensor:
-    """The target's input embedding (V, H) read alone from its safetensors files (local dir)."""
-    from safetensors import safe_open
-
-    root = Path(target_path)
-    files = sorted(root.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{root}: no *.safetensors files to read the target's embed_tokens from")
-    candidates = []
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            candidates += [(name, file) for name in handle.keys() if name.endswith("embed_tokens.weight")]
-    if not candidates:
-        raise ValueError(f"{root}: no tensor named *embed_tokens.weight")
-    # the text decoder's table: prefer language_model.* over any other (e.g. audio/vision) embed_tokens
-    name, file = sorted(candidates, key=lambda c: ("language_model" not in c[0], len(c[0])))[0]
-    with safe_open(str(file), framework="pt") as handle:
-        return handle.get_tensor(name)
 
 
 # ---- what each engine expects --------------------------------------------------------------------------------
@@ -423,10 +233,10 @@ def load_export(path: Union[str, Path], fmt: str, embed_weight: Optional[Tensor]
     from safetensors.torch import load_file
 
     path = Path(path)
-    cfg = config_from_export(fmt, _read_json(path / CONFIG_NAME))
+    cfg = config_from_export(fmt, read_json(path / CONFIG_NAME))
     state = from_export_names(fmt, cfg, load_file(str(path / WEIGHTS_NAME)))
     exported_embed = state.pop("embed_tokens.weight", None)
-    return _build_draft(cfg, state, exported_embed if exported_embed is not None else embed_weight, str(path))
+    return build_draft("eagle3_llama", cfg, state, exported_embed if exported_embed is not None else embed_weight, str(path))
 
 
 # ---- validation of an export on disk against its target, before an engine starts -------------------------------
@@ -435,7 +245,7 @@ def is_engine_export(path: Union[str, Path]) -> bool:
     config = Path(path) / CONFIG_NAME
     if not config.is_file():
         return False
-    raw = _read_json(config)
+    raw = read_json(config)
     return "architectures" in raw and "aerie_format" not in raw
 
 
@@ -444,7 +254,7 @@ def export_format(path: Union[str, Path]) -> str:
     path = Path(path)
     if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
         raise ValueError(f"{path}: not an engine export (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-    raw = _read_json(path / CONFIG_NAME)
+    raw = read_json(path / CONFIG_NAME)
     if raw.get("speculators_model_type") == "eagle3":
         return "speculators"
     architectures = set(raw.get("architectures") or [])
@@ -472,13 +282,13 @@ def validate_export(path: Union[str, Path], target=None, draft_config: Optional[
     """
     path = Path(path)
     fmt = export_format(path)
-    cfg = config_from_export(fmt, _read_json(path / CONFIG_NAME))
+    cfg = config_from_export(fmt, read_json(path / CONFIG_NAME))
     shapes = _safetensors_shapes(path / WEIGHTS_NAME)
     problems = _name_and_shape_problems(expected_tensors(fmt, cfg, include_embed="embed_tokens.weight" in shapes),
                                         shapes)
     if problems:
         raise ValueError(f"{path}: {fmt} export refused: {problems}")
-    record = _read_json(path / CONFIG_NAME).get("aerie") or {}
+    record = read_json(path / CONFIG_NAME).get("aerie") or {}
     trained = {"aux_layer_ids": record.get("aux_layer_ids"), "rope_theta": record.get("rope_theta")}
     if draft_config is not None:
         trained = {"aux_layer_ids": list(draft_config.aux_layer_ids), "rope_theta": draft_config.rope_theta}
@@ -532,7 +342,7 @@ def _reload_check(fmt: str, out_tensors: Dict[str, Tensor], exported_config: dic
     cfg = config_from_export(fmt, json.loads(json.dumps(exported_config)))
     state = from_export_names(fmt, cfg, {k: v.clone() for k, v in out_tensors.items()})
     exported_embed = state.pop("embed_tokens.weight", None)
-    rebuilt = _build_draft(cfg, state, exported_embed if exported_embed is not None else embed_weight, f"{fmt} export")
+    rebuilt = build_draft("eagle3_llama", cfg, state, exported_embed if exported_embed is not None else embed_weight, f"{fmt} export")
     generator = torch.Generator().manual_seed(0)
     length, c = 6, reference.config
     aux = torch.randn(1, length, c.num_aux_layers * c.target_hidden_size, generator=generator)
@@ -601,8 +411,8 @@ def export(draft_or_path, out_dir: Union[str, Path], format: str, target=None, n
                                   if k != "embed_tokens.weight"}, "embed_tokens.weight": embed}, strict=True)
     _reload_check(fmt, tensors, config, reference.float().eval(), embed)
     files = {CONFIG_NAME: json.dumps(config, indent=2).encode(),
-             WEIGHTS_NAME: _safetensors_bytes(tensors, metadata={"format": "pt"})}
-    return _write_dir_atomically(out_dir, files)
+             WEIGHTS_NAME: safetensors_bytes(tensors, metadata={"format": "pt"})}
+    return write_dir_atomically(out_dir, files)
 
 
 def _register(fmt: str):
@@ -625,7 +435,7 @@ def verifier_name(target_path: str, verifier: str = "") -> str:
     local dir's `_name_or_path` (when a hub id) or folder name: no machine path leaves the trainer."""
     if verifier or not os.path.isdir(target_path):
         return verifier or target_path
-    saved = str(_read_json(Path(target_path) / "config.json").get("_name_or_path") or "")
+    saved = str(read_json(Path(target_path) / "config.json").get("_name_or_path") or "")
     return saved if saved and not os.path.isabs(saved) and not os.path.exists(saved) else Path(target_path).name
 
 

@@ -22,25 +22,11 @@ from typing import Dict, Optional, Union
 import torch
 from torch import Tensor
 
+from data.io import safetensors_bytes, write_dir_atomically
 from models.draft.dflash import DFlashDraft, DFlashModelConfig
+from models.draft.io import build_draft, draft_state
 
 MASK_EMBEDDING_NAME = "mask_embedding.pt"
-
-
-def build_dflash(config: DFlashModelConfig, state: Dict[str, Tensor], embed_weight: Optional[Tensor],
-                 source: str) -> DFlashDraft:
-    from tools.export.base import load_draft_tensors
-
-    return load_draft_tensors(DFlashDraft(config), state, embed_weight, source)
-
-
-def load_aerie_dflash(path: Union[str, Path], raw: dict, embed_weight: Optional[Tensor] = None) -> DFlashDraft:
-    """DFlashDraft (float32, eval) from an Aerie draft dir whose config.json is `raw`."""
-    from safetensors.torch import load_file
-
-    fields = DFlashModelConfig.__dataclass_fields__
-    config = DFlashModelConfig.from_dict({k: v for k, v in raw.items() if k in fields})
-    return build_dflash(config, load_file(str(Path(path) / "model.safetensors")), embed_weight, str(path))
 
 
 def vllm_config(cfg: DFlashModelConfig, target: dict, dtype: str) -> dict:
@@ -105,7 +91,7 @@ def from_vllm_files(config: dict, tensors: Dict[str, Tensor], mask: dict, embed_
     state.update(d2t=d2t, t2d=t2d, mask_embedding=mask["embedding"].float())
     if mask["mask_token_id"] != cfg.mask_token_id:
         raise ValueError(f"{MASK_EMBEDDING_NAME} mask_token_id {mask['mask_token_id']} != {cfg.mask_token_id}")
-    return build_dflash(cfg, state, embed_weight, "dflash export")
+    return build_draft("dflash", cfg, state, embed_weight, "dflash export")
 
 
 def probe_block_logits(draft: DFlashDraft, seed: int = 0) -> Tensor:
@@ -121,7 +107,7 @@ def probe_block_logits(draft: DFlashDraft, seed: int = 0) -> Tensor:
 def export_dflash(draft: DFlashDraft, out_dir: Union[str, Path], fmt: str, target: dict,
                   dtype: str = "bfloat16") -> Path:
     """Write the vLLM export of a DFlash draft (config.json, model.safetensors, mask_embedding.pt) atomically."""
-    from tools.export.base import EXPORT_DTYPES, _safetensors_bytes, _write_dir_atomically, draft_state
+    from tools.export.base import EXPORT_DTYPES
 
     if fmt != "vllm":
         raise ValueError(f"export.format={fmt!r}: a DFlash draft exports only to vllm (method 'dflash')")
@@ -140,7 +126,7 @@ def export_dflash(draft: DFlashDraft, out_dir: Union[str, Path], fmt: str, targe
     embed = draft.embed_tokens.weight.detach().float().cpu()
     # reference: the source draft with its weights rounded to the export dtype, computed in float32
     rounded = {n: (t.to(torch_dtype).float() if t.is_floating_point() else t) for n, t in draft_state(draft).items()}
-    reference = build_dflash(cfg, rounded, embed, "dflash draft")
+    reference = build_draft("dflash", cfg, rounded, embed, "dflash draft")
     rebuilt = from_vllm_files(json.loads(json.dumps(config)), state, mask, embed)
     expected_logits, logits = probe_block_logits(reference), probe_block_logits(rebuilt)
     if not torch.allclose(expected_logits, logits, atol=1e-4, rtol=1e-4):
@@ -149,5 +135,5 @@ def export_dflash(draft: DFlashDraft, out_dir: Union[str, Path], fmt: str, targe
     buffer = io.BytesIO()
     torch.save(mask, buffer)
     files = {"config.json": json.dumps(config, indent=2).encode(), MASK_EMBEDDING_NAME: buffer.getvalue(),
-             "model.safetensors": _safetensors_bytes(state, metadata={"format": "pt"})}
-    return _write_dir_atomically(out_dir, files)
+             "model.safetensors": safetensors_bytes(state, metadata={"format": "pt"})}
+    return write_dir_atomically(out_dir, files)

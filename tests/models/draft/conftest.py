@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models.draft.eagle3 import DraftConfig, Eagle3LlamaDraft
-from models.draft.vocab import build_draft_vocab
+from data.vocab import build_draft_vocab
 
 VOCAB, HIDDEN, DRAFT_VOCAB = 512, 64, 128
 

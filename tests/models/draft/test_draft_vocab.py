@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from models.draft.vocab import build_draft_vocab, draft_to_target, target_to_draft
+from data.vocab import build_draft_vocab
+from models.draft.vocab import draft_to_target, target_to_draft
 
 
 def test_most_frequent_ids_ties_to_lower_id_sorted_ascending():

@@ -1,8 +1,8 @@
 """String-keyed registries for the pluggable parts of Aerie.
 
-Target backends, modality adapters, draft architectures, training objectives, their
-losses and export formats are looked up by name from Hydra configs.  Built-ins are imported lazily the first
-time they are asked for, so importing Aerie stays cheap.
+Target backends, draft architectures, training objectives and their losses are looked up by name from Hydra
+configs (modality adapters: data/registry.py; export formats: tools/export/base.py).  Built-ins are imported
+lazily the first time they are asked for, so importing Aerie stays cheap.
 
     @DRAFTS.register("my_draft")
     class MyDraft(nn.Module): ...
@@ -15,10 +15,6 @@ from data.registry import MODALITIES, Registry  # noqa: F401  (MODALITIES: one i
 
 TARGETS = Registry("target backend", {"hf": "models.targets.hf"})
 DRAFTS = Registry("draft architecture", {"eagle3_llama": "models.draft.eagle3", "dflash": "models.draft.dflash"})
-EXPORTS = Registry(
-    "export format",
-    {"vllm": "tools.export.base", "sglang": "tools.export.base", "speculators": "tools.export.base"},
-)
 OBJECTIVES = Registry("training objective",
                       {"ttt": "models.objectives.ttt", "dflash": "models.objectives.dflash"})
 LOSSES = Registry("objective loss",

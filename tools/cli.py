@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 # name -> ("module:function", one-line help). Each function takes the composed DictConfig.
 COMMANDS: Dict[str, Tuple[str, str]] = {
-    "train": ("tools.commands:run_train_command", "train an Eagle3 draft head, online (target in the loop) or offline (from a dump)"),
+    "train": ("tools.commands:run_train_command", "train a draft (draft=eagle3_llama, dflash, ...), online (target in the loop) or offline (from a dump)"),
     "inspect": ("tools.commands:run_inspect_command", "show a tokenised sample with its loss mask highlighted, and dataset statistics"),
     "vocab": ("tools.commands:run_vocab_command", "count loss-masked tokens and write the draft vocabulary (d2t / t2d)"),
     "regen": ("tools.commands:run_regen_command", "regenerate the answers through an OpenAI-compatible server (launch/vllm/serve.sh, SGLang)"),
@@ -49,7 +49,7 @@ def _strip_local_rank(argv: List[str]) -> List[str]:
 
 def usage() -> str:
     width = max(len(name) for name in COMMANDS)
-    lines = ["usage: aerie <command> [hydra overrides ...]", "", "Train Eagle3 draft heads for vLLM and SGLang.", "",
+    lines = ["usage: aerie <command> [hydra overrides ...]", "", "Train speculative-decoding drafts for vLLM and SGLang.", "",
              "commands:"]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Every command is a Hydra app over conf/: `aerie <command> --help` lists its config groups,",

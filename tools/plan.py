@@ -176,7 +176,8 @@ def _dtype_bytes(name: str, arch: TargetArch) -> int:
 
 
 def draft_sizes(arch: TargetArch, draft_cfg, num_aux_layers: int) -> Dict[str, int]:
-    """Resolved draft dims and parameter counts (trainable, frozen embedding), as Eagle3LlamaDraft builds them."""
+    """Resolved draft dims and parameter counts (trainable, frozen embedding), as models/draft/eagle3.py's layer_fields builds
+    them (a chain draft's TTT unroll; other architectures are sized alike up to their extra tensors)."""
     hidden = arch.hidden_size
     heads = draft_cfg.num_attention_heads or arch.num_attention_heads
     same_heads = heads == arch.num_attention_heads
@@ -385,7 +386,7 @@ def run_plan(cfg) -> Dict[str, object]:
 
     from trainer.engine import DeepSpeedConfig
     from trainer.train import TrainerConfig
-    from models.draft.eagle3 import DraftConfig
+    from models.registry import DRAFTS
     from models.targets.base import resolve_aux_layer_ids
 
     def obj(node, cls):
@@ -393,7 +394,7 @@ def run_plan(cfg) -> Dict[str, object]:
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
     plan_cfg = obj(cfg.plan, PlanConfig) if "plan" in cfg else PlanConfig()
-    trainer_cfg, draft_cfg = obj(cfg.trainer, TrainerConfig), obj(cfg.draft, DraftConfig)
+    trainer_cfg, draft_cfg = obj(cfg.trainer, TrainerConfig), obj(cfg.draft, DRAFTS.get(cfg.draft.arch).config_class)
     base_ds = obj(cfg.deepspeed, DeepSpeedConfig)
     arch = resolve_arch(str(cfg.target.path), plan_cfg.target_config_json)
     aux = resolve_aux_layer_ids(cfg.target.aux_layer_ids, arch.num_layers)

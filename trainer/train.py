@@ -1,4 +1,4 @@
-"""The Trainer: a config in, a trained Eagle3 draft head out.
+"""The Trainer: a config in, a trained draft out.
 
 Online mode runs the frozen target inside each step; offline mode reads a hidden-state
 store written by `aerie dump` and rebuilds the teacher from the target's final norm and

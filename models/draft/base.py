@@ -9,6 +9,8 @@ architecture in their `archs`.
     config_class        the Hydra schema of conf/draft/<name>.yaml (has `arch`, `num_layers`, `draft_vocab_size`)
     model_config_class  the serialised model config (to_dict / from_dict), config.json of an Aerie draft dir
     architecture        the registered name
+    drafting            "chain" (new_cache / step / extend, one token per step) or "block" (new_context /
+                        extend_context / draft_block, k tokens per pass): which decoder tools/eval/ runs
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ class DraftModel(nn.Module):
     config_class: ClassVar[type]
     model_config_class: ClassVar[type]
     architecture: ClassVar[str]
+    drafting: ClassVar[str] = "chain"  # chain: one token per step (new_cache/step/extend); block: k per pass
 
     config: Any
     embed_tokens: nn.Embedding

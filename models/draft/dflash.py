@@ -151,6 +151,7 @@ class DFlashDraft(DraftModel):
     config_class = DFlashConfig
     model_config_class = DFlashModelConfig
     architecture = "dflash"
+    drafting = "block"
 
     def __init__(self, config: DFlashModelConfig):
         super().__init__()

@@ -9,8 +9,10 @@ from safetensors.torch import load_file
 
 from models.draft import io as draft_io
 from models.draft.eagle3 import Eagle3LlamaDraft, Eagle3ModelConfig
-from models.registry import EXPORTS
+from tools.export.base import EXPORTS
+from models.targets import meta
 from tools.export import base as ex
+from tools.export import eagle3
 
 H, INTER, HEADS, KV, HEAD_DIM, V, VD = 64, 128, 4, 2, 16, 512, 128
 TARGET = {"name_or_path": "tiny/llama-8l", "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
@@ -123,15 +125,15 @@ def test_wrong_or_missing_tensor_is_refused(tmp_path, monkeypatch):
     cfg = make_config()
     good = {k: torch.zeros(s, dtype=torch.int64 if k == "d2t" else torch.bool if k == "t2d" else torch.float32)
             for k, s in engine_expects("sglang").items()}
-    ex.validate_export_tensors("sglang", cfg, good)
+    eagle3.validate_export_tensors("sglang", cfg, good)
     for broken in ({k: v for k, v in good.items() if k != "midlayer.hidden_norm.weight"},
                    {**good, "layers.0.self_attn.q_proj.weight": good.pop("midlayer.self_attn.q_proj.weight")},
                    {**good, "fc.weight": torch.zeros(H, 2 * H)}):
         with pytest.raises(ValueError, match="sglang export refused"):
-            ex.validate_export_tensors("sglang", cfg, broken)
+            eagle3.validate_export_tensors("sglang", cfg, broken)
     # the export itself runs the check before writing: a mapping that loses a tensor writes nothing
-    original = ex.to_export_names
-    monkeypatch.setattr(ex, "to_export_names",
+    original = eagle3.to_export_names
+    monkeypatch.setattr(eagle3, "to_export_names",
                         lambda fmt, c, s: {k: v for k, v in original(fmt, c, s).items() if k != "norm.weight"})
     with pytest.raises(ValueError, match="missing \\['norm.weight'\\]"):
         ex.export(make_draft(), tmp_path / "bad", "vllm", target=TARGET)
@@ -139,7 +141,7 @@ def test_wrong_or_missing_tensor_is_refused(tmp_path, monkeypatch):
 
 
 def test_reload_check_catches_swapped_weights(tmp_path, monkeypatch):
-    original = ex.to_export_names
+    original = eagle3.to_export_names
 
     def swap_norms(fmt, c, s):
         out = original(fmt, c, s)
@@ -147,7 +149,7 @@ def test_reload_check_catches_swapped_weights(tmp_path, monkeypatch):
             out["midlayer.hidden_norm.weight"], out["midlayer.input_layernorm.weight"])
         return out
 
-    monkeypatch.setattr(ex, "to_export_names", swap_norms)
+    monkeypatch.setattr(eagle3, "to_export_names", swap_norms)
     with pytest.raises(ValueError, match="does not reproduce"):
         ex.export(make_draft(), tmp_path / "bad", "sglang", target=TARGET)
     assert not (tmp_path / "bad").exists()
@@ -179,14 +181,14 @@ def test_aerie_format_round_trip_and_replace(tmp_path):
     assert config["metadata"] == {"step": 7, "target": "t"} and config["aux_layer_ids"] == [2, 4, 5]
     names = set(load_file(str(out / "model.safetensors")))
     assert "embed_tokens.weight" not in names and {"d2t", "t2d", "fc.weight", "layers.1.mlp.up_proj.weight"} <= names
-    loaded = ex.load_aerie_draft(out, embed_weight=draft.embed_tokens.weight)
+    loaded = draft_io.load_aerie_draft(out, embed_weight=draft.embed_tokens.weight)
     assert loaded.config == draft.config and torch.equal(loaded.t2d, draft.t2d)
     assert torch.allclose(logits_of(loaded), logits_of(draft), atol=1e-6)
     # a second save replaces the first and leaves no temporary dirs behind
     other = make_draft(seed=3, num_layers=2, norm_before_residual=True)
     draft_io.save_aerie_draft(other, tmp_path / "final")
     assert sorted(os.listdir(tmp_path)) == ["final"]
-    reloaded = ex.load_aerie_draft(tmp_path / "final", embed_weight=other.embed_tokens.weight)
+    reloaded = draft_io.load_aerie_draft(tmp_path / "final", embed_weight=other.embed_tokens.weight)
     assert torch.allclose(logits_of(reloaded), logits_of(other), atol=1e-6)
     with pytest.raises(ValueError, match="missing"):
         draft_io.save_aerie_draft(draft, tmp_path / "bad", state_dict={"fc.weight": draft.fc.weight})
@@ -214,7 +216,7 @@ def test_load_draft_from_deepspeed_checkpoint(tmp_path, monkeypatch):
     transformers.LlamaForCausalLM(tconfig).save_pretrained(str(target_dir))
     cfg = {"target": {"backend": "hf", "path": str(target_dir), "aux_layer_ids": None},
            "draft": {"arch": "eagle3_llama", "num_layers": 1, "draft_vocab_size": VD}}
-    spec = ex.target_spec_from_config(cfg["target"])
+    spec = meta.target_spec_from_config(cfg["target"])
     from models.draft.eagle3 import DraftConfig
 
     draft = Eagle3LlamaDraft.from_target(DraftConfig(num_layers=1, draft_vocab_size=VD), spec)

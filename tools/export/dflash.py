@@ -22,9 +22,11 @@ from typing import Dict, Optional, Union
 import torch
 from torch import Tensor
 
-from data.io import safetensors_bytes, write_dir_atomically
+from data.io import read_json, safetensors_bytes, write_dir_atomically
 from models.draft.dflash import DFlashDraft, DFlashModelConfig
-from models.draft.io import build_draft, draft_state
+from models.draft.io import CONFIG_NAME, WEIGHTS_NAME, build_draft, draft_state
+from tools.export.validate import (check_against_target, check_reload, check_trained_settings,
+                                   name_and_shape_problems, safetensors_shapes)
 
 MASK_EMBEDDING_NAME = "mask_embedding.pt"
 
@@ -104,13 +106,14 @@ def probe_block_logits(draft: DFlashDraft, seed: int = 0) -> Tensor:
         return draft.draft_block(bonus, torch.tensor([6]), c.block_size - 1, context)
 
 
-def export_dflash(draft: DFlashDraft, out_dir: Union[str, Path], fmt: str, target: dict,
-                  dtype: str = "bfloat16") -> Path:
-    """Write the vLLM export of a DFlash draft (config.json, model.safetensors, mask_embedding.pt) atomically."""
+def write(fmt: str, draft: DFlashDraft, out_dir: Union[str, Path], target: dict, num_speculative_tokens: int,
+          dtype: str = "bfloat16", include_embed: bool = False) -> Path:
+    """Write the vLLM export of a DFlash draft (config.json, model.safetensors, mask_embedding.pt) atomically.
+
+    num_speculative_tokens is the engine's setting (below draft.block_size); vLLM shares the target's embedding,
+    so include_embed writes nothing more."""
     from tools.export.base import EXPORT_DTYPES
 
-    if fmt != "vllm":
-        raise ValueError(f"export.format={fmt!r}: a DFlash draft exports only to vllm (method 'dflash')")
     cfg, torch_dtype = draft.config, EXPORT_DTYPES[dtype]
     state = {n: (t.to(torch_dtype) if t.is_floating_point() else t).cpu() for n, t in draft_state(draft).items()}
     mask = {"mask_token_id": cfg.mask_token_id, "embedding": state.pop("mask_embedding").contiguous()}
@@ -128,12 +131,35 @@ def export_dflash(draft: DFlashDraft, out_dir: Union[str, Path], fmt: str, targe
     rounded = {n: (t.to(torch_dtype).float() if t.is_floating_point() else t) for n, t in draft_state(draft).items()}
     reference = build_draft("dflash", cfg, rounded, embed, "dflash draft")
     rebuilt = from_vllm_files(json.loads(json.dumps(config)), state, mask, embed)
-    expected_logits, logits = probe_block_logits(reference), probe_block_logits(rebuilt)
-    if not torch.allclose(expected_logits, logits, atol=1e-4, rtol=1e-4):
-        raise ValueError("vllm DFlash export refused: the draft rebuilt from the export does not reproduce the "
-                         f"trained draft (max logit difference {(expected_logits - logits).abs().max():.3g})")
+    check_reload("vllm DFlash export", probe_block_logits(reference), probe_block_logits(rebuilt))
     buffer = io.BytesIO()
     torch.save(mask, buffer)
     files = {"config.json": json.dumps(config, indent=2).encode(), MASK_EMBEDDING_NAME: buffer.getvalue(),
              "model.safetensors": safetensors_bytes(state, metadata={"format": "pt"})}
     return write_dir_atomically(out_dir, files)
+
+
+def detect(raw: dict) -> Optional[str]:
+    """"vllm" for a DFlash export's config.json, None for anything else."""
+    return "vllm" if "DFlashDraftModel" in (raw.get("architectures") or []) else None
+
+
+def load(path: Path, fmt: str, embed_weight: Optional[Tensor] = None) -> DFlashDraft:
+    """The draft vLLM would serve from an export dir."""
+    from safetensors.torch import load_file
+
+    config = read_json(path / CONFIG_NAME)
+    mask = torch.load(path / MASK_EMBEDDING_NAME, weights_only=True)
+    return from_vllm_files(config, load_file(str(path / WEIGHTS_NAME)), mask, embed_weight)
+
+
+def validate(path: Path, fmt: str, target=None, draft_config: Optional[DFlashModelConfig] = None) -> None:
+    """A DFlash export on disk: names and shapes, the mask embedding file, trained aux ids, the target's sizes."""
+    raw = read_json(path / CONFIG_NAME)
+    cfg = config_from_vllm(raw)
+    problems = name_and_shape_problems(expected_tensors(cfg), safetensors_shapes(path / WEIGHTS_NAME))
+    if problems or not (path / MASK_EMBEDDING_NAME).is_file():
+        raise ValueError(f"{path}: vllm DFlash export refused: {problems or f'no {MASK_EMBEDDING_NAME}'}")
+    check_trained_settings(path, cfg, raw.get("aerie") or {}, draft_config)
+    if target is not None:
+        check_against_target(path, cfg, target)

@@ -1,12 +1,8 @@
-"""Draft files: Aerie's own format, DeepSpeed checkpoints, and exports for vLLM, SGLang and speculators.
+"""Eagle3 drafts in the three engines' layouts: vLLM, SGLang and speculators (config.json + model.safetensors).
 
-Aerie format (`save_aerie_draft` / `load_aerie_draft`): config.json = Eagle3ModelConfig + {"aerie_format",
-"architecture", "metadata"}; model.safetensors = every draft tensor except the frozen embed_tokens (the target's).
-
-Exports (`export`, registered in models.registry.EXPORTS) write config.json + model.safetensors only.  Before
-anything is written each export is checked twice: its tensor names and shapes must equal what the engine's loader
-expects (`expected_tensors`; SGLang drops unknown or missing names silently), and a draft rebuilt from the exported
-config and tensors alone (`load_export`) must reproduce the source draft's logits.  Every write is atomic.
+Before anything is written each export is checked twice: its tensor names and shapes must equal what the engine's
+loader expects (`expected_tensors`; SGLang drops unknown or missing names silently), and a draft rebuilt from the
+exported config and tensors alone (`load`) must reproduce the source draft's logits (tools/export/validate.py).
 
 Aux layer ids: vLLM / speculators store the input-to-layer ids top-level; SGLang stores output-of-layer ids
 (vLLM id - 1) in eagle_config.  Checked against vLLM llama_eagle3.py / registry.py, SGLang llama_eagle3.py and
@@ -14,12 +10,7 @@ speculators' Eagle3SpeculatorConfig (2026).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-import shutil
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
@@ -28,13 +19,10 @@ from torch import Tensor
 
 from data.io import read_json, safetensors_bytes, write_dir_atomically
 from models.draft.eagle3 import Eagle3LlamaDraft, Eagle3ModelConfig
-from models.draft.io import CONFIG_NAME, WEIGHTS_NAME, build_draft, draft_state, load_aerie_draft
-from models.registry import DRAFTS, EXPORTS
+from models.draft.io import CONFIG_NAME, WEIGHTS_NAME, build_draft, draft_state
 from models.targets.base import from_sglang_layer_ids, to_sglang_layer_ids
-from models.targets.meta import load_target_embedding, target_spec_from_config
-from trainer.checkpoint import load_draft
-
-EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from tools.export.validate import (check_against_target, check_reload, check_trained_settings,
+                                   name_and_shape_problems, optional_embed, safetensors_shapes)
 
 # target model_type -> Eagle3 draft architecture each engine registers for it (vLLM registry.py
 # _SPECULATIVE_DECODING_MODELS; SGLang serves every Eagle3 draft as LlamaForCausalLMEagle3 and switches to M-RoPE
@@ -50,17 +38,6 @@ MULTIMODAL_ARCHITECTURES = {
 }
 TEXT_ARCHITECTURES = {"vllm": "Eagle3LlamaForCausalLM", "sglang": "LlamaForCausalLMEagle3",
                       "speculators": "Eagle3Speculator"}
-
-
-@dataclass
-class ExportConfig:
-    format: str = "vllm"  # vllm | sglang | speculators
-    draft: str = ""  # an Aerie draft dir (<run_dir>/final) or a checkpoint step dir (<run_dir>/ckpt/step-N)
-    out_dir: str = ""
-    num_speculative_tokens: int = 3
-    include_embed: bool = False  # also write embed_tokens.weight (engines take the target's when absent)
-    dtype: str = "bfloat16"  # bfloat16 | float16 | float32 for the floating-point tensors
-    verifier: str = ""  # the target's name in config.json (hub id); "" -> target.path, a local dir by its name
 
 
 # ---- what each engine expects --------------------------------------------------------------------------------
@@ -121,16 +98,9 @@ def expected_tensors(fmt: str, cfg: Eagle3ModelConfig, include_embed: bool = Fal
     return shapes
 
 
-def _name_and_shape_problems(expected: Dict[str, Tuple[int, ...]], shapes: Dict[str, Tuple[int, ...]]) -> str:
-    """'' when the names and shapes are exactly the expected ones, else what differs."""
-    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
-    wrong = [f"{n} {shapes[n]} != {expected[n]}" for n in sorted(set(expected) & set(shapes)) if shapes[n] != expected[n]]
-    return f"missing {missing}, unexpected {unexpected}, wrong shapes {wrong}" if missing or unexpected or wrong else ""
-
-
 def validate_export_tensors(fmt: str, cfg: Eagle3ModelConfig, tensors: Dict[str, Tensor],
                             include_embed: bool = False) -> None:
-    problems = _name_and_shape_problems(expected_tensors(fmt, cfg, include_embed),
+    problems = name_and_shape_problems(expected_tensors(fmt, cfg, include_embed),
                                         {n: tuple(t.shape) for n, t in tensors.items()})
     if problems:
         raise ValueError(f"{fmt} export refused: {problems}")
@@ -155,7 +125,7 @@ def _architecture(fmt: str, target: dict) -> str:
     if model_type in table:
         if table[model_type] is None:
             raise ValueError(f"{fmt} registers no Eagle3 draft architecture for target model_type {model_type!r}; "
-                             f"no export for it (see tools/export/base.py MULTIMODAL_ARCHITECTURES)")
+                             f"no export for it (see tools/export/eagle3.py MULTIMODAL_ARCHITECTURES)")
         return table[model_type]
     return TEXT_ARCHITECTURES[fmt]
 
@@ -228,172 +198,64 @@ def from_export_names(fmt: str, cfg: Eagle3ModelConfig, tensors: Dict[str, Tenso
             for name, t in tensors.items()}
 
 
-def load_export(path: Union[str, Path], fmt: str, embed_weight: Optional[Tensor] = None) -> Eagle3LlamaDraft:
+def load(path: Union[str, Path], fmt: str, embed_weight: Optional[Tensor] = None) -> Eagle3LlamaDraft:
     """Rebuild an Aerie draft from an engine export (config.json + model.safetensors) alone."""
     from safetensors.torch import load_file
 
     path = Path(path)
     cfg = config_from_export(fmt, read_json(path / CONFIG_NAME))
     state = from_export_names(fmt, cfg, load_file(str(path / WEIGHTS_NAME)))
-    exported_embed = state.pop("embed_tokens.weight", None)
-    return build_draft("eagle3_llama", cfg, state, exported_embed if exported_embed is not None else embed_weight, str(path))
+    return build_draft("eagle3_llama", cfg, state, optional_embed(state, embed_weight), str(path))
 
 
-# ---- validation of an export on disk against its target, before an engine starts -------------------------------
-def is_engine_export(path: Union[str, Path]) -> bool:
-    """A directory holding an engine export (config.json with `architectures`), not an Aerie draft."""
-    config = Path(path) / CONFIG_NAME
-    if not config.is_file():
-        return False
-    raw = read_json(config)
-    return "architectures" in raw and "aerie_format" not in raw
-
-
-def export_format(path: Union[str, Path]) -> str:
-    """vllm | sglang | speculators, read from an export's config.json."""
-    path = Path(path)
-    if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
-        raise ValueError(f"{path}: not an engine export (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-    raw = read_json(path / CONFIG_NAME)
+def detect(raw: dict) -> Optional[str]:
+    """The format of an export's config.json when it is an Eagle3 one (None otherwise)."""
     if raw.get("speculators_model_type") == "eagle3":
         return "speculators"
     architectures = set(raw.get("architectures") or [])
     if "eagle_config" in raw and architectures & {"LlamaForCausalLMEagle3"}:
         return "sglang"
     vllm_names = {TEXT_ARCHITECTURES["vllm"]} | {a for a in MULTIMODAL_ARCHITECTURES["vllm"].values() if a}
-    if architectures & vllm_names:
-        return "vllm"
-    raise ValueError(f"{path / CONFIG_NAME}: architectures {sorted(architectures)} is no Eagle3 export Aerie knows")
+    return "vllm" if architectures & vllm_names else None
 
 
-def _safetensors_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
-
-
-def validate_export(path: Union[str, Path], target=None, draft_config: Optional[Eagle3ModelConfig] = None) -> str:
-    """Refuse an export an engine would reject or serve at low acceptance; returns its format.
-
-    Checks the tensor names and shapes against the engine's loader, the aux layer ids and rope_theta against
-    what the draft was trained with (the export's `aerie` record and/or `draft_config`), and, with `target`
-    (TargetSpec, or a target config / dict with `path`), its hidden size, vocabulary, layers and rope_theta.
-    """
-    path = Path(path)
-    fmt = export_format(path)
-    cfg = config_from_export(fmt, read_json(path / CONFIG_NAME))
-    shapes = _safetensors_shapes(path / WEIGHTS_NAME)
-    problems = _name_and_shape_problems(expected_tensors(fmt, cfg, include_embed="embed_tokens.weight" in shapes),
-                                        shapes)
+def validate(path: Path, fmt: str, target=None, draft_config: Optional[Eagle3ModelConfig] = None) -> None:
+    """An Eagle3 export on disk: names and shapes, trained aux ids / rope_theta, and the target's sizes."""
+    raw = read_json(path / CONFIG_NAME)
+    cfg = config_from_export(fmt, raw)
+    shapes = safetensors_shapes(path / WEIGHTS_NAME)
+    problems = name_and_shape_problems(expected_tensors(fmt, cfg, include_embed="embed_tokens.weight" in shapes),
+                                       shapes)
     if problems:
         raise ValueError(f"{path}: {fmt} export refused: {problems}")
-    record = read_json(path / CONFIG_NAME).get("aerie") or {}
-    trained = {"aux_layer_ids": record.get("aux_layer_ids"), "rope_theta": record.get("rope_theta")}
-    if draft_config is not None:
-        trained = {"aux_layer_ids": list(draft_config.aux_layer_ids), "rope_theta": draft_config.rope_theta}
-    if trained["aux_layer_ids"] is not None and list(cfg.aux_layer_ids) != list(trained["aux_layer_ids"]):
-        raise ValueError(f"{path}: aux layer ids {list(cfg.aux_layer_ids)} (vLLM convention) differ from the ids the "
-                         f"draft was trained with, {list(trained['aux_layer_ids'])}")
-    if trained["rope_theta"] is not None and float(cfg.rope_theta) != float(trained["rope_theta"]):
-        raise ValueError(f"{path}: rope_theta {cfg.rope_theta} differs from the draft's trained {trained['rope_theta']}")
+    check_trained_settings(path, cfg, raw.get("aerie") or {}, draft_config)
     if target is not None:
-        _check_export_against_target(path, cfg, target)
-    return fmt
+        check_against_target(path, cfg, target)
 
 
-def _check_export_against_target(path: Path, cfg: Eagle3ModelConfig, target) -> None:
-    from models.targets.base import TargetSpec, validate_aux_layer_ids
-
-    spec = target if isinstance(target, TargetSpec) else target_spec_from_config(
-        {"path": str(target)} if isinstance(target, (str, Path)) else dict(target))
-    problems = [f"{name} {mine} != the target's {theirs}" for name, mine, theirs in (
-        ("target_hidden_size", cfg.target_hidden_size, spec.hidden_size),
-        ("vocab_size", cfg.vocab_size, spec.vocab_size),
-        ("rope_theta", float(cfg.rope_theta), float(spec.rope_theta))) if mine != theirs]
-    if problems:
-        raise ValueError(f"{path}: export does not match target {spec.name_or_path}: {'; '.join(problems)}")
-    try:
-        validate_aux_layer_ids(cfg.aux_layer_ids, spec.num_layers)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err} (target {spec.name_or_path})") from None
-
-
-# ---- export -----------------------------------------------------------------------------------------------------
-def target_info(target) -> dict:
-    """{name_or_path, model_type, architectures} from a TargetSpec, a dict, or a model path / hub id."""
-    if target is None:
-        return {}
-    if isinstance(target, dict):
-        return dict(target)
-    if isinstance(target, (str, Path)):
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(str(target))
-        return {"name_or_path": str(target), "model_type": config.model_type,
-                "architectures": list(getattr(config, "architectures", None) or [])}
-    return {"name_or_path": target.name_or_path, "model_type": target.model_type,
-            "architectures": list(target.architectures)}
-
-
-def _reload_check(fmt: str, out_tensors: Dict[str, Tensor], exported_config: dict, reference: Eagle3LlamaDraft,
-                  embed_weight: Tensor) -> None:
-    """A draft rebuilt from the export alone must give the reference draft's logits (prefix + 2 chained steps)."""
-    cfg = config_from_export(fmt, json.loads(json.dumps(exported_config)))
-    state = from_export_names(fmt, cfg, {k: v.clone() for k, v in out_tensors.items()})
-    exported_embed = state.pop("embed_tokens.weight", None)
-    rebuilt = build_draft("eagle3_llama", cfg, state, exported_embed if exported_embed is not None else embed_weight, f"{fmt} export")
-    generator = torch.Generator().manual_seed(0)
-    length, c = 6, reference.config
+def probe_chain_logits(draft: Eagle3LlamaDraft, seed: int = 0) -> Tensor:
+    """Logits of a fixed random prefix and two chained steps: what the reload check compares."""
+    generator = torch.Generator().manual_seed(seed)
+    length, c = 6, draft.config
     aux = torch.randn(1, length, c.num_aux_layers * c.target_hidden_size, generator=generator)
     ids = torch.randint(0, c.vocab_size, (1, length + 2), generator=generator)
     positions = torch.arange(length)[None]
-    results = []
-    for model in (reference, rebuilt):
-        cache = model.new_cache()
-        with torch.no_grad():
-            logits, hidden = model.extend(aux, ids[:, :length], positions, cache)
-            outs = [logits]
-            for j in range(2):
-                logits, hidden = model.step(hidden[:, -1:], ids[:, length + j:length + j + 1],
-                                            positions[:, -1:] + j + 1, cache, is_aux=False)
-                outs.append(logits)
-        results.append(torch.cat(outs, 1))
-    if not torch.equal(reference.d2t, rebuilt.d2t) or not torch.allclose(results[0], results[1], atol=1e-4, rtol=1e-4):
-        diff = (results[0] - results[1]).abs().max().item()
-        raise ValueError(f"{fmt} export refused: the draft rebuilt from the export does not reproduce the trained "
-                         f"draft (max logit difference {diff:.3g})")
+    cache = draft.new_cache()
+    with torch.no_grad():
+        logits, hidden = draft.extend(aux, ids[:, :length], positions, cache)
+        outs = [logits]
+        for j in range(2):
+            logits, hidden = draft.step(hidden[:, -1:], ids[:, length + j:length + j + 1],
+                                        positions[:, -1:] + j + 1, cache, is_aux=False)
+            outs.append(logits)
+    return torch.cat(outs, 1)
 
 
-def export(draft_or_path, out_dir: Union[str, Path], format: str, target=None, num_speculative_tokens: int = 3,
-           include_embed: bool = False, dtype: str = "bfloat16", embed_weight: Optional[Tensor] = None) -> Path:
-    """Write an engine export of a draft (object, Aerie dir or checkpoint step dir) to out_dir.
+def write(fmt: str, draft: Eagle3LlamaDraft, out_dir: Union[str, Path], target: dict, num_speculative_tokens: int,
+          dtype: str, include_embed: bool) -> Path:
+    """Check, reload-check and write the `fmt` export of an Eagle3 draft."""
+    from tools.export.base import EXPORT_DTYPES
 
-    target: TargetSpec, {name_or_path, model_type, architectures}, or a model path; None -> the draft's metadata.
-    embed_weight: the target's (V, H) embedding; needed with include_embed when the draft comes from a path.
-    """
-    fmt = format
-    if fmt not in TEXT_ARCHITECTURES:
-        raise ValueError(f"unknown export format {fmt!r}; available: {', '.join(sorted(TEXT_ARCHITECTURES))}")
-    if dtype not in EXPORT_DTYPES:
-        raise ValueError(f"export dtype {dtype!r} not one of {sorted(EXPORT_DTYPES)}")
-    if int(num_speculative_tokens) < 1:
-        raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
-    if isinstance(draft_or_path, (str, Path)):
-        if target is None and (Path(draft_or_path) / CONFIG_NAME).is_file():
-            target = aerie_metadata(draft_or_path).get("target")
-        if include_embed and embed_weight is None:
-            raise ValueError("include_embed with a draft path needs the target's embedding (embed_weight)")
-        draft = load_draft(draft_or_path, embed_weight)
-    else:
-        draft = draft_or_path
-    info = target_info(target)
-    if not info:
-        raise ValueError("export needs the target (TargetSpec, dict or path): its name, model_type, architectures")
-    if draft.architecture == "dflash":  # block drafter: its own layout (tools/export/dflash.py)
-        from tools.export.dflash import export_dflash
-
-        return export_dflash(draft, out_dir, fmt, info, dtype)
     cfg = draft.config
     torch_dtype = EXPORT_DTYPES[dtype]
     state = {n: (t.to(torch_dtype) if t.is_floating_point() else t).cpu() for n, t in draft_state(draft).items()}
@@ -403,54 +265,18 @@ def export(draft_or_path, out_dir: Union[str, Path], format: str, target=None, n
         state["embed_tokens.weight"] = embed.to(torch_dtype)
         embed = state["embed_tokens.weight"].float()  # what the engine will see
     tensors = to_export_names(fmt, cfg, state)
-    config = export_config(fmt, cfg, info, int(num_speculative_tokens), dtype)
+    config = export_config(fmt, cfg, target, num_speculative_tokens, dtype)
     validate_export_tensors(fmt, cfg, tensors, include_embed)
     # reference: the source draft with its weights rounded to the export dtype, computed in float32
     reference = Eagle3LlamaDraft(cfg)
     reference.load_state_dict({**{k: v.float() if v.is_floating_point() else v for k, v in state.items()
                                   if k != "embed_tokens.weight"}, "embed_tokens.weight": embed}, strict=True)
-    _reload_check(fmt, tensors, config, reference.float().eval(), embed)
+    reference = reference.float().eval()
+    reloaded = from_export_names(fmt, cfg, {k: v.clone() for k, v in tensors.items()})
+    rebuilt = build_draft("eagle3_llama", config_from_export(fmt, json.loads(json.dumps(config))), reloaded,
+                          optional_embed(reloaded, embed), f"{fmt} export")
+    check_reload(f"{fmt} export", probe_chain_logits(reference), probe_chain_logits(rebuilt),
+                 same_vocab=torch.equal(reference.d2t, rebuilt.d2t))
     files = {CONFIG_NAME: json.dumps(config, indent=2).encode(),
              WEIGHTS_NAME: safetensors_bytes(tensors, metadata={"format": "pt"})}
     return write_dir_atomically(out_dir, files)
-
-
-def _register(fmt: str):
-    def run(draft_or_path, out_dir, **kwargs):
-        return export(draft_or_path, out_dir, fmt, **kwargs)
-
-    run.__module__ = __name__
-    run.__name__ = f"export_{fmt}"
-    run.__doc__ = f"export(..., format={fmt!r})"
-    return EXPORTS.register(fmt)(run)
-
-
-export_vllm = _register("vllm")
-export_sglang = _register("sglang")
-export_speculators = _register("speculators")
-
-
-def verifier_name(target_path: str, verifier: str = "") -> str:
-    """The target's name written into exports: `export.verifier`, else target.path when it is a hub id, else the
-    local dir's `_name_or_path` (when a hub id) or folder name: no machine path leaves the trainer."""
-    if verifier or not os.path.isdir(target_path):
-        return verifier or target_path
-    saved = str(read_json(Path(target_path) / "config.json").get("_name_or_path") or "")
-    return saved if saved and not os.path.isabs(saved) and not os.path.exists(saved) else Path(target_path).name
-
-
-def run_export(cfg) -> Path:
-    """`aerie export`: cfg.export (ExportConfig fields) and cfg.target (target.path) of the composed config."""
-    ecfg = cfg.export
-    if not ecfg.draft or not ecfg.out_dir:
-        raise ValueError("export.draft and export.out_dir are required")
-    target_path = cfg.target.path if "target" in cfg and cfg.target.path else None
-    embed = load_target_embedding(target_path) if ecfg.include_embed and target_path else None
-    target = None
-    if target_path:
-        target = {**target_info(target_path), "name_or_path": verifier_name(target_path, ecfg.get("verifier", ""))}
-    out = EXPORTS.get(ecfg.format)(ecfg.draft, ecfg.out_dir, target=target,
-                                   num_speculative_tokens=int(ecfg.num_speculative_tokens),
-                                   include_embed=bool(ecfg.include_embed), dtype=ecfg.dtype, embed_weight=embed)
-    print(f"{ecfg.format} export written to {out}", flush=True)
-    return out

@@ -1,5 +1,5 @@
-"""Atomic file and folder writes shared by every stage (write a sibling temp, fsync, rename over the target), and
-JSON reading with an error naming the file.
+"""Atomic file and folder writes shared by every stage (write a sibling temp, fsync, rename over the target),
+and JSON reading with an error naming the file.
 
 Outputs get the modes the user's umask gives new files and folders (readable by a serving engine running as
 another user), including those made through `tempfile` (0600 / 0700 whatever the umask)."""

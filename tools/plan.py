@@ -176,8 +176,8 @@ def _dtype_bytes(name: str, arch: TargetArch) -> int:
 
 
 def draft_sizes(arch: TargetArch, draft_cfg, num_aux_layers: int) -> Dict[str, int]:
-    """Resolved draft dims and parameter counts (trainable, frozen embedding), as models/draft/eagle3.py's layer_fields builds
-    them (a chain draft's TTT unroll; other architectures are sized alike up to their extra tensors)."""
+    """Resolved draft dims and parameter counts (trainable, frozen embedding), as the chain draft's layer_fields
+    builds them (other architectures are sized alike up to their extra tensors)."""
     hidden = arch.hidden_size
     heads = draft_cfg.num_attention_heads or arch.num_attention_heads
     same_heads = heads == arch.num_attention_heads

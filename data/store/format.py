@@ -1,5 +1,6 @@
-"""The hidden-state store's format: layouts, manifest, fp8 quantisation, tail sampling, one checked shard open.
-Offline hidden-state store: target activations dumped once, streamed back for offline draft training.
+"""The hidden-state store's format: layouts, manifest, fp8 quantisation, tail sampling, the checked shard open.
+
+A store holds target activations dumped once (tools/dump.py), streamed back for offline draft training.
 
 A store is a directory of safetensors shards plus ``manifest.json``.  Each shard holds consecutive samples
 concatenated along the token axis (``offsets`` gives the sample boundaries).  Layouts:
@@ -84,8 +85,8 @@ def sample_tail(logprobs: Tensor, topk_index: Tensor, num_samples: int,
 
 
 def open_shard(file: str, entry: dict, verify: str = "size"):
-    """(safetensors handle, sample offsets) of a shard, checked against its manifest entry first: present, of the
-    recorded size (and sha256 with verify="sha256"), offsets agreeing with its sample and token counts."""
+    """(safetensors handle, sample offsets) of a shard, checked against its manifest entry first: present, of
+    the recorded size (and sha256 with verify="sha256"), offsets agreeing with its sample and token counts."""
     from safetensors import SafetensorError, safe_open
 
     if not os.path.isfile(file):

@@ -4,7 +4,7 @@ Prefill: the target runs the prompt; its aux states at positions 0..P-1 become t
 token x_P is the bonus token.  Each round: one draft pass proposes k tokens from [x_n, MASK x k] at positions
 n..n+k; the target verifies [x_n, d_1..d_k] in one forward; the accepted drafts plus the target's next token are
 kept; the aux states of the verified positions n..n+accepted extend the context; the target's token is the next
-bonus.  T = 0: greedy verification (vLLM's counts); T > 0: eval.verify as SpeculativeDecoder does for Eagle3
+bonus.  T = 0: greedy verification (vLLM's counts); T > 0: eval.verify as SpeculativeDecoder does for chain drafts
 (target_only: each position's argmax accepted with the target's probability; exact: sampled from its softmax).
 """
 from __future__ import annotations

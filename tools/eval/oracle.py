@@ -4,7 +4,7 @@ Chain drafting of k tokens, per verification mode:
 - greedy (T = 0): a draft equal to the target's argmax is always accepted: τ = k + 1.
 - sampled (T > 0, the draft's own distribution q passed to the verifier, as `aerie eval` does): q = p is
   always accepted too: τ = k + 1.
-- target_only (T > 0, vLLM's default for Eagle3: greedy drafts, no draft probabilities, so a token x is
+- target_only (T > 0, vLLM's default for chain drafts: greedy drafts, no draft probabilities, so a token x is
   accepted with the target's probability p(x)): the best draft proposes the target's argmax chain, accepted
   step by step with probability max_v p(v) under the context of the chain so far.  τ is bounded by how
   peaked the target is; we compute it from the target's own probabilities at temperature T along its argmax

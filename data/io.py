@@ -5,12 +5,13 @@ Outputs get the modes the user's umask gives new files and folders (readable by 
 another user), including those made through `tempfile` (0600 / 0700 whatever the umask)."""
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Union
 
 
 def umask_mode(directory: bool = False) -> int:
@@ -71,3 +72,18 @@ def read_json(path: Union[str, Path]) -> dict:
         raise ValueError(f"{path}: not found") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: invalid JSON ({err})") from None
+
+
+def read_jsonl(path: Union[str, Path]) -> List[dict]:
+    """Every row of a JSONL file (.gz too); ValueError naming file:line at the first line that is not JSON."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{number}: invalid JSON ({err})") from None
+    return rows

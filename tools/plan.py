@@ -98,13 +98,10 @@ PRESET_ARCHS: Dict[str, TargetArch] = {
 
 def arch_from_hf_config(config) -> TargetArch:
     """A TargetArch from a transformers config: the model is built on the meta device to count parameters."""
-    import torch
-
     from models.targets.base import TargetConfig
-    from models.targets.hf import decoder_of, instantiate_from_config, model_class_for
+    from models.targets.meta import decoder_of, meta_model
 
-    with torch.device("meta"):
-        module = instantiate_from_config(model_class_for(config, TargetConfig()), config)
+    module = meta_model(config, TargetConfig())
     decoder = decoder_of(module)
     text = decoder.config
     heads = text.num_attention_heads
@@ -169,7 +166,9 @@ class MemoryBreakdown:
 
 
 def _dtype_bytes(name: str, arch: TargetArch) -> int:
-    table = {"auto": arch.dtype_bytes, "bfloat16": 2, "float16": 2, "float32": 4}
+    from models.targets.base import DTYPES
+
+    table = {"auto": arch.dtype_bytes, **{dtype: torch_dtype.itemsize for dtype, torch_dtype in DTYPES.items()}}
     if name not in table:
         raise ValueError(f"target.dtype {name!r} not one of {sorted(table)}")
     return table[name]

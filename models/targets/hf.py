@@ -17,36 +17,8 @@ from torch import Tensor, nn
 from models.registry import MODALITIES, TARGETS
 from models.targets.base import (TargetConfig, TargetModel, TargetOutput, TargetSpec, resolve_aux_layer_ids,
                                  resolve_dtype)
+from models.targets.meta import decoder_of, model_class_for
 from models.targets.teacher import chunked_teacher_logits, final_logit_softcap
-
-
-def decoder_of(model: nn.Module) -> nn.Module:
-    """The text decoder (the module holding embed_tokens, layers and the final norm)."""
-    candidates = [getattr(getattr(model, "model", None), "language_model", None), getattr(model, "language_model", None),
-                  getattr(model, "model", None)]
-    if hasattr(model, "get_decoder"):
-        candidates.append(model.get_decoder())
-    for module in candidates:
-        if module is not None and hasattr(module, "layers") and hasattr(module, "norm"):
-            return module
-    raise ValueError(f"cannot find the decoder (a module with .layers and .norm) in {type(model).__name__}")
-
-
-def model_class_for(config, cfg: TargetConfig):
-    """The concrete transformers class named by config.architectures, else AutoModelForCausalLM."""
-    import transformers
-
-    for arch in getattr(config, "architectures", None) or []:
-        model_cls = getattr(transformers, arch, None)
-        if model_cls is not None:
-            return model_cls
-    return transformers.AutoModelForCausalLM
-
-
-def instantiate_from_config(model_cls, config, trust_remote_code: bool = False) -> nn.Module:
-    if hasattr(model_cls, "_from_config"):
-        return model_cls._from_config(config)
-    return model_cls.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def zero_stage(ds_config: Optional[dict]) -> int:

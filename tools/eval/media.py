@@ -19,7 +19,8 @@ from typing import Any, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from tools.eval.decode import DecodeResult, EvalConfig, SpeculativeDecoder, _read_jsonl, evaluate_draft
+from data.io import read_jsonl
+from tools.eval.decode import DecodeResult, EvalConfig, SpeculativeDecoder, evaluate_draft
 
 
 def load_media_prompts(path: str, adapter, max_prompts: int = 0) -> List[dict]:
@@ -27,7 +28,7 @@ def load_media_prompts(path: str, adapter, max_prompts: int = 0) -> List[dict]:
     jsonl = Path(path)
     if not jsonl.is_file():
         raise ValueError(f"eval.prompts={path!r}: a multimodal target needs a JSONL file of prompts with media")
-    rows = _read_jsonl(jsonl)[:max_prompts] if max_prompts and max_prompts > 0 else _read_jsonl(jsonl)
+    rows = read_jsonl(jsonl)[:max_prompts] if max_prompts and max_prompts > 0 else read_jsonl(jsonl)
     prompts = []
     for number, row in enumerate(rows, 1):
         if not isinstance(row, dict):

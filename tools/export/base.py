@@ -14,16 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Union
 
-import torch
 from torch import Tensor
 
 from data.io import read_json
 from data.registry import Registry
 from models.draft.io import CONFIG_NAME, WEIGHTS_NAME, aerie_metadata
+from models.targets.base import DTYPES
 from models.targets.meta import load_target_embedding
 from trainer.checkpoint import load_draft
 
-EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+EXPORT_DTYPES = DTYPES
 EXPORTS = Registry("export format", {name: f"tools.export.{name}" for name in ("vllm", "sglang", "speculators")})
 
 

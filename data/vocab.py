@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from data.io import umask_mode
+from data.io import atomic_write_bytes, atomic_write_text, safetensors_bytes
 
 
 def _count_arrow_batches(batches, vocab_size: int) -> np.ndarray:
@@ -92,20 +92,11 @@ def build_draft_vocab(token_counts: Tensor, draft_vocab_size: int,
 
 def save_vocab(path: str, d2t: Tensor, t2d: Tensor, counts: Tensor, fingerprint: str,
                metadata: Optional[dict] = None) -> None:
-    from safetensors.torch import save_file
-
     meta = {"dataset_fingerprint": fingerprint, "draft_vocab_size": int(d2t.numel()), "vocab_size": int(t2d.numel()),
             "num_counted_tokens": int(counts.sum()), **(metadata or {})}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file({"d2t": d2t.long().contiguous(), "t2d": t2d.bool().contiguous(), "counts": counts.long().contiguous()},
-              tmp, metadata={"aerie": json.dumps(meta)})
-    os.chmod(tmp, umask_mode())  # safetensors creates files 0600
-    os.replace(tmp, path)
-    side = f"{os.path.splitext(path)[0]}.json"
-    with open(f"{side}.tmp{os.getpid()}", "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(f"{side}.tmp{os.getpid()}", side)
+    atomic_write_bytes(path, safetensors_bytes({"d2t": d2t.long(), "t2d": t2d.bool(), "counts": counts.long()},
+                                               metadata={"aerie": json.dumps(meta)}))
+    atomic_write_text(f"{os.path.splitext(path)[0]}.json", json.dumps(meta, indent=1))
 
 
 def load_vocab(path: str, fingerprint: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor, dict]:

@@ -40,8 +40,8 @@ def run_inspect_command(cfg) -> None:
 def run_vocab_command(cfg) -> None:
     """Count loss-masked tokens of the train split and write <run_dir>/vocab.safetensors (+ .json)."""
     from data.dataset import build_tokenized_datasets, dataset_fingerprint
-    from trainer.inputs import _main_first, draft_vocab
     from trainer.distributed import init_distributed
+    from trainer.inputs import _main_first, draft_vocab
 
     dist = init_distributed()
     adapter = _adapter(cfg)

@@ -22,13 +22,13 @@ from data.regen import RegenConfig
 from data.sources import SOURCES, DataConfig
 from data.store.format import StoreConfig
 from models.targets.base import TargetConfig
-from trainer.engine import DeepSpeedConfig
 from tools.eval.decode import EvalConfig
 from tools.export.base import ExportConfig
-from trainer.logger import LoggerConfig
 from tools.plan import PlanConfig
-from trainer.train import TrainerConfig
 from tools.vllm.engine import EngineConfig
+from trainer.engine import DeepSpeedConfig
+from trainer.logger import LoggerConfig
+from trainer.train import TrainerConfig
 
 
 

@@ -140,8 +140,8 @@ def dump_with_vllm(cfg, dataset, store_cfg, fingerprint: str, engine) -> None:
 
     from safetensors.torch import load_file
 
-    from models.targets.teacher import load_lm_head_only
     from models.targets.meta import target_spec_from_config
+    from models.targets.teacher import load_lm_head_only
     from tools.vllm.engine import run_vllm
 
     spec = target_spec_from_config(cfg.target)
@@ -165,9 +165,9 @@ def run_dump_command(cfg) -> None:
         return run_vllm_dump_command(cfg, engine)
     from data.dataset import build_tokenized_datasets, dataset_fingerprint
     from models.registry import TARGETS
-    from trainer.inputs import _main_first, build_adapter
     from trainer.distributed import barrier, init_distributed
     from trainer.engine import build_ds_config
+    from trainer.inputs import _main_first, build_adapter
     from trainer.logger import save_resolved_config
 
     build_adapter(cfg, encode=False, offline=True)  # fails fast on a multimodal target, before loading it

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from data.io import atomic_write_text
 from trainer.distributed import barrier, broadcast_object
-from trainer.logger import atomic_write_text
 
 if TYPE_CHECKING:
     from models.draft.base import DraftModel

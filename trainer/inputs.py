@@ -211,8 +211,8 @@ def build_offline_data(cfg, dist) -> TrainData:
     from data.store.batch import collate_store
     from data.store.format import MANIFEST
     from data.store.reader import HiddenStateStoreReader
-    from models.targets.teacher import load_lm_head_only
     from models.targets.meta import load_target_embedding, target_spec_from_config
+    from models.targets.teacher import load_lm_head_only
 
     candidates = build_adapter(cfg, encode=False, offline=True).draft_vocab_candidates()
     store = Path(cfg.store.path)

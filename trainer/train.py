@@ -377,8 +377,8 @@ class Trainer:
         return path
 
     def save_final(self) -> Path:
-        from trainer.distributed import barrier
         from models.draft.io import save_aerie_draft
+        from trainer.distributed import barrier
 
         final = self.run_dir / "final"
         state = gathered_draft_state(self.draft)
@@ -413,7 +413,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     (a kill or a full disk in the middle of a write)."""
     if not path.is_file():
         return
-    from trainer.logger import atomic_write_text
+    from data.io import atomic_write_text
 
     kept, num_torn = [], 0
     for line in path.read_text(errors="replace").splitlines():

@@ -36,8 +36,8 @@ def trained(dflash_run, tmp_path_factory, data_cache):
 
 def test_dflash_trains_and_its_loss_falls(dflash_run):
     from models.targets.meta import load_target_embedding
-    from trainer.checkpoint import load_draft
     from tools.export.dflash import probe_block_logits
+    from trainer.checkpoint import load_draft
 
     metrics = read_metrics(dflash_run)
     assert [m["step"] for m in metrics] == list(range(1, 13))
@@ -55,8 +55,8 @@ def _hf_counts(export_dir: Path, prompts, option):
     from transformers import AutoModelForCausalLM
     from safetensors.torch import load_file
 
-    from tools.eval.decode import SpeculativeDecoder
     from tools.eval.block import BlockSpeculativeDecoder
+    from tools.eval.decode import SpeculativeDecoder
     from tools.export.base import load_export
     from tools.export.dflash import from_vllm_files
 

@@ -8,8 +8,8 @@ import torch
 from data.batching import collate
 from data.store.format import StoreConfig
 from data.store.reader import HiddenStateStoreReader
-from tools.dump import dump_from_hidden_states, run_dump
 from tests.conftest import TINY_CHAT, TINY_TRAIN_OVERRIDES, read_metrics, run_aerie
+from tools.dump import dump_from_hidden_states, run_dump
 
 
 @pytest.mark.slow  # loads the tiny target (about 20 s on a busy 2-core machine)

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from data.modality.vision import mrope_position_ids
 from data.sources import DataConfig
 from models.draft.eagle3 import DraftConfig, Eagle3LlamaDraft
-from data.modality.vision import mrope_position_ids
+from models.draft.io import save_aerie_draft
 from models.registry import MODALITIES, TARGETS
 from models.targets.base import TargetConfig
 from tests.conftest import read_metrics, run_aerie
 from tools.eval.media import MediaSpeculativeDecoder, load_media_prompts
-from models.draft.io import save_aerie_draft
 
 SIZES = [(64, 64), (64, 96), (96, 64), (64, 128), (128, 64), (96, 96)]
 

@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 
 from models.draft import io as draft_io
 from models.draft.eagle3 import Eagle3LlamaDraft, Eagle3ModelConfig
-from tools.export.base import EXPORTS
 from models.targets import meta
 from tools.export import base as ex
 from tools.export import eagle3
+from tools.export.base import EXPORTS
 
 H, INTER, HEADS, KV, HEAD_DIM, V, VD = 64, 128, 4, 2, 16, 512, 128
 TARGET = {"name_or_path": "tiny/llama-8l", "model_type": "llama", "architectures": ["LlamaForCausalLM"]}

@@ -7,13 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from data.vocab import build_draft_vocab
 from models.draft.dflash import DFlashConfig, DFlashDraft
 from models.draft.eagle3 import DraftConfig, Eagle3LlamaDraft
-from data.vocab import build_draft_vocab
 from models.draft.io import save_aerie_draft
 from tools.export.base import export, load_export
-from trainer.checkpoint import load_draft
 from tools.export.dflash import MASK_EMBEDDING_NAME, probe_block_logits, from_vllm_files
+from trainer.checkpoint import load_draft
 
 TARGET = {"name_or_path": "tiny", "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
 

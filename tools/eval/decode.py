@@ -349,7 +349,7 @@ def write_reports(summary: dict, out_dir) -> Dict[str, Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from trainer.logger import atomic_write_text
+    from data.io import atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -116,9 +116,9 @@ def run_media_eval(cfg) -> dict:
     from omegaconf import OmegaConf
 
     from models.targets.hf import load_tokenizer_and_processor
-    from trainer.inputs import build_adapter
     from tools.eval.decode import load_target_for_eval
     from trainer.checkpoint import load_draft
+    from trainer.inputs import build_adapter
 
     ecfg = EvalConfig(**OmegaConf.to_container(cfg.eval, resolve=True))
     if not ecfg.draft or not cfg.target.path:

@@ -4,8 +4,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from models.draft.eagle3 import DraftConfig, Eagle3LlamaDraft
 from data.vocab import build_draft_vocab
+from models.draft.eagle3 import DraftConfig, Eagle3LlamaDraft
 
 VOCAB, HIDDEN, DRAFT_VOCAB = 512, 64, 128
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.draft.eagle3 import DraftConfig, Eagle3LlamaDraft
 from data.modality.audio import qwen3_asr_num_audio_tokens
+from models.draft.eagle3 import DraftConfig, Eagle3LlamaDraft
 from models.registry import MODALITIES, TARGETS
 from models.targets.base import TargetConfig
 from tools.export.base import export

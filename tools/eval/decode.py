@@ -440,7 +440,9 @@ def evaluate_draft(target: nn.Module, draft: DraftModel, tokenizer, cfg: EvalCon
 # ---- engine=vllm --------------------------------------------------------------------------------------------------
 def vllm_speculative_config(export_dir, k: int, temperature: float, verify: str) -> dict:
     """vLLM's speculative_config for a chain of k drafts verified like eval.verify (vLLM's default: greedy drafts)."""
-    config = {"method": "eagle3", "model": str(export_dir), "num_speculative_tokens": int(k)}
+    from tools.export.base import vllm_method
+
+    config = {"method": vllm_method(export_dir), "model": str(export_dir), "num_speculative_tokens": int(k)}
     if temperature > 0 and check_verify(verify) == "exact":
         config["draft_sample_method"] = "probabilistic"
     return config

@@ -3,7 +3,8 @@
 A format (tools/export/vllm.py, sglang.py, speculators.py) declares the draft architectures it serves and, for
 each, the layout module that writes it (tools/export/eagle3.py, dflash.py).  A layout offers
 `write(fmt, draft, out_dir, target, num_speculative_tokens, dtype, include_embed)`, `detect(raw config)`,
-`load(path, fmt, embed_weight)` and `validate(path, fmt, target, draft_config)`; each checks names and shapes and
+`load(path, fmt, embed_weight)`, `validate(path, fmt, target, draft_config)` and `VLLM_METHOD` (vLLM's
+speculative_config method); each checks names and shapes and
 reloads the export before writing (tools/export/validate.py).  Every write is atomic.
 """
 from __future__ import annotations
@@ -130,6 +131,11 @@ def _export_layout(path: Path):
 def export_format(path: Union[str, Path]) -> str:
     """vllm | sglang | speculators, read from an export's config.json."""
     return _export_layout(Path(path))[0]
+
+
+def vllm_method(path: Union[str, Path]) -> str:
+    """vLLM's speculative_config method serving the export at `path` (its layout's VLLM_METHOD)."""
+    return _export_layout(Path(path))[1].VLLM_METHOD
 
 
 def load_export(path: Union[str, Path], fmt: str, embed_weight: Optional[Tensor] = None):

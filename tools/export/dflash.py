@@ -29,6 +29,7 @@ from tools.export.validate import (check_against_target, check_reload, check_tra
                                    name_and_shape_problems, safetensors_shapes)
 
 MASK_EMBEDDING_NAME = "mask_embedding.pt"
+VLLM_METHOD = "dflash"  # vLLM's speculative_config method for these exports
 
 
 def vllm_config(cfg: DFlashModelConfig, target: dict, dtype: str) -> dict:

@@ -36,6 +36,7 @@ MULTIMODAL_ARCHITECTURES = {
     "sglang": {"qwen2_5_vl": "LlamaForCausalLMEagle3", "qwen3_vl": "LlamaForCausalLMEagle3",
                "qwen2_vl": "LlamaForCausalLMEagle3", "qwen2_audio": None},
 }
+VLLM_METHOD = "eagle3"  # vLLM's speculative_config method for these exports
 TEXT_ARCHITECTURES = {"vllm": "Eagle3LlamaForCausalLM", "sglang": "LlamaForCausalLMEagle3",
                       "speculators": "Eagle3Speculator"}
 

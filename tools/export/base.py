@@ -4,8 +4,8 @@ A format (tools/export/vllm.py, sglang.py, speculators.py) declares the draft ar
 each, the layout module that writes it (tools/export/eagle3.py, dflash.py).  A layout offers
 `write(fmt, draft, out_dir, target, num_speculative_tokens, dtype, include_embed)`, `detect(raw config)`,
 `load(path, fmt, embed_weight)`, `validate(path, fmt, target, draft_config)` and `VLLM_METHOD` (vLLM's
-speculative_config method); each checks names and shapes and
-reloads the export before writing (tools/export/validate.py).  Every write is atomic.
+speculative_config method); `write` checks names and shapes and reloads the export before writing
+(tools/export/validate.py).  Every write is atomic.
 """
 from __future__ import annotations
 

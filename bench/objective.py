@@ -102,7 +102,8 @@ def vllm_taus(exports: dict, num_prompts: int, k: int = 3) -> dict:
 def decode_tau(draft, decode) -> float:
     import torch
 
-    from tools.eval.decode import SpeculativeDecoder, summarize
+    from tools.eval.decode import SpeculativeDecoder
+    from tools.eval.report import summarize
 
     target, prompts, eos = decode
     decoder = SpeculativeDecoder(target, draft.float().eval())

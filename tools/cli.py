@@ -23,7 +23,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "regen": ("tools.commands:run_regen_command", "regenerate the answers through an OpenAI-compatible server (launch/vllm/serve.sh, SGLang)"),
     "dump": ("tools.dump:run_dump_command", "run the target once over the data and write the offline hidden-state store"),
     "export": ("tools.export.base:run_export", "write a trained draft for vLLM, SGLang or speculators (export.format=...)"),
-    "eval": ("tools.eval.decode:run_eval", "speculative decoding with the target: acceptance length, per-position rates"),
+    "eval": ("tools.eval.run:run_eval", "speculative decoding with the target: acceptance length, per-position rates"),
     "plan": ("tools.plan:run_plan", "per-rank GPU memory of online/offline training and the smallest setup that fits"),
     "quickstart": ("tools.quickstart:run_quickstart", "train, evaluate and export in one go (what `make train` runs)"),
 }

@@ -14,7 +14,7 @@ from omegaconf import open_dict
 
 
 def run_quickstart(cfg) -> dict:
-    from tools.eval.decode import run_eval
+    from tools.eval.run import run_eval
     from tools.eval.in_loop import speculative_eval
     from tools.export.base import run_export
     from trainer.train import Trainer
@@ -52,7 +52,8 @@ def _vllm_summary(cfg, export_dir: str):
     from omegaconf import OmegaConf
     from transformers import AutoTokenizer
 
-    from tools.eval.decode import EvalConfig, evaluate_with_vllm
+    from tools.eval.decode import EvalConfig
+    from tools.eval.vllm import evaluate_with_vllm
     from tools.vllm.engine import VllmRunError, engine_config, vllm_python
 
     engine = engine_config(cfg)

@@ -120,7 +120,7 @@ def test_trained_draft_drafts_media_well_above_an_untrained_one(modality, image_
     """Regenerate a tiny random target's greedy answers for a small image / audio set, train a draft on them with
     `aerie train`, then run `aerie eval`'s entry point (T=0) through the multimodal target, and the same for an
     untrained draft of the same shape."""
-    from tools.eval.decode import run_eval
+    from tools.eval.run import run_eval
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     if modality == "vision":

@@ -142,7 +142,7 @@ def eval_cfg(tmp_path, draft, target=FIXTURE, **engine):
 def test_eval_engine_vllm_bad_inputs_fail_before_vllm_starts(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tools.eval.decode import run_eval
+    from tools.eval.run import run_eval
 
     with pytest.raises(ValueError, match=f"{tmp_path / 'nowhere'}"):
         run_eval(eval_cfg(tmp_path, tmp_path / "nowhere"))

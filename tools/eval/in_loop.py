@@ -7,7 +7,8 @@ from typing import Dict
 import torch
 from omegaconf import OmegaConf
 
-from tools.eval.decode import EvalConfig, evaluate_draft, evaluate_state_with_vllm
+from tools.eval.decode import EvalConfig, evaluate_draft
+from tools.eval.vllm import evaluate_state_with_vllm
 from tools.vllm.engine import check_engine_name
 from trainer.distributed import barrier, broadcast_object
 from trainer.train import gathered_draft_state

@@ -18,8 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.draft.eagle3 import DraftConfig, Eagle3LlamaDraft  # noqa: E402
-from trainer.evaluate import EvalConfig, evaluate_draft, load_target_for_eval  # noqa: E402
-from trainer.export import load_draft, target_spec_from_config  # noqa: E402
+from models.targets.meta import target_spec_from_config  # noqa: E402
+from tools.eval.decode import EvalConfig, evaluate_draft, load_target_for_eval  # noqa: E402
+from trainer.checkpoint import load_draft  # noqa: E402
 
 FIXTURE = str(Path(__file__).resolve().parents[1] / "assets" / "tiny-chat-llama")
 

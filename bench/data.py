@@ -29,7 +29,9 @@ FIXTURE_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 
 from data.dataset import tokenize_records  # noqa: E402
 from data.sources import DataConfig, load_conversations  # noqa: E402
-from data.store import HiddenStateStoreReader, HiddenStateStoreWriter, bytes_per_token  # noqa: E402
+from data.store.format import bytes_per_token  # noqa: E402
+from data.store.reader import HiddenStateStoreReader  # noqa: E402
+from data.store.writer import HiddenStateStoreWriter  # noqa: E402
 from data.template import tokenize_conversation  # noqa: E402
 
 
@@ -109,12 +111,13 @@ def bench_store(train_tokens_per_s, num_samples=64, length=512):
 
 def bench_dump_engines(tokenizer, records, max_length):
     """HF forward dump vs vLLM extraction dump of the same tokenised samples, tokens/s (vLLM start-up apart)."""
-    from data.store import StoreConfig, dump_from_hidden_states, run_dump
+    from data.store.format import StoreConfig
     from models.targets.base import TargetConfig
     from models.targets.hf import HFTargetModel
     from models.targets.teacher import load_lm_head_only
+    from tools.dump import dump_from_hidden_states, run_dump
     from safetensors.torch import load_file
-    from trainer.vllm_engine import EngineConfig, run_vllm
+    from tools.vllm.engine import EngineConfig, run_vllm
 
     rows = [{"id": r["id"], **tokenize_conversation(tokenizer, r["messages"], max_length)} for r in records]
     num_tokens = sum(len(r["input_ids"]) for r in rows)
@@ -126,7 +129,7 @@ def bench_dump_engines(tokenizer, records, max_length):
         del target
         job = {"target": FIXTURE_MODEL, "layer_ids": list(spec.aux_layer_ids) + [spec.num_layers],
                "prompt_token_ids": [list(r["input_ids"]) for r in rows], "out_dir": os.path.join(tmp, "states")}
-        worker = Path(__file__).resolve().parents[1] / "trainer" / "vllm_dump_worker.py"
+        worker = Path(__file__).resolve().parents[1] / "tools" / "vllm" / "dump_worker.py"
         with open("/tmp/aerie-vllm.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one vLLM at a time on a shared machine
             result, t_total = timed(lambda: run_vllm(job, EngineConfig(max_model_len=max(2048, max_length)),

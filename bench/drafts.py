@@ -6,7 +6,7 @@
 Each variant trains online on the tiny target for the same number of optimizer steps over micro-batches of the
 same token budget (same data, seed, lr schedule and draft vocabulary), so every draft sees the same tokens; the
 wall-clock of each training is printed next to it (a second, machine-dependent budget).  Each draft is exported
-for vLLM (float32) and served by real vLLM (`trainer.vllm_engine.run_vllm`) on MT-Bench first turns at T=0 with
+for vLLM (float32) and served by real vLLM (`tools.vllm.engine.run_vllm`) on MT-Bench first turns at T=0 with
 k = each of --ks, next to one run of the target alone.  Printed per variant: training seconds, final training
 loss, vLLM τ (1 + accepted / drafts) and per-position acceptance at each k, and vLLM's generated tokens/s with
 the draft over without (measured in the same job; CPU timings are noisy, the ratio is what counts).
@@ -37,7 +37,7 @@ METHODS = {"dflash": "dflash"}  # vLLM speculative method of each variant; eagle
 
 
 def aerie(*args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "tools.cli", *args], cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"aerie {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
@@ -76,8 +76,9 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from trainer.evaluate import load_prompts, render_prompt
-    from trainer.vllm_engine import EngineConfig, run_vllm
+    from data.template import render_prompt
+    from tools.eval.decode import load_prompts
+    from tools.vllm.engine import EngineConfig, run_vllm
 
     target = str(REPO / "assets" / "tiny-chat-llama")
     trained = {name: train_and_export(name, args.work / name, args) for name in names}

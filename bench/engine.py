@@ -20,9 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from accept import FIXTURE, untrained_like  # noqa: E402
-from trainer.evaluate import load_prompts, render_prompt, summarize_vllm_run  # noqa: E402
-from trainer.export import export, load_draft, load_target_embedding, save_aerie_draft  # noqa: E402
-from trainer.vllm_engine import EngineConfig, run_vllm  # noqa: E402
+from data.template import render_prompt  # noqa: E402
+from models.draft.io import save_aerie_draft  # noqa: E402
+from models.targets.meta import load_target_embedding  # noqa: E402
+from tools.eval.decode import load_prompts  # noqa: E402
+from tools.eval.report import summarize_vllm_run  # noqa: E402
+from tools.export.base import export  # noqa: E402
+from tools.vllm.engine import EngineConfig, run_vllm  # noqa: E402
+from trainer.checkpoint import load_draft  # noqa: E402
 
 MODES = ((0.0, "greedy"), (1.0, "greedy"), (1.0, "probabilistic"))
 

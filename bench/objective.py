@@ -12,7 +12,7 @@ speculative sampling with the draft's own q (T=1); τ = 1 + sum_i prod_{j<=i} a_
 --decode-prompts N it
 also decodes N MT-Bench prompts (64 new tokens, k=3, T=0) with the HF target (`aerie eval`'s decoder) for the
 real τ.  With --vllm-prompts N, each draft is exported (vllm format) and served by real vLLM (the shared
-runner, trainer/vllm_engine.py, one LLM per draft, under flock /tmp/aerie-vllm.lock) on N MT-Bench prompts
+runner, tools/vllm/engine.py, one LLM per draft, under flock /tmp/aerie-vllm.lock) on N MT-Bench prompts
 x 128 new tokens at k=3, T=0: τ = 1 + accepted / drafts from vLLM's own counters.  Prints the means over seeds and their
 ratios against soft cross-entropy.  Runs resume (a rerun with the same --work only scores what is missing).
 """
@@ -70,7 +70,7 @@ def train_and_score(args, store_dir: str, run_dir: Path, extra: list, seed: int,
     if args.vllm_prompts and run_dir.name.rsplit("-", 1)[0] in args.vllm_variants.split(","):
         from omegaconf import open_dict
 
-        from trainer.export import run_export
+        from tools.export.base import run_export
 
         with open_dict(cfg):
             cfg.export.format, cfg.export.dtype = "vllm", "float32"
@@ -82,8 +82,9 @@ def vllm_taus(exports: dict, num_prompts: int, k: int = 3) -> dict:
     """{run name: vLLM τ at k, T=0} for each exported draft, in one vLLM worker process."""
     import fcntl
 
-    from trainer.evaluate import load_prompts, render_prompt
-    from trainer.vllm_engine import EngineConfig, run_vllm
+    from data.template import render_prompt
+    from tools.eval.decode import load_prompts
+    from tools.vllm.engine import EngineConfig, run_vllm
     from transformers import AutoTokenizer
 
     target = str(REPO / "assets" / "tiny-chat-llama")
@@ -101,7 +102,8 @@ def vllm_taus(exports: dict, num_prompts: int, k: int = 3) -> dict:
 def decode_tau(draft, decode) -> float:
     import torch
 
-    from trainer.evaluate import SpeculativeDecoder, summarize
+    from tools.eval.decode import SpeculativeDecoder
+    from tools.eval.report import summarize
 
     target, prompts, eos = decode
     decoder = SpeculativeDecoder(target, draft.float().eval())
@@ -113,7 +115,8 @@ def decode_tau(draft, decode) -> float:
 def load_decoder_inputs(num_prompts: int):
     from types import SimpleNamespace
 
-    from trainer.evaluate import eos_ids, load_prompts, load_target_for_eval, render_prompt
+    from data.template import render_prompt
+    from tools.eval.decode import eos_ids, load_prompts, load_target_for_eval
 
     target, tokenizer = load_target_for_eval(SimpleNamespace(path=str(REPO / "assets" / "tiny-chat-llama"),
                                                              dtype="float32", trust_remote_code=False))
@@ -139,7 +142,7 @@ def main() -> None:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
-    from trainer.config import register_configs
+    from tools.config import register_configs
 
     register_configs()
     work = Path(args.work or tempfile.mkdtemp(prefix="aerie-bench-objective-"))

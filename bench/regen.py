@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from data.regen import RegenConfig, VllmServer, run_regen  # noqa: E402
 from data.sources import DataConfig, load_conversations, split_train_eval  # noqa: E402
-from trainer.vllm_engine import vllm_python  # noqa: E402
+from tools.vllm.engine import vllm_python  # noqa: E402
 
 VLLM_LOCK = "/tmp/aerie-vllm.lock"
 FIXTURE = str(REPO / "assets" / "tiny-chat-llama")

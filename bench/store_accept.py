@@ -5,7 +5,7 @@
 
 For each variant: `aerie dump` (once; a --work dir from an earlier run is reused, the dump resumes), then per seed
 an offline `aerie train` with identical settings and `aerie eval` (speculative decoding with the tiny target on
-MT-Bench, k=3) at each temperature.  Runs the checkout this file is in (`python -m trainer.cli`).  Variants:
+MT-Bench, k=3) at each temperature.  Runs the checkout this file is in (`python -m tools.cli`).  Variants:
   full            bf16 aux + bf16 last hidden state (teacher recomputed through the target's norm + lm_head)
   compact         the default compact layout: fp8 aux + top-8 log-probs + 36 tail samples
   compact-topk    top-16 log-probs, no tail samples (the version 1 layout): the teacher renormalised over the top-k
@@ -35,8 +35,9 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from data.store import (HiddenStateStoreReader, HiddenStateStoreWriter, bytes_per_token,  # noqa: E402
-                        dequantize_fp8, quantize_fp8)
+from data.store.format import bytes_per_token, dequantize_fp8, quantize_fp8  # noqa: E402
+from data.store.reader import HiddenStateStoreReader  # noqa: E402
+from data.store.writer import HiddenStateStoreWriter  # noqa: E402
 
 # name -> (dump overrides, derived from another variant's store or None)
 VARIANTS = {
@@ -50,7 +51,7 @@ VARIANTS = {
 
 
 def aerie(*args: str) -> None:
-    out = subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=REPO, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "tools.cli", *args], cwd=REPO, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"aerie {args[0]} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
 
@@ -80,11 +81,12 @@ def expected_tau(draft_dir: Path, store: Path, target_cfg, k: int = 3) -> dict:
     T=1, sum_j min(p_j, q_j) with p the target's full-vocab distribution (from the stored last hidden state) and
     q the draft's.  τ = 1 + sum_i prod_{j<=i} acceptance_j, as for chain drafting.
     """
+    from data.store.batch import collate_store
     from models.draft.ttt import run_ttt_steps, valid_positions
     from models.targets.base import TargetConfig
+    from models.targets.meta import load_target_embedding
     from models.targets.teacher import load_lm_head_only
-    from trainer.data import collate_store
-    from trainer.export import load_draft, load_target_embedding
+    from trainer.checkpoint import load_draft
 
     head = load_lm_head_only(TargetConfig(path=target_cfg.path, dtype=target_cfg.dtype))
     draft = load_draft(draft_dir, load_target_embedding(target_cfg.path)).eval()

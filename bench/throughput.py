@@ -132,7 +132,7 @@ def main() -> None:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from trainer.config import register_configs
+    from tools.config import register_configs
 
     register_configs()
     peak = matmul_flops_per_s()

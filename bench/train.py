@@ -35,7 +35,7 @@ def worker(args) -> None:
     from hydra import compose, initialize_config_dir
 
     from models.objectives.base import TeacherInputs
-    from trainer.config import register_configs
+    from tools.config import register_configs
     from trainer.train import Trainer
 
     register_configs()

@@ -5,7 +5,7 @@ Runs in vLLM's own environment (vllm, torch, stdlib), for bench/vllm_probe.py.  
 draft token vLLM verifies, from the very tensors it is handed: whether draft probabilities came at all, q(x) (the
 draft's probability of its token x), p(x) (the target's, after vLLM's temperature), Σ_v min(p(v), q(v)) (the
 exact acceptance probability of x ~ q), and whether vLLM accepted x; tokens after a rejection are not verified
-and not counted.  A job is the standard worker's (trainer/vllm_worker.py, imported from the job's "worker_dir")
+and not counted.  A job is the standard worker's (tools/vllm/worker.py, imported from the job's "worker_dir")
 plus, per run, "fix_cpu_expand" (apply that worker's fix of vLLM's CPU expand_kernel when it is broken); each
 run's result adds "cpu_expand_kernel_fixed" and "probe": {"num_calls", "num_calls_without_draft_probs",
 "samples", "positions": [{"num_tokens", "num_with_q", "sum_accepted", "sum_min_ratio", "sum_overlap", "sum_q_of_x",
@@ -78,7 +78,7 @@ def main(argv) -> int:
     with open(argv[1]) as handle:
         job = json.load(handle)
     sys.path.insert(0, job["worker_dir"])
-    import vllm_worker  # the standard worker: one LLM per run, vLLM's own counters
+    import worker as vllm_worker  # the standard worker (tools/vllm/worker.py): one LLM per run, vLLM's own counters
     from vllm.utils import cpu_triton_utils
 
     shipped = cpu_triton_utils._expand_kernel_impl

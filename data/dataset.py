@@ -40,7 +40,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def text_adapter(cfg: DataConfig, tokenizer):
-    from models.modality.text import TextAdapter
+    from data.modality.text import TextAdapter
 
     return TextAdapter(tokenizer=tokenizer, data=cfg)
 
@@ -127,7 +127,7 @@ def _data_location(cfg: DataConfig) -> str:
 def build_tokenized_datasets(cfg: DataConfig, tokenizer, adapter: Any = None):
     """(train, eval) datasets with columns id, input_ids, loss_mask, length (+ record for multimodal adapters).
 
-    `adapter`: the modality adapter (models/modality) that reads records and encodes them; default text chat.
+    `adapter`: the modality adapter (data/modality) that reads records and encodes them; default text chat.
     """
     adapter = adapter if adapter is not None else text_adapter(cfg, tokenizer)
     fingerprint = dataset_fingerprint(cfg, tokenizer, adapter)

@@ -31,13 +31,12 @@ import urllib.request
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from data.io import atomic_write_text
+from data.paths import SERVE_SCRIPT
 from data.sources import DataConfig, load_conversations, source_fingerprint, split_train_eval
 
-SERVE_SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "vllm" / "serve.sh"
 ROW_ERROR_STATUSES = (400, 413, 422)  # the request itself is refused (e.g. prompt over max_model_len): reject the row
 # ... when the error names no field or the prompt (vLLM: "input_tokens"); an error naming a setting of ours (vLLM:
 # "max_tokens" over max_model_len, "temperature", "logit_bias") would refuse every row alike: stop the run instead

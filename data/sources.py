@@ -368,7 +368,7 @@ def load_conversations(cfg: DataConfig, record_kind: str = "conversation",
                        media_path_keys=()) -> Tuple[List[dict], SkipReport]:
     """All valid records of the configured source, in source order, and what was skipped.
 
-    record_kind / media_path_keys come from the modality adapter (see models/modality/base.py); relative media
+    record_kind / media_path_keys come from the modality adapter (see data/modality/base.py); relative media
     paths are resolved against data.media_root, else the data file's directory."""
     if cfg.source not in SOURCES:
         raise ValueError(f"data.source {cfg.source!r} unknown; choose one of {', '.join(SOURCES)}")

@@ -105,3 +105,12 @@ def tokenize_conversation(tokenizer, messages: List[dict], max_length: int, syst
     else:
         raise ValueError(f"data.mask_method {mask_method!r} unknown; choose auto, generation or diff")
     return {k: v[:max_length] for k, v in result.items()}
+
+
+def render_prompt(tokenizer, messages: List[dict]) -> List[int]:
+    """Token ids of the conversation in the tokenizer's chat template (generation prompt added); the raw text of
+    the last message when the tokenizer has no chat template (completion prompt)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(messages[-1]["content"])["input_ids"])

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from data.io import umask_mode
+from data.io import atomic_write_bytes, atomic_write_text, safetensors_bytes
 
 
 def _count_arrow_batches(batches, vocab_size: int) -> np.ndarray:
@@ -62,22 +62,41 @@ def count_token_frequencies(dataset, vocab_size: int, num_proc: int = 1) -> Tens
     return result
 
 
+def build_draft_vocab(token_counts: Tensor, draft_vocab_size: int,
+                      candidates: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """The draft_vocab_size most frequent ids (ties -> lower id), ascending by target id; returns (d2t, t2d).
+
+    candidates: the only target ids allowed in (e.g. a TTS LM's speech tokens); None allows every id."""
+    if token_counts.dim() != 1:
+        raise ValueError(f"token_counts must be 1-D (vocab_size,), got shape {tuple(token_counts.shape)}")
+    vocab_size = token_counts.numel()
+    limit = vocab_size if candidates is None else int(candidates.unique().numel())
+    if not 1 <= draft_vocab_size <= limit:
+        raise ValueError(f"draft_vocab_size={draft_vocab_size} must be in [1, {limit}] "
+                         f"({'vocab_size' if candidates is None else 'number of candidate ids'})")
+    counts = token_counts.detach().cpu().long()
+    if candidates is not None:
+        if int(candidates.min()) < 0 or int(candidates.max()) >= vocab_size:
+            raise ValueError(f"draft vocab candidates must be target ids in [0, {vocab_size})")
+        allowed = torch.zeros(vocab_size, dtype=torch.bool)
+        allowed[candidates.long().cpu()] = True
+        counts = torch.where(allowed, counts, torch.full_like(counts, -1))
+    # stable sort on -count keeps lower ids first among equal counts
+    order = torch.sort(-counts, stable=True).indices
+    target_ids = order[:draft_vocab_size].sort().values
+    d2t = target_ids - torch.arange(draft_vocab_size)
+    t2d = torch.zeros(vocab_size, dtype=torch.bool)
+    t2d[target_ids] = True
+    return d2t, t2d
+
+
 def save_vocab(path: str, d2t: Tensor, t2d: Tensor, counts: Tensor, fingerprint: str,
                metadata: Optional[dict] = None) -> None:
-    from safetensors.torch import save_file
-
     meta = {"dataset_fingerprint": fingerprint, "draft_vocab_size": int(d2t.numel()), "vocab_size": int(t2d.numel()),
             "num_counted_tokens": int(counts.sum()), **(metadata or {})}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file({"d2t": d2t.long().contiguous(), "t2d": t2d.bool().contiguous(), "counts": counts.long().contiguous()},
-              tmp, metadata={"aerie": json.dumps(meta)})
-    os.chmod(tmp, umask_mode())  # safetensors creates files 0600
-    os.replace(tmp, path)
-    side = f"{os.path.splitext(path)[0]}.json"
-    with open(f"{side}.tmp{os.getpid()}", "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(f"{side}.tmp{os.getpid()}", side)
+    atomic_write_bytes(path, safetensors_bytes({"d2t": d2t.long(), "t2d": t2d.bool(), "counts": counts.long()},
+                                               metadata={"aerie": json.dumps(meta)}))
+    atomic_write_text(f"{os.path.splitext(path)[0]}.json", json.dumps(meta, indent=1))
 
 
 def load_vocab(path: str, fingerprint: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor, dict]:
@@ -97,12 +116,10 @@ def load_vocab(path: str, fingerprint: Optional[str] = None) -> Tuple[Tensor, Te
 
 def build_and_save_vocab(dataset, vocab_size: int, draft_vocab_size: int, path: str, fingerprint: str,
                          num_proc: int = 1, candidates: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """Counts, builds the draft vocab (models.draft.vocab) and saves it (rank 0 only); returns (d2t, t2d, counts).
+    """Counts, builds the draft vocab (build_draft_vocab) and saves it (rank 0 only); returns (d2t, t2d, counts).
 
     candidates: the target ids the draft vocab may hold (the modality adapter's; None: any)."""
     import torch.distributed as dist
-
-    from models.draft.vocab import build_draft_vocab
 
     counts = count_token_frequencies(dataset, vocab_size, num_proc)
     d2t, t2d = build_draft_vocab(counts, min(draft_vocab_size, vocab_size), candidates)

@@ -1,1 +1,1 @@
-"""Aerie models: the Eagle3 draft head, frozen target backends and modality adapters."""
+"""Aerie models: draft architectures, training objectives and frozen target backends."""

@@ -1,8 +1,8 @@
 """String-keyed registries for the pluggable parts of Aerie.
 
-Target backends, modality adapters, draft architectures, training objectives, their
-losses and export formats are looked up by name from Hydra configs.  Built-ins are imported lazily the first
-time they are asked for, so importing Aerie stays cheap.
+Target backends, draft architectures, training objectives and their losses are looked up by name from Hydra
+configs (modality adapters: data/registry.py; export formats: tools/export/base.py).  Built-ins are imported
+lazily the first time they are asked for, so importing Aerie stays cheap.
 
     @DRAFTS.register("my_draft")
     class MyDraft(nn.Module): ...
@@ -11,58 +11,10 @@ time they are asked for, so importing Aerie stays cheap.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any, Callable, Dict
-
-
-class Registry:
-    def __init__(self, kind: str, builtins: Dict[str, str]):
-        self.kind = kind
-        self._builtins = dict(builtins)  # name -> module that registers it on import
-        self._items: Dict[str, Any] = {}
-
-    def register(self, name: str) -> Callable[[Any], Any]:
-        def decorator(obj: Any) -> Any:
-            owner = self._builtins.get(name)
-            if owner is not None and getattr(obj, "__module__", None) != owner:
-                raise ValueError(f"{self.kind} {name!r} is a built-in name (defined in {owner}); pick another name")
-            if name in self._items:
-                raise ValueError(f"{self.kind} {name!r} is already registered (by {self._items[name]!r})")
-            self._items[name] = obj
-            return obj
-
-        return decorator
-
-    def get(self, name: str) -> Any:
-        if name not in self._items and name in self._builtins:
-            importlib.import_module(self._builtins[name])
-        if name not in self._items:
-            raise ValueError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}")
-        return self._items[name]
-
-    def names(self) -> list:
-        return sorted(set(self._items) | set(self._builtins))
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._items or name in self._builtins
-
+from data.registry import MODALITIES, Registry  # noqa: F401  (MODALITIES: one import for every registry)
 
 TARGETS = Registry("target backend", {"hf": "models.targets.hf"})
-MODALITIES = Registry(
-    "modality adapter",
-    {
-        "text": "models.modality.text",
-        "vision": "models.modality.vision",
-        "audio": "models.modality.audio",
-        "qwen3_asr": "models.modality.audio",
-        "speech_tokens": "models.modality.speech_tokens",
-    },
-)
 DRAFTS = Registry("draft architecture", {"eagle3_llama": "models.draft.eagle3", "dflash": "models.draft.dflash"})
-EXPORTS = Registry(
-    "export format",
-    {"vllm": "trainer.export", "sglang": "trainer.export", "speculators": "trainer.export"},
-)
 OBJECTIVES = Registry("training objective",
                       {"ttt": "models.objectives.ttt", "dflash": "models.objectives.dflash"})
 LOSSES = Registry("objective loss",

@@ -34,7 +34,7 @@ def run_aerie(*args, cwd=None, timeout=900, check=True, launcher=None):
     if launcher is None:
         cmd = [str(Path(sys.executable).parent / "aerie"), *args]
     else:
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), *launcher, "--module", "trainer.cli", *args]
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), *launcher, "--module", "tools.cli", *args]
     proc = subprocess.run(cmd, cwd=cwd or REPO, env=aerie_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")

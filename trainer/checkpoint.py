@@ -14,6 +14,7 @@ DeepSpeed data classes in `DEEPSPEED_SAFE_GLOBALS`): a checkpoint cannot run cod
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -24,13 +25,17 @@ import shutil
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
+from torch import Tensor
 
+from data.io import atomic_write_text
 from trainer.distributed import barrier, broadcast_object
-from trainer.logger import atomic_write_text
+
+if TYPE_CHECKING:
+    from models.draft.base import DraftModel
 
 MANIFEST = "manifest.json"
 
@@ -268,3 +273,49 @@ def _write_errno(err: BaseException, directory: Path) -> Optional[int]:
     finally:
         probe.unlink(missing_ok=True)
     return None
+
+
+# ---- the draft of a step dir ------------------------------------------------------------------------------
+def load_draft_from_checkpoint(step_dir: Union[str, Path], embed_weight: Optional[Tensor] = None) -> "DraftModel":
+    """Draft from `<run_dir>/ckpt/step-N/`: ZeRO shards (any stage) consolidated, `draft.` prefix stripped."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    from models.draft.io import build_draft
+    from models.registry import DRAFTS
+    from models.targets.meta import target_spec_from_config
+
+    step_dir = Path(step_dir).resolve()
+    for name in ("config.yaml", "vocab.safetensors"):
+        if not (step_dir / name).is_file():
+            raise ValueError(f"{step_dir}: not an Aerie checkpoint step dir (no {name})")
+    why = checkpoint_problem(step_dir)  # checksums, and weights-only unpickling before DeepSpeed's full one
+    if why is not None:
+        raise ValueError(f"{step_dir}: refusing to load this checkpoint: {why}")
+    cfg = OmegaConf.to_container(OmegaConf.load(step_dir / "config.yaml"), resolve=True)
+    if "draft" not in cfg or "target" not in cfg:
+        raise ValueError(f"{step_dir / 'config.yaml'}: needs 'draft' and 'target' sections")
+    arch = cfg["draft"].get("arch", "eagle3_llama")  # the architecture the run trained
+    draft_cls = DRAFTS.get(arch)
+    schema = draft_cls.config_class
+    known = {f.name for f in dataclasses.fields(schema)}
+    draft_cfg = schema(**{k: v for k, v in cfg["draft"].items() if k in known})
+    config = draft_cls.from_target(draft_cfg, target_spec_from_config(cfg["target"])).config
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    state = {n[len("draft."):]: t for n, t in consolidated.items() if n.startswith("draft.")}
+    # buffers come back as float from zero_to_fp32: the vocabulary is taken from vocab.safetensors instead
+    state.update({k: v for k, v in load_file(str(step_dir / "vocab.safetensors")).items() if k in ("d2t", "t2d")})
+    return build_draft(arch, config, state, embed_weight, str(step_dir))
+
+
+def load_draft(path: Union[str, Path], embed_weight: Optional[Tensor] = None) -> "DraftModel":
+    """An Aerie draft dir or a checkpoint step dir."""
+    from models.draft.io import CONFIG_NAME, load_aerie_draft
+
+    path = Path(path)
+    if (path / CONFIG_NAME).is_file():
+        return load_aerie_draft(path, embed_weight)
+    if (path / "config.yaml").is_file():
+        return load_draft_from_checkpoint(path, embed_weight)
+    raise ValueError(f"{path}: neither an Aerie draft dir (config.json) nor a checkpoint step dir (config.yaml)")

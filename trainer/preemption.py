@@ -1,6 +1,6 @@
 """Preemption notices (SIGTERM, Slurm's SIGUSR1 before the time limit): a flag, set from process start on.
 
-`aerie train` installs the handler first thing (trainer/cli.py), so a notice during start-up (imports, Hydra,
+`aerie train` installs the handler first thing (tools/cli.py), so a notice during start-up (imports, Hydra,
 tokenisation, loading the target) is not fatal: the training loop sees the flag at its first check, writes a
 checkpoint when it has state to save, and exits cleanly.  Standard library only, so it is cheap to import.
 """

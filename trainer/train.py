@@ -1,4 +1,4 @@
-"""The Trainer: a config in, a trained Eagle3 draft head out.
+"""The Trainer: a config in, a trained draft out.
 
 Online mode runs the frozen target inside each step; offline mode reads a hidden-state
 store written by `aerie dump` and rebuilds the teacher from the target's final norm and
@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -68,7 +68,7 @@ class TrainModule(nn.Module):
                 out = self._target.forward(batch, draft_token_ids)
                 positions = out.position_ids if out.position_ids is not None else batch["position_ids"]
                 return out.aux_hidden_states, out.teacher_logits, out.teacher_argmax, out.inputs_embeds, positions
-            from trainer.data import teacher_from_store_batch
+            from data.store.batch import teacher_from_store_batch
 
             logits, argmax = teacher_from_store_batch(batch, self.teacher_head, draft_token_ids)
             return batch["aux_hidden_states"], logits, argmax, None, batch["position_ids"]
@@ -107,7 +107,9 @@ def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
 class Trainer:
     """Anatomy: config, dist, run_dir, logger, target | teacher_head, data, vocab, draft, engine, checkpointer."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, spec_eval: Optional[Callable[["Trainer"], Dict[str, float]]] = None):
+        """spec_eval: real speculative decoding of the draft every trainer.spec_eval_every steps (every rank calls
+        it; the trainer itself imports no decoding code)."""
         from models.objectives.base import build_objective
         from models.registry import DRAFTS
         from trainer.checkpoint import CheckpointManager
@@ -116,6 +118,10 @@ class Trainer:
         from trainer.logger import RunLogger, save_resolved_config
 
         self.cfg = cfg
+        if cfg.trainer.spec_eval_every and spec_eval is None:
+            raise ValueError("trainer.spec_eval_every is set but this Trainer has no speculative-eval callback "
+                             "(`aerie train` passes one); set trainer.spec_eval_every=0")
+        self.spec_eval = spec_eval
         self.preemption = Preemption()
         tcfg: TrainerConfig = cfg.trainer
         if tcfg.mode not in ("online", "offline"):
@@ -161,7 +167,7 @@ class Trainer:
 
     # ---- composition -------------------------------------------------------------------------
     def _build_data(self):
-        from trainer.data import build_train_data
+        from trainer.inputs import build_train_data
 
         data = build_train_data(self.cfg, self.dist, self.ds_config)
         self.target = data.target
@@ -349,38 +355,9 @@ class Trainer:
             offset += size
         return self.objective.summarise(summed)
 
-    @torch.no_grad()
     def speculative_eval(self) -> Dict[str, float]:
-        """Real acceptance length of the current draft with the in-loop target (rank 0 decodes, others wait)."""
-        from omegaconf import OmegaConf
-
-        from trainer.distributed import barrier, broadcast_object
-        from trainer.evaluate import EvalConfig, evaluate_draft, evaluate_state_with_vllm
-        from trainer.vllm_engine import check_engine_name
-
-        on_vllm = check_engine_name(self.cfg.trainer.spec_eval_engine) == "vllm"
-        if not on_vllm and (self.target is None or self.cfg.deepspeed.zero_stage == 3):
-            raise ValueError("trainer.spec_eval_every needs online mode with the whole target on each rank "
-                             "(deepspeed zero1/zero2), or trainer.spec_eval_engine=vllm; use `aerie eval` on "
-                             "checkpoints otherwise")
-        state = _gathered_draft_state(self.draft) if on_vllm else None  # every rank takes part in the gather
-        metrics = {}
-        if self.dist.is_main:
-            ecfg = EvalConfig(**{**OmegaConf.to_container(self.cfg.eval, resolve=True), "out_dir": "",
-                                 "max_prompts": self.cfg.trainer.spec_eval_max_prompts})
-            if on_vllm:
-                summary = evaluate_state_with_vllm(self.draft, state, self.cfg, ecfg, self.run_dir / "spec_eval")
-            else:
-                self.draft.eval()
-                summary = evaluate_draft(self.target.module, self.draft, self.target.tokenizer, ecfg)
-                self.draft.train()
-            for run in summary["results"]:
-                k = run["num_speculative_tokens"]
-                metrics[f"spec_tau_k{k}"] = run["tau"]
-                metrics.update({f"spec_accept_k{k}_{i}": a for i, a in enumerate(run["acceptance_per_position"])})
-        metrics = broadcast_object(metrics)
-        barrier()
-        return metrics
+        """Acceptance metrics of the current draft from the injected callback (`aerie train`: tools/eval/in_loop.py)."""
+        return self.spec_eval(self)
 
     # ---- outputs -----------------------------------------------------------------------------
     def checkpoint_files(self) -> Dict[str, bytes]:
@@ -400,11 +377,11 @@ class Trainer:
         return path
 
     def save_final(self) -> Path:
+        from models.draft.io import save_aerie_draft
         from trainer.distributed import barrier
-        from trainer.export import save_aerie_draft
 
         final = self.run_dir / "final"
-        state = _gathered_draft_state(self.draft)
+        state = gathered_draft_state(self.draft)
         if self.dist.is_main:  # config.yaml goes in the same atomic directory write as the weights
             config_yaml = OmegaConf.to_yaml(self.cfg, resolve=True).encode()
             save_aerie_draft(self.draft, final, state_dict=state, extra_files={"config.yaml": config_yaml},
@@ -413,7 +390,7 @@ class Trainer:
         return final
 
 
-def _gathered_draft_state(draft: nn.Module) -> Dict[str, torch.Tensor]:
+def gathered_draft_state(draft: nn.Module) -> Dict[str, torch.Tensor]:
     """Full draft weights on every rank (gathering ZeRO-3 partitions), frozen embedding excluded."""
     import deepspeed
 
@@ -436,7 +413,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     (a kill or a full disk in the middle of a write)."""
     if not path.is_file():
         return
-    from trainer.logger import atomic_write_text
+    from data.io import atomic_write_text
 
     kept, num_torn = [], 0
     for line in path.read_text(errors="replace").splitlines():
@@ -450,10 +427,3 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if num_torn:
         print(f"{path}: dropped {num_torn} unreadable line(s) (cut off by a kill or a full disk)", flush=True)
     atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-
-def run_train(cfg) -> None:
-    trainer = Trainer(cfg)
-    out = trainer.fit()
-    if trainer.dist.is_main:
-        print(f"draft written to {out}" if out.name == "final" else f"run state in {out}", flush=True)

@@ -34,4 +34,4 @@ done
 
 cd "$AERIE_ROOT"
 exec "$AERIE_PYTHON" -m deepspeed.launcher.runner --no_local_rank "${launcher_args[@]}" \
-    --module trainer.cli train "$@"
+    --module tools.cli train "$@"

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from models.draft.base import DraftModel
 from models.draft.eagle3 import (DraftKVCache, Eagle3MLP, RMSNorm, RotaryEmbedding, _resolve, apply_rotary,
                                  layer_fields)
 from models.registry import DRAFTS
@@ -138,7 +139,7 @@ class DFlashDecoderLayer(nn.Module):
 
 
 @DRAFTS.register("dflash")
-class DFlashDraft(nn.Module):
+class DFlashDraft(DraftModel):
     """DFlash draft.  Training: models.draft.dflash_objective.dflash_forward.  Inference:
 
         context = draft.new_context()
@@ -148,7 +149,9 @@ class DFlashDraft(nn.Module):
     """
 
     config_class = DFlashConfig
+    model_config_class = DFlashModelConfig
     architecture = "dflash"
+    drafting = "block"
 
     def __init__(self, config: DFlashModelConfig):
         super().__init__()
@@ -192,26 +195,9 @@ class DFlashDraft(nn.Module):
     # ---- what every draft offers the trainer, export and eval -------------------------------------------------
     def load_embedding(self, weight: Tensor) -> None:
         """The target's (V, H) embedding; the mask embedding starts from the mask token's row."""
-        if tuple(weight.shape) != tuple(self.embed_tokens.weight.shape):
-            expected = tuple(self.embed_tokens.weight.shape)
-            raise ValueError(f"embedding weight shape {tuple(weight.shape)} != expected {expected}")
+        super().load_embedding(weight)
         with torch.no_grad():
-            self.embed_tokens.weight.copy_(weight)
             self.mask_embedding.copy_(weight[self.config.mask_token_id])
-
-    def set_draft_vocab(self, d2t: Tensor, t2d: Tensor) -> None:
-        from models.draft.eagle3 import Eagle3LlamaDraft
-
-        Eagle3LlamaDraft.set_draft_vocab(self, d2t, t2d)
-
-    def draft_token_ids(self) -> Tensor:
-        return torch.arange(self.config.draft_vocab_size, device=self.d2t.device) + self.d2t
-
-    def to_target_ids(self, draft_ids: Tensor) -> Tensor:
-        return draft_ids + self.d2t[draft_ids]
-
-    def trainable_parameters(self) -> list:
-        return [p for name, p in self.named_parameters() if not name.startswith("embed_tokens.")]
 
     # ---- the served forward ----------------------------------------------------------------------------------
     def embed_block(self, ids: Tensor, is_mask: Tensor) -> Tensor:
@@ -242,9 +228,6 @@ class DFlashDraft(nn.Module):
             else:
                 hidden = layer(hidden, kv, cos, sin, visible)
         return hidden
-
-    def compute_logits(self, hidden: Tensor) -> Tensor:
-        return self.lm_head(self.norm(hidden))
 
     # ---- inference with a context cache ----------------------------------------------------------------------
     def new_context(self) -> DraftKVCache:

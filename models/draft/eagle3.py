@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.draft.base import DraftModel
 from models.registry import DRAFTS
 
 
@@ -303,7 +304,7 @@ def layer_fields(draft_cfg, spec) -> dict:
 
 
 @DRAFTS.register("eagle3_llama")
-class Eagle3LlamaDraft(nn.Module):
+class Eagle3LlamaDraft(DraftModel):
     """Eagle3 draft.  Training: models.draft.ttt.ttt_forward.  Inference with a KV cache (chain drafting):
 
         cache = draft.new_cache()
@@ -329,6 +330,7 @@ class Eagle3LlamaDraft(nn.Module):
     """
 
     config_class = DraftConfig
+    model_config_class = Eagle3ModelConfig
     architecture = "eagle3_llama"
 
     def __init__(self, config: Eagle3ModelConfig):
@@ -373,34 +375,6 @@ class Eagle3LlamaDraft(nn.Module):
         draft.attention = draft_cfg.attention
         return draft
 
-    def load_embedding(self, weight: Tensor) -> None:
-        if tuple(weight.shape) != tuple(self.embed_tokens.weight.shape):
-            expected = tuple(self.embed_tokens.weight.shape)
-            raise ValueError(f"embedding weight shape {tuple(weight.shape)} != expected {expected}")
-        with torch.no_grad():
-            self.embed_tokens.weight.copy_(weight)
-
-    def set_draft_vocab(self, d2t: Tensor, t2d: Tensor) -> None:
-        vd, v = self.config.draft_vocab_size, self.config.vocab_size
-        if tuple(d2t.shape) != (vd,) or tuple(t2d.shape) != (v,):
-            shapes = f"d2t {tuple(d2t.shape)}, t2d {tuple(t2d.shape)}"
-            raise ValueError(f"draft vocab shapes {shapes}; expected ({vd},), ({v},)")
-        target_ids = torch.arange(vd) + d2t.long().cpu()
-        t2d_cpu = t2d.bool().cpu()
-        if int(t2d_cpu.sum()) != vd or not bool(t2d_cpu[target_ids.clamp(0, v - 1)].all()) or target_ids.max() >= v:
-            raise ValueError("draft vocab: d2t and t2d disagree (t2d must be True exactly at the ids i + d2t[i])")
-        self.d2t.copy_(d2t.long())
-        self.t2d.copy_(t2d.bool())
-
-    def draft_token_ids(self) -> Tensor:
-        return torch.arange(self.config.draft_vocab_size, device=self.d2t.device) + self.d2t
-
-    def to_target_ids(self, draft_ids: Tensor) -> Tensor:
-        return draft_ids + self.d2t[draft_ids]
-
-    def trainable_parameters(self) -> list:
-        return [p for name, p in self.named_parameters() if not name.startswith("embed_tokens.")]
-
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.embed_tokens(input_ids)
 
@@ -416,9 +390,6 @@ class Eagle3LlamaDraft(nn.Module):
     def next_step_hidden(self, out_hidden: Tensor) -> Tensor:
         """What the next draft step reads: the out hidden, or norm(out) with norm_output (vLLM's aux_output)."""
         return self.norm(out_hidden) if self.config.norm_output else out_hidden
-
-    def compute_logits(self, hidden: Tensor) -> Tensor:
-        return self.lm_head(self.norm(hidden))
 
     def new_cache(self) -> DraftKVCache:
         return DraftKVCache(len(self.layers))

@@ -24,7 +24,6 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from models.draft.attention import TTT_ATTENTION, document_segments
-from models.objectives.base import chain_tau
 from models.objectives.losses import acceptance, top1_agreement
 from models.registry import LOSSES
 
@@ -37,13 +36,6 @@ class TTTOutput:
     count_per_step: Tensor  # (k,) float, valid positions per step
     num_out_of_vocab: Tensor  # () valid step-0 positions whose teacher argmax is outside the draft vocabulary
     accept_per_step: Optional[Tensor] = None  # (k,) sum over valid positions of sum_v min(p_v, q_v)
-
-    def acc_per_step(self) -> Tensor:
-        return self.correct_per_step / self.count_per_step.clamp(min=1)
-
-    def tau_sim(self) -> float:
-        """Simulated acceptance length of chain drafting: 1 + sum_i prod_{j<=i} acc_j."""
-        return chain_tau(self.acc_per_step().tolist())
 
 
 def shift_left(x: Tensor, shift: int) -> Tensor:

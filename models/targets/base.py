@@ -94,9 +94,12 @@ def from_sglang_layer_ids(ids: List[int]) -> List[int]:
     return [int(i) + 1 for i in ids]
 
 
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # config name -> dtype
+
+
 def resolve_dtype(name: str) -> Optional[torch.dtype]:
     """'auto' -> None (use the checkpoint's dtype)."""
-    table = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    table = {"auto": None, **DTYPES}
     if name not in table:
         raise ValueError(f"target dtype {name!r} not one of {sorted(table)}")
     return table[name]

@@ -17,36 +17,9 @@ from torch import Tensor, nn
 from models.registry import MODALITIES, TARGETS
 from models.targets.base import (TargetConfig, TargetModel, TargetOutput, TargetSpec, resolve_aux_layer_ids,
                                  resolve_dtype)
+from models.targets.capture import AuxCapture
+from models.targets.meta import decoder_of, model_class_for
 from models.targets.teacher import chunked_teacher_logits, final_logit_softcap
-
-
-def decoder_of(model: nn.Module) -> nn.Module:
-    """The text decoder (the module holding embed_tokens, layers and the final norm)."""
-    candidates = [getattr(getattr(model, "model", None), "language_model", None), getattr(model, "language_model", None),
-                  getattr(model, "model", None)]
-    if hasattr(model, "get_decoder"):
-        candidates.append(model.get_decoder())
-    for module in candidates:
-        if module is not None and hasattr(module, "layers") and hasattr(module, "norm"):
-            return module
-    raise ValueError(f"cannot find the decoder (a module with .layers and .norm) in {type(model).__name__}")
-
-
-def model_class_for(config, cfg: TargetConfig):
-    """The concrete transformers class named by config.architectures, else AutoModelForCausalLM."""
-    import transformers
-
-    for arch in getattr(config, "architectures", None) or []:
-        model_cls = getattr(transformers, arch, None)
-        if model_cls is not None:
-            return model_cls
-    return transformers.AutoModelForCausalLM
-
-
-def instantiate_from_config(model_cls, config, trust_remote_code: bool = False) -> nn.Module:
-    if hasattr(model_cls, "_from_config"):
-        return model_cls._from_config(config)
-    return model_cls.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def zero_stage(ds_config: Optional[dict]) -> int:
@@ -93,30 +66,6 @@ def document_attention_mask(document_ids: Tensor, dtype: torch.dtype, boolean: b
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-class _AuxCapture:
-    """Forward pre-hooks storing the input of selected decoder layers (and of the final norm)."""
-
-    def __init__(self, decoder: nn.Module, aux_layer_ids: List[int]):
-        self.aux_layer_ids = aux_layer_ids
-        self.captured = {}
-        self.handles = []
-        for layer_id in sorted(set(aux_layer_ids)):
-            self.handles.append(decoder.layers[layer_id].register_forward_pre_hook(self._hook(layer_id), with_kwargs=True))
-        self.handles.append(decoder.norm.register_forward_pre_hook(self._hook("last"), with_kwargs=True))
-
-    def _hook(self, key):
-        def hook(module, args, kwargs):
-            self.captured[key] = args[0] if args else kwargs["hidden_states"]
-
-        return hook
-
-    def pop(self) -> Tuple[Tensor, Tensor]:
-        aux = torch.cat([self.captured[i] for i in self.aux_layer_ids], dim=-1)
-        last = self.captured["last"]
-        self.captured = {}
-        return aux, last
-
-
 @TARGETS.register("hf")
 class HFTargetModel(TargetModel):
     def __init__(self, module: nn.Module, cfg: TargetConfig, tokenizer=None, processor=None, name_or_path: str = ""):
@@ -135,7 +84,7 @@ class HFTargetModel(TargetModel):
         self.lm_head = module.get_output_embeddings()
         self.softcap = final_logit_softcap(module.config)
         check_attn_implementation(cfg)
-        self._capture = _AuxCapture(self.decoder, self.aux_layer_ids)
+        self._capture = AuxCapture(self.decoder, self.aux_layer_ids)
 
     def _make_spec(self, name_or_path: str, num_layers: int) -> TargetSpec:
         c = self.text_config
@@ -232,7 +181,7 @@ class HFTargetModel(TargetModel):
             inputs_embeds, position_ids, multimodal = self._run(batch)
             aux_hidden_states, last_hidden_state = self._capture.pop()
         finally:
-            self._capture.captured = {}
+            self._capture.clear()
         teacher_logits, teacher_argmax = self.teacher_from_hidden(last_hidden_state, draft_token_ids)
         return TargetOutput(
             aux_hidden_states=aux_hidden_states, teacher_logits=teacher_logits, teacher_argmax=teacher_argmax,

@@ -6,9 +6,8 @@ each chunk yields its argmax over the whole vocabulary and the columns of the dr
 """
 from __future__ import annotations
 
-import json
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -64,60 +63,24 @@ class TeacherHead(nn.Module):
                                       draft_token_ids, self.logits_chunk_size, self.softcap)
 
 
-def _checkpoint_key_files(path: str) -> Dict[str, str]:
-    """tensor name -> safetensors file, from the index json when sharded."""
-    from safetensors import safe_open
-
-    index_path = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
-        return {key: os.path.join(path, name) for key, name in weight_map.items()}
-    single = os.path.join(path, "model.safetensors")
-    if not os.path.exists(single):
-        raise ValueError(f"no model.safetensors or model.safetensors.index.json in {path}")
-    with safe_open(single, framework="pt") as f:
-        return {key: single for key in f.keys()}
-
-
-def _pick_key(keys: List[str], suffix: str, path: str) -> str:
-    """Shortest key ending in suffix that is not inside a vision/audio tower."""
-    towers = ("visual", "vision", "audio")
-    found = [k for k in keys if (k == suffix or k.endswith("." + suffix)) and not any(t in k for t in towers)]
-    if not found:
-        raise ValueError(f"no tensor named *{suffix} in the checkpoint at {path}")
-    return min(found, key=len)
-
-
-def _read_tensor(key: str, key_files: Dict[str, str]) -> Tensor:
-    from safetensors import safe_open
-
-    with safe_open(key_files[key], framework="pt") as f:
-        return f.get_tensor(key)
-
-
 def load_lm_head_only(cfg: TargetConfig) -> TeacherHead:
     """Final norm + lm_head read from the safetensors files, without materialising the target."""
-    from transformers import AutoConfig
-
-    from models.targets.hf import decoder_of, instantiate_from_config, model_class_for
+    from models.targets.meta import checkpoint_key_files, decoder_of, load_config, meta_model, pick_key, read_tensor
 
     if not os.path.isdir(cfg.path):
         raise ValueError(f"load_lm_head_only needs a local checkpoint dir, got {cfg.path!r}")
-    config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
-    with torch.device("meta"):  # only to learn the norm's class; no memory is allocated
-        meta_model = instantiate_from_config(model_class_for(config, cfg), config, cfg.trust_remote_code)
-    meta_norm = decoder_of(meta_model).norm
-    key_files = _checkpoint_key_files(cfg.path)
+    config = load_config(cfg)
+    meta_norm = decoder_of(meta_model(config, cfg)).norm  # only to learn the norm's class; nothing is allocated
+    key_files = checkpoint_key_files(cfg.path)
     keys = list(key_files)
     tied = getattr(config.get_text_config(), "tie_word_embeddings", getattr(config, "tie_word_embeddings", False))
     has_head = any(k == "lm_head.weight" or k.endswith(".lm_head.weight") for k in keys)
-    head_key = _pick_key(keys, "embed_tokens.weight" if tied or not has_head else "lm_head.weight", cfg.path)
-    head_weight = _read_tensor(head_key, key_files)
+    head_key = pick_key(keys, "embed_tokens.weight" if tied or not has_head else "lm_head.weight", cfg.path)
+    head_weight = read_tensor(head_key, key_files)
     bias_key = head_key[: -len("weight")] + "bias"
-    head_bias = _read_tensor(bias_key, key_files) if bias_key in key_files and "lm_head" in head_key else None
-    norm_prefix = _pick_key(keys, "norm.weight", cfg.path)[: -len("weight")]
-    norm_state = {k[len(norm_prefix):]: _read_tensor(k, key_files) for k in keys if k.startswith(norm_prefix)}
+    head_bias = read_tensor(bias_key, key_files) if bias_key in key_files and "lm_head" in head_key else None
+    norm_prefix = pick_key(keys, "norm.weight", cfg.path)[: -len("weight")]
+    norm_state = {k[len(norm_prefix):]: read_tensor(k, key_files) for k in keys if k.startswith(norm_prefix)}
 
     dtype = resolve_dtype(cfg.dtype) or head_weight.dtype
     norm = meta_norm.to_empty(device="cpu")

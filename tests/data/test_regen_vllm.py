@@ -23,7 +23,7 @@ SHORT = {"logit_bias": {EOS: 6.0}}  # replies end after a few tokens: fast, and 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from trainer.vllm_engine import vllm_python
+    from tools.vllm.engine import vllm_python
 
     try:
         python = vllm_python()

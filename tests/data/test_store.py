@@ -8,9 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from data.store import (HiddenStateStoreReader, HiddenStateStoreWriter, StoreConfig, bytes_per_token,
-                        dequantize_fp8, run_dump, sample_tail)
-from trainer.data import collate_store, teacher_from_store_batch
+from data.store.batch import collate_store, teacher_from_store_batch
+from data.store.format import StoreConfig, bytes_per_token, dequantize_fp8, sample_tail
+from data.store.reader import HiddenStateStoreReader
+from data.store.writer import HiddenStateStoreWriter
+from tools.dump import run_dump
 
 H, A, V, K, S = 16, 3, 512, 4, 5
 

@@ -13,7 +13,7 @@ def test_deepspeed_train_sh_splits_launcher_options_from_hydra_overrides(tmp_pat
                          env={**os.environ, "AERIE_PYTHON": "echo"}, cwd=tmp_path, capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ["-m", "deepspeed.launcher.runner", "--no_local_rank", "--num_gpus", "2", "--no_ssh",
-                   "--node_rank=1", "--hostfile", "/h", "--module", "trainer.cli", "train", "target=tiny_chat",
+                   "--node_rank=1", "--hostfile", "/h", "--module", "tools.cli", "train", "target=tiny_chat",
                    "+trainer.x=[1,2]", "--not-an-option"]
 
 

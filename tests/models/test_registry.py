@@ -1,6 +1,7 @@
 import pytest
 
-from models.registry import DRAFTS, EXPORTS, MODALITIES, TARGETS, Registry
+from models.registry import DRAFTS, MODALITIES, TARGETS, Registry
+from tools.export.base import EXPORTS
 
 
 def test_register_and_get():

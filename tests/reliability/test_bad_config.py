@@ -5,7 +5,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from tests.conftest import REPO
-from trainer.config import register_configs, validate_config
+from tools.config import register_configs, validate_config
 
 
 def _compose(overrides):
@@ -47,7 +47,7 @@ def test_draft_vocab_larger_than_target_vocab_gets_a_note(tmp_path, capsys):
     import datasets
     from omegaconf import OmegaConf
 
-    from trainer.data import draft_vocab
+    from trainer.inputs import draft_vocab
 
     rows = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3, 4]], "loss_mask": [[0, 1, 1, 1]]})
     cfg = OmegaConf.create({"run_dir": str(tmp_path), "draft": {"draft_vocab_size": 100000},

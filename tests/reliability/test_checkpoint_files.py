@@ -52,7 +52,7 @@ class _RunsCode:
 
 
 def test_checkpoint_cannot_run_code_on_resume_or_export(run_copy, tmp_path):
-    from trainer.export import load_draft_from_checkpoint
+    from trainer.checkpoint import load_draft_from_checkpoint
 
     marker = tmp_path / "code-ran"
     step = run_copy / "ckpt" / "step-4"

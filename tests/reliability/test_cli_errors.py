@@ -5,7 +5,7 @@ import signal
 import pytest
 
 from tests.conftest import TINY_TRAIN_OVERRIDES, run_aerie
-from trainer.cli import COMMANDS, main
+from tools.cli import COMMANDS, main
 
 
 @pytest.fixture

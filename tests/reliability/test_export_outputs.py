@@ -7,8 +7,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from tests.conftest import REPO
-from trainer.config import register_configs
-from trainer.export import run_export
+from tools.config import register_configs
+from tools.export.base import run_export
 
 pytestmark = pytest.mark.slow  # needs the session's base run
 

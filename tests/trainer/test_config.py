@@ -7,7 +7,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from tests.conftest import REPO
-from trainer.config import register_configs
+from tools.config import register_configs
 
 GROUPS = ["target", "modality", "data", "draft", "objective", "trainer", "deepspeed", "launcher",
           "experiment"]

@@ -43,8 +43,9 @@ def trained(dflash_run, tmp_path_factory, data_cache):
 
 
 def test_dflash_trains_and_its_loss_falls(dflash_run):
-    from trainer.export import load_draft, load_target_embedding
-    from trainer.export_dflash import probe_block_logits
+    from models.targets.meta import load_target_embedding
+    from tools.export.dflash import probe_block_logits
+    from trainer.checkpoint import load_draft
 
     metrics = read_metrics(dflash_run)
     assert [m["step"] for m in metrics] == list(range(1, 13))
@@ -62,10 +63,10 @@ def _hf_counts(export_dir: Path, prompts, option):
     from transformers import AutoModelForCausalLM
     from safetensors.torch import load_file
 
-    from trainer.evaluate import SpeculativeDecoder
-    from trainer.evaluate_dflash import BlockSpeculativeDecoder
-    from trainer.export import load_export
-    from trainer.export_dflash import from_vllm_files
+    from tools.eval.block import BlockSpeculativeDecoder
+    from tools.eval.decode import SpeculativeDecoder
+    from tools.export.base import load_export
+    from tools.export.dflash import from_vllm_files
 
     target = AutoModelForCausalLM.from_pretrained(TINY_CHAT, dtype=torch.float32).eval()
     embed = target.get_input_embeddings().weight.detach().float()
@@ -100,8 +101,9 @@ def served(trained, tmp_path_factory):
     """One vLLM worker (lock held while it runs) serving every export and corruption at T=0, k=3, MT-Bench."""
     from transformers import AutoTokenizer
 
-    from trainer.evaluate import load_prompts, render_prompt
-    from trainer.vllm_engine import EngineConfig, run_vllm
+    from data.template import render_prompt
+    from tools.eval.decode import load_prompts
+    from tools.vllm.engine import EngineConfig, run_vllm
 
     tokenizer = AutoTokenizer.from_pretrained(TINY_CHAT)
     prompts = [render_prompt(tokenizer, conv) for conv in load_prompts("mtbench", 4)]
@@ -150,7 +152,7 @@ def test_each_corruption_refused_by_aerie_and_by_vllm_or_in_tau(served):
     """Wrong aux ids: vLLM reads eagle_aux_hidden_state_layer_ids from the draft config
     (gpu_model_runner._get_eagle3_aux_layers_from_config), yet on this 12-step draft it served [0, 1, 3] at the
     intact τ (11 accepted in 82 drafts both, 2026-12-02); not yet explained, so only Aerie's refusal is asserted."""
-    from trainer.export import validate_export
+    from tools.export.base import validate_export
 
     intact = served["runs"]["eagle3_1"]
     intact_tau = 1 + intact["num_accepted_tokens"] / intact["num_drafts"]
@@ -178,8 +180,9 @@ def test_t1_acceptance_agrees_with_vllm(served, mode):
     are divided by uninitialised memory: tests/trainer/test_vllm_eval.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.evaluate import EvalConfig, evaluate_draft, summarize_vllm_run
-    from trainer.export import load_export
+    from tools.eval.decode import EvalConfig, evaluate_draft
+    from tools.eval.report import summarize_vllm_run
+    from tools.export.base import load_export
 
     target = AutoModelForCausalLM.from_pretrained(TINY_CHAT, dtype=torch.float32).eval()
     draft = load_export(served["dirs"]["eagle3_1"], "vllm", target.get_input_embeddings().weight.detach().float())

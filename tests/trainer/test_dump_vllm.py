@@ -1,4 +1,4 @@
-"""`aerie dump engine=vllm`: the target's states from vLLM's hidden-state extraction (trainer/vllm_dump_worker.py)
+"""`aerie dump engine=vllm`: the target's states from vLLM's hidden-state extraction (tools/vllm/dump_worker.py)
 fill the same store as the HF forward, and a draft trained offline from either store has the same losses."""
 import json
 
@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from data.batching import collate
-from data.store import HiddenStateStoreReader, StoreConfig, dump_from_hidden_states, run_dump
+from data.store.format import StoreConfig
+from data.store.reader import HiddenStateStoreReader
 from tests.conftest import TINY_CHAT, TINY_TRAIN_OVERRIDES, read_metrics, run_aerie
+from tools.dump import dump_from_hidden_states, run_dump
 
 
 @pytest.mark.slow  # loads the tiny target (about 20 s on a busy 2-core machine)
@@ -41,7 +43,7 @@ def test_a_store_from_extracted_states_equals_the_forward_dump(tmp_path):
 
 @pytest.mark.slow
 def test_aerie_dump_engine_vllm_matches_the_hf_dump_and_trains_the_same(tmp_path, data_cache):
-    from trainer.vllm_engine import vllm_python
+    from tools.vllm.engine import vllm_python
 
     try:
         vllm_python()

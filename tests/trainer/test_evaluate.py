@@ -7,7 +7,9 @@ import torch
 import transformers
 
 from models.draft.eagle3 import Eagle3LlamaDraft, Eagle3ModelConfig
-from trainer import evaluate as ev
+from tools.eval import decode as ev
+from tools.eval import report
+from tools.eval import run as eval_run
 
 FIXTURE = str(Path(__file__).resolve().parents[2] / "assets" / "tiny-chat-llama")
 
@@ -145,12 +147,12 @@ def test_summary_bounds_and_reports(tmp_path):
                                draft_seconds=0.09, num_draft_calls=9),
                ev.DecodeResult(tokens=[1] * 4, accepted=[3], num_target_forwards=2, verify_seconds=0.1,
                                draft_seconds=0.03, num_draft_calls=3)]
-    s = ev.summarize(results, 3)
+    s = report.summarize(results, 3)
     assert s["tau"] == pytest.approx((1 + 4 + 2 + 4) / 4)
     assert s["acceptance_per_position"] == pytest.approx([0.75, 0.5, 0.5])
     assert s["tokens_per_target_forward"] == pytest.approx(13 / 6)
     assert s["estimated_speedup"] == pytest.approx(s["tau"] / (1 + 3 * (0.01 / 0.1)))
-    paths = ev.write_reports({"prompts": "x", "temperature": 0.0, "results": [s]}, tmp_path / "eval")
+    paths = report.write_reports({"prompts": "x", "temperature": 0.0, "results": [s]}, tmp_path / "eval")
     rows = paths["csv"].read_text().splitlines()
     assert rows[0] == "num_speculative_tokens,position,acceptance_rate" and rows[1] == "3,1,0.750000"
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -211,7 +213,8 @@ def test_run_eval_from_composed_config(tmp_path, capsys):
     from omegaconf import OmegaConf
 
     from models.draft.eagle3 import DraftConfig
-    from trainer.export import load_target_embedding, save_aerie_draft, target_spec_from_config
+    from models.draft.io import save_aerie_draft
+    from models.targets.meta import load_target_embedding, target_spec_from_config
 
     spec = target_spec_from_config({"path": FIXTURE})
     draft = Eagle3LlamaDraft.from_target(DraftConfig(draft_vocab_size=512), spec)
@@ -222,7 +225,7 @@ def test_run_eval_from_composed_config(tmp_path, capsys):
                                                       temperature=1.0, verify="exact",
                                                       out_dir=str(tmp_path / "eval")).__dict__},
                             "target": {"path": FIXTURE, "dtype": "float32"}})
-    summary = ev.run_eval(cfg)
+    summary = eval_run.run_eval(cfg)
     assert json.loads(capsys.readouterr().out)["results"][0]["num_speculative_tokens"] == 2
     assert 1 <= summary["results"][0]["tau"] <= 3 and (tmp_path / "eval" / "summary.json").is_file()
     assert 1 < summary["results"][0]["oracle_tau_target_only"] < summary["results"][0]["oracle_tau"] == 3
@@ -259,7 +262,7 @@ def test_verify_modes_propose_like_vllm():
 
 def test_acceptance_stats_from_counts_alone():
     # accepted per step [0, 3, 1, 3]: vLLM's per-position counters are [3, 2, 2] over 4 drafts
-    stats = ev.acceptance_stats(4, [3, 2, 2], 3, num_prompts=2, num_generated_tokens=13)
+    stats = report.acceptance_stats(4, [3, 2, 2], 3, num_prompts=2, num_generated_tokens=13)
     steps = torch.tensor([1.0, 4.0, 2.0, 4.0])
     assert stats["tau"] == pytest.approx(float(steps.mean()))
     assert stats["tau_std"] == pytest.approx(float(steps.std(unbiased=False)))

@@ -6,8 +6,8 @@ import torch
 import transformers
 
 from models.draft.dflash import DFlashConfig, DFlashDraft
-from trainer import evaluate as ev
-from trainer.evaluate_dflash import BlockSpeculativeDecoder
+from tools.eval import decode as ev
+from tools.eval.block import BlockSpeculativeDecoder
 
 
 def tiny_target(vocab=256):

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from data.modality.vision import mrope_position_ids
 from data.sources import DataConfig
 from models.draft.eagle3 import DraftConfig, Eagle3LlamaDraft
-from models.modality.vision import mrope_position_ids
+from models.draft.io import save_aerie_draft
 from models.registry import MODALITIES, TARGETS
 from models.targets.base import TargetConfig
 from tests.conftest import read_metrics, run_aerie
-from trainer.evaluate_media import MediaSpeculativeDecoder, load_media_prompts
-from trainer.export import save_aerie_draft
+from tools.eval.media import MediaSpeculativeDecoder, load_media_prompts
 
 SIZES = [(64, 64), (64, 96), (96, 64), (64, 128), (128, 64), (96, 96)]
 
@@ -92,7 +92,7 @@ def compose(overrides):
     from hydra import compose as hydra_compose, initialize_config_dir
 
     from tests.conftest import REPO
-    from trainer.config import register_configs
+    from tools.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
@@ -120,7 +120,7 @@ def test_trained_draft_drafts_media_well_above_an_untrained_one(modality, image_
     """Regenerate a tiny random target's greedy answers for a small image / audio set, train a draft on them with
     `aerie train`, then run `aerie eval`'s entry point (T=0) through the multimodal target, and the same for an
     untrained draft of the same shape."""
-    from trainer.evaluate import run_eval
+    from tools.eval.run import run_eval
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     if modality == "vision":

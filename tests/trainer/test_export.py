@@ -7,9 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from models.draft import io as draft_io
 from models.draft.eagle3 import Eagle3LlamaDraft, Eagle3ModelConfig
-from models.registry import EXPORTS
-from trainer import export as ex
+from models.targets import meta
+from tools.export import base as ex
+from tools.export import eagle3
+from tools.export.base import EXPORTS
 
 H, INTER, HEADS, KV, HEAD_DIM, V, VD = 64, 128, 4, 2, 16, 512, 128
 TARGET = {"name_or_path": "tiny/llama-8l", "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
@@ -38,7 +41,7 @@ def make_draft(seed=0, **kwargs):
     return draft.eval()
 
 
-# ---- engine expectations, written independently of trainer/export.py -----------------------------------------
+# ---- engine expectations, written independently of tools/export/base.py -----------------------------------------
 def engine_layer(prefix, first):
     size_in = 2 * H if first else H
     names = {"self_attn.q_proj.weight": (HEADS * HEAD_DIM, size_in), "self_attn.k_proj.weight": (KV * HEAD_DIM, size_in),
@@ -122,15 +125,15 @@ def test_wrong_or_missing_tensor_is_refused(tmp_path, monkeypatch):
     cfg = make_config()
     good = {k: torch.zeros(s, dtype=torch.int64 if k == "d2t" else torch.bool if k == "t2d" else torch.float32)
             for k, s in engine_expects("sglang").items()}
-    ex.validate_export_tensors("sglang", cfg, good)
+    eagle3.validate_export_tensors("sglang", cfg, good)
     for broken in ({k: v for k, v in good.items() if k != "midlayer.hidden_norm.weight"},
                    {**good, "layers.0.self_attn.q_proj.weight": good.pop("midlayer.self_attn.q_proj.weight")},
                    {**good, "fc.weight": torch.zeros(H, 2 * H)}):
         with pytest.raises(ValueError, match="sglang export refused"):
-            ex.validate_export_tensors("sglang", cfg, broken)
+            eagle3.validate_export_tensors("sglang", cfg, broken)
     # the export itself runs the check before writing: a mapping that loses a tensor writes nothing
-    original = ex.to_export_names
-    monkeypatch.setattr(ex, "to_export_names",
+    original = eagle3.to_export_names
+    monkeypatch.setattr(eagle3, "to_export_names",
                         lambda fmt, c, s: {k: v for k, v in original(fmt, c, s).items() if k != "norm.weight"})
     with pytest.raises(ValueError, match="missing \\['norm.weight'\\]"):
         ex.export(make_draft(), tmp_path / "bad", "vllm", target=TARGET)
@@ -138,7 +141,7 @@ def test_wrong_or_missing_tensor_is_refused(tmp_path, monkeypatch):
 
 
 def test_reload_check_catches_swapped_weights(tmp_path, monkeypatch):
-    original = ex.to_export_names
+    original = eagle3.to_export_names
 
     def swap_norms(fmt, c, s):
         out = original(fmt, c, s)
@@ -146,7 +149,7 @@ def test_reload_check_catches_swapped_weights(tmp_path, monkeypatch):
             out["midlayer.hidden_norm.weight"], out["midlayer.input_layernorm.weight"])
         return out
 
-    monkeypatch.setattr(ex, "to_export_names", swap_norms)
+    monkeypatch.setattr(eagle3, "to_export_names", swap_norms)
     with pytest.raises(ValueError, match="does not reproduce"):
         ex.export(make_draft(), tmp_path / "bad", "sglang", target=TARGET)
     assert not (tmp_path / "bad").exists()
@@ -172,23 +175,23 @@ def test_unservable_drafts_and_multimodal_names(tmp_path):
 
 def test_aerie_format_round_trip_and_replace(tmp_path):
     draft = make_draft(num_layers=2, norm_before_residual=True)
-    out = ex.save_aerie_draft(draft, tmp_path / "final", metadata={"step": 7, "target": "t"})
+    out = draft_io.save_aerie_draft(draft, tmp_path / "final", metadata={"step": 7, "target": "t"})
     config = json.loads((out / "config.json").read_text())
     assert config["aerie_format"] == 1 and config["architecture"] == "eagle3_llama"
     assert config["metadata"] == {"step": 7, "target": "t"} and config["aux_layer_ids"] == [2, 4, 5]
     names = set(load_file(str(out / "model.safetensors")))
     assert "embed_tokens.weight" not in names and {"d2t", "t2d", "fc.weight", "layers.1.mlp.up_proj.weight"} <= names
-    loaded = ex.load_aerie_draft(out, embed_weight=draft.embed_tokens.weight)
+    loaded = draft_io.load_aerie_draft(out, embed_weight=draft.embed_tokens.weight)
     assert loaded.config == draft.config and torch.equal(loaded.t2d, draft.t2d)
     assert torch.allclose(logits_of(loaded), logits_of(draft), atol=1e-6)
     # a second save replaces the first and leaves no temporary dirs behind
     other = make_draft(seed=3, num_layers=2, norm_before_residual=True)
-    ex.save_aerie_draft(other, tmp_path / "final")
+    draft_io.save_aerie_draft(other, tmp_path / "final")
     assert sorted(os.listdir(tmp_path)) == ["final"]
-    reloaded = ex.load_aerie_draft(tmp_path / "final", embed_weight=other.embed_tokens.weight)
+    reloaded = draft_io.load_aerie_draft(tmp_path / "final", embed_weight=other.embed_tokens.weight)
     assert torch.allclose(logits_of(reloaded), logits_of(other), atol=1e-6)
     with pytest.raises(ValueError, match="missing"):
-        ex.save_aerie_draft(draft, tmp_path / "bad", state_dict={"fc.weight": draft.fc.weight})
+        draft_io.save_aerie_draft(draft, tmp_path / "bad", state_dict={"fc.weight": draft.fc.weight})
 
 
 class Container(torch.nn.Module):
@@ -213,7 +216,7 @@ def test_load_draft_from_deepspeed_checkpoint(tmp_path, monkeypatch):
     transformers.LlamaForCausalLM(tconfig).save_pretrained(str(target_dir))
     cfg = {"target": {"backend": "hf", "path": str(target_dir), "aux_layer_ids": None},
            "draft": {"arch": "eagle3_llama", "num_layers": 1, "draft_vocab_size": VD}}
-    spec = ex.target_spec_from_config(cfg["target"])
+    spec = meta.target_spec_from_config(cfg["target"])
     from models.draft.eagle3 import DraftConfig
 
     draft = Eagle3LlamaDraft.from_target(DraftConfig(num_layers=1, draft_vocab_size=VD), spec)
@@ -255,7 +258,7 @@ def test_run_export_from_composed_config(tmp_path):
     from omegaconf import OmegaConf
 
     draft = make_draft()
-    ex.save_aerie_draft(draft, tmp_path / "final", metadata={"target": "unused"})
+    draft_io.save_aerie_draft(draft, tmp_path / "final", metadata={"target": "unused"})
     (tmp_path / "target").mkdir()
     (tmp_path / "target" / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": V,
                                                                   "hidden_size": H}))

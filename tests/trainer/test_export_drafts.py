@@ -7,11 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from data.vocab import build_draft_vocab
 from models.draft.dflash import DFlashConfig, DFlashDraft
 from models.draft.eagle3 import DraftConfig, Eagle3LlamaDraft
-from models.draft.vocab import build_draft_vocab
-from trainer.export import export, load_draft, load_export, save_aerie_draft
-from trainer.export_dflash import MASK_EMBEDDING_NAME, probe_block_logits, from_vllm_files
+from models.draft.io import save_aerie_draft
+from tools.export.base import export, load_export
+from tools.export.dflash import MASK_EMBEDDING_NAME, probe_block_logits, from_vllm_files
+from trainer.checkpoint import load_draft
 
 TARGET = {"name_or_path": "tiny", "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
 
@@ -94,7 +96,7 @@ def test_draft_options_compose(hydra_restore):
     from hydra import compose, initialize_config_dir
 
     from tests.conftest import REPO
-    from trainer.config import register_configs
+    from tools.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):

@@ -8,7 +8,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from tests.conftest import REPO, TINY_CHAT, read_metrics, run_aerie
-from trainer.config import register_configs
+from tools.config import register_configs
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ def _compose(overrides):
 
 
 def test_vision_batches_give_the_draft_mrope_positions(vl_target_dir, vl_data, tmp_path, hydra_restore):
-    from trainer.data import build_train_data
+    from trainer.inputs import build_train_data
 
     cfg = _compose(_vision_overrides(vl_target_dir, vl_data, tmp_path / "run", tmp_path / "cache"))
     data = build_train_data(cfg, ONE_RANK, {})
@@ -137,7 +137,7 @@ def test_speech_tokens_train_over_the_speech_vocabulary(tmp_path):
 
 
 def test_modality_mismatch_and_offline_media_are_refused(vl_target_dir, tmp_path, hydra_restore):
-    from trainer.data import build_adapter
+    from trainer.inputs import build_adapter
 
     cfg = _compose([f"target.path={vl_target_dir[0]}", "target.modality=vision"])
     with pytest.raises(ValueError, match="add modality=vision"):

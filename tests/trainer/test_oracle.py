@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from trainer.oracle import chain_accept_probs, chain_tau, oracle_tau
+from tools.eval.oracle import chain_accept_probs, chain_tau, oracle_tau
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ from omegaconf import OmegaConf
 from models.draft.eagle3 import DraftConfig, Eagle3LlamaDraft
 from models.targets.base import TargetSpec
 from tests.conftest import REPO, TINY_CHAT, aerie_env
-from trainer.engine import DeepSpeedConfig
-from trainer.plan import (PRESET_ARCHS, TargetArch, arch_from_hf_config, deepspeed_option, draft_sizes,
+from tools.plan import (PRESET_ARCHS, TargetArch, arch_from_hf_config, deepspeed_option, draft_sizes,
                           plan_memory, recommend, resolve_arch, run_plan, smallest_setup)
+from trainer.engine import DeepSpeedConfig
 from trainer.train import TrainerConfig
 
 SMALL = TargetArch(num_layers=4, hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1,
@@ -148,7 +148,7 @@ def test_local_target_is_read_from_its_config(tmp_path):
 def test_run_plan_prints_table_and_json(capsys, hydra_restore):
     from hydra import compose, initialize_config_dir
 
-    from trainer.config import REPO_ROOT, register_configs
+    from tools.config import REPO_ROOT, register_configs
 
     register_configs()
     with initialize_config_dir(str(REPO_ROOT / "conf"), version_base=None):
@@ -175,7 +175,7 @@ def test_run_plan_prints_table_and_json(capsys, hydra_restore):
 DRIVER = textwrap.dedent('''
     import json, sys, threading, time
     from hydra import compose, initialize_config_dir
-    from trainer.config import REPO_ROOT, register_configs
+    from tools.config import REPO_ROOT, register_configs
     from trainer.train import Trainer
 
     def rss_anon():

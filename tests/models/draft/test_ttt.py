@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from models.draft.ttt import TTTOutput, run_ttt_steps, ttt_forward
+from models.draft.ttt import run_ttt_steps, ttt_forward
 
 STEPS = 3
 
@@ -183,15 +183,6 @@ def test_out_of_vocab_counted_and_never_correct(draft_factory, batch_factory):
     out = run(draft, batch)
     assert int(out.num_out_of_vocab) == 0
     assert out.correct_per_step[0] == out.count_per_step[0] == 14
-
-
-def test_tau_sim_and_accuracy():
-    out = TTTOutput(
-        loss=torch.tensor(0.0), loss_per_step=torch.zeros(3), correct_per_step=torch.tensor([8.0, 3.0, 0.0]),
-        count_per_step=torch.tensor([10.0, 6.0, 0.0]), num_out_of_vocab=torch.tensor(0),
-    )
-    torch.testing.assert_close(out.acc_per_step(), torch.tensor([0.8, 0.5, 0.0]))
-    assert out.tau_sim() == pytest.approx(1 + 0.8 + 0.4)
 
 
 def test_bfloat16_aux_with_float32_draft(draft_factory, batch_factory):

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
+from data.modality.audio import qwen3_asr_num_audio_tokens
 from models.draft.eagle3 import DraftConfig, Eagle3LlamaDraft
-from models.modality.audio import qwen3_asr_num_audio_tokens
 from models.registry import MODALITIES, TARGETS
 from models.targets.base import TargetConfig
-from trainer.export import export
+from tools.export.base import export
 
 DRAFT_IDS = torch.tensor([1, 5, 200])
 

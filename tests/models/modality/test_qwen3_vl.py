@@ -8,7 +8,7 @@ from data.sources import DataConfig
 from models.draft.eagle3 import DraftConfig, Eagle3LlamaDraft
 from models.registry import MODALITIES, TARGETS
 from models.targets.base import TargetConfig
-from trainer.export import export
+from tools.export.base import export
 
 DRAFT_IDS = torch.tensor([1, 5, 200])
 
@@ -46,7 +46,7 @@ def test_placeholders_follow_the_image_processor(qwen3_vl, tmp_path):
 
 
 def adapter_image(path):
-    from models.modality.vision import open_image
+    from data.modality.vision import open_image
 
     return open_image(path, "q")
 

@@ -8,7 +8,7 @@ from models.objectives.ttt import TTTObjective, TTTObjectiveConfig
 from models.registry import OBJECTIVES
 from tests.conftest import REPO
 from tests.models.draft.conftest import make_batch, make_draft
-from trainer.config import register_configs
+from tools.config import register_configs
 
 
 def _compose(overrides):

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from tests.models.targets.conftest import save_tiny
+from tests.helpers import REPO, save_tiny
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+ROOT = str(REPO)
 
 
 @pytest.mark.slow
@@ -19,7 +19,7 @@ def test_zero3_partitioned_forward_matches_unsharded(tmp_path):
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     proc = subprocess.run([launcher, "--num_gpus", "2", "--no_local_rank", "--master_port", "29517",
-                           os.path.join(ROOT, "tests/models/targets/zero3_worker.py"), path, str(result_path)],
+                           os.path.join(ROOT, "tests/distributed/zero3_worker.py"), path, str(result_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(result_path.read_text())

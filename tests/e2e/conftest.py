@@ -1,16 +1,9 @@
-"""Shared runs of the reliability tier: one tiny finished run that the fault tests copy and damage."""
+"""Shared runs of the end-to-end tier: one tiny finished run that the fault tests copy and damage."""
 import shutil
 
 import pytest
 
-from tests.conftest import TINY_CHAT, TINY_TRAIN_OVERRIDES, run_aerie
-
-BASE_STEPS = 4
-
-
-def train_args(run_dir, cache, *extra):
-    return ["train", f"run_dir={run_dir}", f"data.cache_dir={cache}", *TINY_TRAIN_OVERRIDES,
-            f"trainer.max_steps={BASE_STEPS}", "trainer.ckpt_every=2", "trainer.keep_last=5", *extra]
+from tests.helpers import TINY_CHAT, run_aerie, train_args
 
 
 @pytest.fixture(scope="session")

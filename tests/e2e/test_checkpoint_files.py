@@ -2,7 +2,6 @@
 and Aerie's own RNG files load with torch's weights-only unpickler."""
 import json
 import os
-import shutil
 
 import pytest
 import torch

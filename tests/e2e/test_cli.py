@@ -1,5 +1,5 @@
 """Smoke tests of the real `aerie` entry point in a subprocess."""
-from tests.conftest import run_aerie
+from tests.helpers import run_aerie
 
 
 def test_help_lists_commands():

@@ -4,7 +4,7 @@ import signal
 
 import pytest
 
-from tests.conftest import TINY_TRAIN_OVERRIDES, run_aerie
+from tests.helpers import TINY_TRAIN_OVERRIDES, run_aerie
 from trainer.cli import COMMANDS, main
 
 

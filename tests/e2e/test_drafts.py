@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY_CHAT, TINY_TRAIN_OVERRIDES, read_metrics, run_aerie
+from tests.helpers import TINY_CHAT, TINY_TRAIN_OVERRIDES, read_metrics, run_aerie
 
 pytestmark = pytest.mark.slow
 K, MAX_NEW = 3, 24
@@ -51,8 +51,8 @@ def test_dflash_trains_and_its_loss_falls(dflash_run):
 
 
 def _hf_counts(export_dir: Path, prompts, option):
-    from transformers import AutoModelForCausalLM
     from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
     from trainer.evaluate import SpeculativeDecoder
     from trainer.evaluate_dflash import BlockSpeculativeDecoder

@@ -7,7 +7,7 @@ import torch
 
 from data.batching import collate
 from data.store import HiddenStateStoreReader, StoreConfig, dump_from_hidden_states, run_dump
-from tests.conftest import TINY_CHAT, TINY_TRAIN_OVERRIDES, read_metrics, run_aerie
+from tests.helpers import TINY_CHAT, TINY_TRAIN_OVERRIDES, read_metrics, run_aerie
 
 
 @pytest.mark.slow  # loads the tiny target (about 20 s on a busy 2-core machine)

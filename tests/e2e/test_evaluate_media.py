@@ -11,7 +11,7 @@ from models.draft.eagle3 import DraftConfig, Eagle3LlamaDraft
 from models.modality.vision import mrope_position_ids
 from models.registry import MODALITIES, TARGETS
 from models.targets.base import TargetConfig
-from tests.conftest import read_metrics, run_aerie
+from tests.helpers import read_metrics, run_aerie
 from trainer.evaluate_media import MediaSpeculativeDecoder, load_media_prompts
 from trainer.export import save_aerie_draft
 
@@ -89,9 +89,10 @@ def test_bad_media_rows_are_named(vl, tmp_path, png_path):
 
 
 def compose(overrides):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
     from trainer.config import register_configs
 
     register_configs()

@@ -6,7 +6,7 @@ import stat
 import pytest
 from hydra import compose, initialize_config_dir
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 from trainer.config import register_configs
 from trainer.export import run_export
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO as ROOT
+
 PYTHON = os.environ.get("AERIE_PYTHON", str(ROOT / ".venv" / "bin" / "python"))
 MAX_STEPS = 6
 pytestmark = pytest.mark.slow

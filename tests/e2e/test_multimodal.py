@@ -7,7 +7,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from tests.conftest import REPO, TINY_CHAT, read_metrics, run_aerie
+from tests.helpers import REPO, TINY_CHAT, read_metrics, run_aerie
 from trainer.config import register_configs
 
 pytestmark = pytest.mark.slow

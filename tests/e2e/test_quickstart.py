@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tests.conftest import TINY_TRAIN_OVERRIDES, read_metrics, run_aerie
+from tests.helpers import TINY_TRAIN_OVERRIDES, read_metrics, run_aerie
 
 pytestmark = pytest.mark.slow
 

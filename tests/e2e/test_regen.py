@@ -1,6 +1,6 @@
 """Regeneration against small in-process chat servers: flaky servers (drops, 500s), bad answers counted per
 reason, retries that do not change the data, resume after a SIGKILL, and the exit status of `aerie regen`.
-(Against a real `vllm serve`: tests/data/test_regen_vllm.py.)"""
+(Against a real `vllm serve`: tests/e2e/test_regen_vllm.py.)"""
 import json
 import os
 import signal
@@ -13,8 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from data.regen import RegenConfig, done_share_error, run_regen
-from data.sources import DataConfig, load_conversations
-from tests.conftest import run_aerie
+from data.sources import DataConfig
+from tests.helpers import read_output, run_aerie, settled_ids
 
 
 def write_source(path, n, first_turns=None):
@@ -81,12 +81,6 @@ class ChatServer:
 def flaky(body, k):
     """Request k drops the connection if k % 4 == 1, answers 500 if k % 4 == 2, else echoes."""
     return None if k % 4 == 1 else (500, {"error": "busy"}) if k % 4 == 2 else echo(body)
-
-
-def read_output(out_dir):
-    records, report = load_conversations(DataConfig(source="openai", path=str(out_dir)))
-    assert not report.counts
-    return records
 
 
 def regen(urls, tmp_path, data_cfg, name="out", **overrides):
@@ -168,19 +162,6 @@ def test_changed_generation_settings_are_refused_on_resume(tmp_path):
             regen([server.url], tmp_path, data_cfg, max_tokens=32)
     finally:
         server.close()
-
-
-def settled_ids(out_dir):
-    """Ids in the output's shards and journals (a shard and its journal coexist for a moment: a set)."""
-    ids = set()
-    for path in out_dir.glob("regen-*"):
-        for line in open(path):
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # being written
-            ids.add((entry.get("record") or entry.get("rejected") or entry)["id"])
-    return ids
 
 
 def test_at_most_concurrency_conversations_are_in_flight(tmp_path):

@@ -13,8 +13,7 @@ import pytest
 
 from data.regen import RegenConfig, VllmServer, run_regen
 from data.sources import DataConfig
-from tests.conftest import REPO, TINY_CHAT, run_aerie
-from tests.data.test_regen import read_output, settled_ids
+from tests.helpers import REPO, TINY_CHAT, read_output, run_aerie, settled_ids
 
 pytestmark = pytest.mark.slow
 EOS = "2"  # <|im_end|> of the tiny target

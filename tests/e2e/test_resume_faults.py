@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, aerie_env, read_metrics, run_aerie
-from tests.reliability.conftest import BASE_STEPS, train_args
+from tests.helpers import BASE_STEPS, REPO, aerie_env, read_metrics, run_aerie, train_args
 
 pytestmark = pytest.mark.slow
 

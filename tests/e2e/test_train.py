@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY_TRAIN_OVERRIDES, aerie_env, read_metrics, run_aerie
+from tests.helpers import REPO, TINY_TRAIN_OVERRIDES, aerie_env, read_metrics, run_aerie
 from trainer.engine import lr_multiplier
 
 pytestmark = pytest.mark.slow

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import REPO
 from trainer import vllm_engine as ve
 
-REPO = Path(__file__).resolve().parents[2]
 FIXTURE = str(REPO / "assets" / "tiny-chat-llama")
 
 

@@ -1,12 +1,11 @@
 """Shared fixtures for the data tests: the tiny ChatML fixture tokenizer."""
-from pathlib import Path
 import pytest
 
-FIXTURE = str(Path(__file__).resolve().parents[2] / "assets" / "tiny-chat-llama")
+from tests.helpers import TINY_CHAT
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(FIXTURE)
+    return AutoTokenizer.from_pretrained(str(TINY_CHAT))

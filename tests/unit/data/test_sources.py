@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from data.sources import DataConfig, iter_json_array, load_conversations, SkipReport, split_train_eval
-from tests.data.conftest import FIXTURE
+from data.sources import DataConfig, SkipReport, iter_json_array, load_conversations, split_train_eval
+from tests.helpers import TINY_CHAT
 
 GOOD = {"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
 
@@ -113,9 +113,9 @@ def test_builtin_sharegpt_package():
     records, report = load_conversations(DataConfig(max_chars=10 ** 9))
     assert len(records) > 15000 and report.num_read == 17671  # the package file decodes 17,671 complete records
     assert any("cut off inside record 17671" in n for n in report.notes)
-    heldout = json.load(open(f"{FIXTURE}/heldout_ids.json"))
+    heldout = json.load(open(f"{TINY_CHAT}/heldout_ids.json"))
     train, evals = split_train_eval(records, DataConfig(
-        heldout_ids_path=f"{FIXTURE}/heldout_ids.json"))
+        heldout_ids_path=f"{TINY_CHAT}/heldout_ids.json"))
     assert 0 < len(evals) <= len(heldout) and not {r["id"] for r in train} & set(heldout)
 
 

@@ -8,8 +8,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from data.store import (HiddenStateStoreReader, HiddenStateStoreWriter, StoreConfig, bytes_per_token,
-                        dequantize_fp8, run_dump, sample_tail)
+from data.store import (
+    HiddenStateStoreReader,
+    HiddenStateStoreWriter,
+    StoreConfig,
+    bytes_per_token,
+    dequantize_fp8,
+    run_dump,
+    sample_tail,
+)
 from trainer.data import collate_store, teacher_from_store_batch
 
 H, A, V, K, S = 16, 3, 512, 4, 5

@@ -1,9 +1,8 @@
 """Fast checks of the launch scripts' argument handling (no training, no Slurm daemons)."""
 import os
 import subprocess
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO as ROOT
 
 
 def test_deepspeed_train_sh_splits_launcher_options_from_hydra_overrides(tmp_path):

@@ -1,5 +1,4 @@
 """Speculative decoding in `aerie eval`: exactness at T=0, target distribution at T=1, metrics and reports."""
-from pathlib import Path
 import json
 
 import pytest
@@ -7,9 +6,10 @@ import torch
 import transformers
 
 from models.draft.eagle3 import Eagle3LlamaDraft, Eagle3ModelConfig
+from tests.helpers import TINY_CHAT
 from trainer import evaluate as ev
 
-FIXTURE = str(Path(__file__).resolve().parents[2] / "assets" / "tiny-chat-llama")
+FIXTURE = str(TINY_CHAT)
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,7 @@ import torch
 import transformers
 
 from models.draft.dflash import DFlashConfig, DFlashDraft
+from tests.helpers import TINY_CHAT
 from trainer import evaluate as ev
 from trainer.evaluate_dflash import BlockSpeculativeDecoder
 
@@ -54,10 +55,7 @@ def test_block_speculative_decoding_equals_target_greedy():
 def test_evaluate_draft_runs_block_drafts(tmp_path):
     """A DFlash draft goes through evaluate_draft end to end (the chain decoder would call draft.extend, which a
     block drafter does not have)."""
-    from pathlib import Path
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(Path(__file__).resolve().parents[2] / "assets"
-                                                           / "tiny-chat-llama")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(TINY_CHAT)
     target = tiny_target(vocab=len(tokenizer))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Name three colours."}\n{"prompt": "Why is the sky blue?"}\n')

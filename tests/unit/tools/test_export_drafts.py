@@ -11,7 +11,7 @@ from models.draft.dflash import DFlashConfig, DFlashDraft
 from models.draft.eagle3 import DraftConfig, Eagle3LlamaDraft
 from models.draft.vocab import build_draft_vocab
 from trainer.export import export, load_draft, load_export, save_aerie_draft
-from trainer.export_dflash import MASK_EMBEDDING_NAME, probe_block_logits, from_vllm_files
+from trainer.export_dflash import MASK_EMBEDDING_NAME, from_vllm_files, probe_block_logits
 
 TARGET = {"name_or_path": "tiny", "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
 
@@ -93,7 +93,7 @@ def test_eagle3_1_switches_exported_under_vllm_keys(tmp_path, spec_factory):
 def test_draft_options_compose(hydra_restore):
     from hydra import compose, initialize_config_dir
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
     from trainer.config import register_configs
 
     register_configs()

@@ -12,10 +12,20 @@ from omegaconf import OmegaConf
 
 from models.draft.eagle3 import DraftConfig, Eagle3LlamaDraft
 from models.targets.base import TargetSpec
-from tests.conftest import REPO, TINY_CHAT, aerie_env
+from tests.helpers import REPO, TINY_CHAT, aerie_env
 from trainer.engine import DeepSpeedConfig
-from trainer.plan import (PRESET_ARCHS, TargetArch, arch_from_hf_config, deepspeed_option, draft_sizes,
-                          plan_memory, recommend, resolve_arch, run_plan, smallest_setup)
+from trainer.plan import (
+    PRESET_ARCHS,
+    TargetArch,
+    arch_from_hf_config,
+    deepspeed_option,
+    draft_sizes,
+    plan_memory,
+    recommend,
+    resolve_arch,
+    run_plan,
+    smallest_setup,
+)
 from trainer.train import TrainerConfig
 
 SMALL = TargetArch(num_layers=4, hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 from trainer.config import register_configs, validate_config
 
 

@@ -6,7 +6,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 from trainer.config import register_configs
 
 GROUPS = ["target", "modality", "data", "draft", "objective", "trainer", "deepspeed", "launcher",

@@ -4,7 +4,7 @@ import torch
 
 from models.registry import MODALITIES, TARGETS
 from models.targets.base import TargetConfig
-from tests.conftest import TINY_CHAT
+from tests.helpers import TINY_CHAT
 
 DRAFT_IDS = torch.tensor([1, 5, 200])
 
@@ -37,7 +37,7 @@ def test_missing_audio_names_sample_and_path(audio_target_dir, tmp_path):
 def test_speech_tokens_adapter_trains_only_speech(tmp_path):
     from transformers import AutoTokenizer
 
-    from tests.models.targets.conftest import save_tiny
+    from tests.helpers import save_tiny
 
     tokenizer = AutoTokenizer.from_pretrained(str(TINY_CHAT))
     cls = MODALITIES.get("speech_tokens")

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from models.registry import MODALITIES, TARGETS
 from data.sources import DataConfig
+from models.registry import MODALITIES, TARGETS
 from models.targets.base import TargetConfig
 
 DRAFT_IDS = torch.tensor([1, 5, 200])

@@ -3,9 +3,14 @@ import pytest
 import torch
 
 from models.registry import TARGETS
-from models.targets.base import TargetConfig, from_sglang_layer_ids, resolve_aux_layer_ids, to_sglang_layer_ids
+from models.targets.base import (
+    TargetConfig,
+    from_sglang_layer_ids,
+    resolve_aux_layer_ids,
+    to_sglang_layer_ids,
+)
 from models.targets.teacher import load_lm_head_only
-from tests.models.targets.conftest import save_tiny
+from tests.helpers import save_tiny
 
 AUX = [1, 2, 3]
 

@@ -108,11 +108,12 @@ def bench_store(train_tokens_per_s, num_samples=64, length=512):
 
 def bench_dump_engines(tokenizer, records, max_length):
     """HF forward dump vs vLLM extraction dump of the same tokenised samples, tokens/s (vLLM start-up apart)."""
+    from safetensors.torch import load_file
+
     from data.store import StoreConfig, dump_from_hidden_states, run_dump
     from models.targets.base import TargetConfig
     from models.targets.hf import HFTargetModel
     from models.targets.teacher import load_lm_head_only
-    from safetensors.torch import load_file
     from trainer.vllm_engine import EngineConfig, run_vllm
 
     rows = [{"id": r["id"], **tokenize_conversation(tokenizer, r["messages"], max_length)} for r in records]
@@ -120,7 +121,8 @@ def bench_dump_engines(tokenizer, records, max_length):
     target_cfg = TargetConfig(path=FIXTURE_MODEL, dtype="float32")
     with tempfile.TemporaryDirectory() as tmp:
         target = HFTargetModel.load(target_cfg)
-        _, t_hf = timed(lambda: run_dump(target, rows, StoreConfig(path=os.path.join(tmp, "hf"))))
+        hf_store = StoreConfig(path=os.path.join(tmp, "hf"))
+        _, t_hf = timed(lambda model=target: run_dump(model, rows, hf_store))  # bound: `del target` follows
         spec, teacher = target.spec, load_lm_head_only(target_cfg)
         del target
         job = {"target": FIXTURE_MODEL, "layer_ids": list(spec.aux_layer_ids) + [spec.num_layers],

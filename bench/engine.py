@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from accept import FIXTURE, untrained_like  # noqa: E402
+
 from trainer.evaluate import load_prompts, render_prompt, summarize_vllm_run  # noqa: E402
 from trainer.export import export, load_draft, load_target_embedding, save_aerie_draft  # noqa: E402
 from trainer.vllm_engine import EngineConfig, run_vllm  # noqa: E402

@@ -82,9 +82,10 @@ def vllm_taus(exports: dict, num_prompts: int, k: int = 3) -> dict:
     """{run name: vLLM τ at k, T=0} for each exported draft, in one vLLM worker process."""
     import fcntl
 
+    from transformers import AutoTokenizer
+
     from trainer.evaluate import load_prompts, render_prompt
     from trainer.vllm_engine import EngineConfig, run_vllm
-    from transformers import AutoTokenizer
 
     target = str(REPO / "assets" / "tiny-chat-llama")
     tokenizer = AutoTokenizer.from_pretrained(target)

@@ -35,8 +35,13 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from data.store import (HiddenStateStoreReader, HiddenStateStoreWriter, bytes_per_token,  # noqa: E402
-                        dequantize_fp8, quantize_fp8)
+from data.store import (  # noqa: E402
+    HiddenStateStoreReader,
+    HiddenStateStoreWriter,
+    bytes_per_token,
+    dequantize_fp8,
+    quantize_fp8,
+)
 
 # name -> (dump overrides, derived from another variant's store or None)
 VARIANTS = {

@@ -194,7 +194,6 @@ def load_draft_from_checkpoint(step_dir: Union[str, Path], embed_weight: Optiona
     from safetensors.torch import load_file
 
     from models.draft.eagle3 import DraftConfig
-
     from trainer.checkpoint import checkpoint_problem
 
     step_dir = Path(step_dir).resolve()

@@ -383,10 +383,10 @@ def run_plan(cfg) -> Dict[str, object]:
     """`aerie plan`: prints the memory table and the recommendation for the composed config's target."""
     from omegaconf import OmegaConf
 
-    from trainer.engine import DeepSpeedConfig
-    from trainer.train import TrainerConfig
     from models.draft.eagle3 import DraftConfig
     from models.targets.base import resolve_aux_layer_ids
+    from trainer.engine import DeepSpeedConfig
+    from trainer.train import TrainerConfig
 
     def obj(node, cls):
         data = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dataclasses.asdict(node)

@@ -34,14 +34,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
-class LauncherConfig:
-    """How the job is started; read by `aerie plan` and the launch/ scripts' docs."""
-    name: str = "local"          # local | deepspeed | slurm
-    num_nodes: int = 1
+class ClusterConfig:
+    """Where the job runs (conf/cluster/: local, deepspeed, slurm): the GPUs `aerie plan` fits a setup into."""
     gpus_per_node: int = 1
     gpu_memory_gb: float = 80.0
-    hostfile: str = ""
-    master_port: int = 29500
 
 
 @dataclass
@@ -57,7 +53,7 @@ class AerieConfig:
     draft: Any = MISSING  # the schema of the chosen architecture (<arch>_schema, registered below)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     regen: RegenConfig = field(default_factory=RegenConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -153,6 +149,7 @@ def validate_config(cfg: Any, command: str = "train") -> None:
     """ValueError naming the key and the value of the first setting that cannot work; notes for odd ones."""
     _validate_trainer(cfg.trainer, cfg.data)
     _validate_data(cfg.data)
+    _check(cfg.store.verify in ("size", "sha256"), "store.verify", cfg.store.verify, "must be size or sha256")
     _check(cfg.draft.draft_vocab_size >= 1, "draft.draft_vocab_size", cfg.draft.draft_vocab_size, "must be >= 1")
     if "ttt_steps" in cfg.draft:
         _check(cfg.draft.ttt_steps >= 1, "draft.ttt_steps", cfg.draft.ttt_steps, "must be >= 1")

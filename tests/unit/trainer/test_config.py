@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from tests.helpers import REPO
 from trainer.config import register_configs
 
-GROUPS = ["target", "modality", "data", "draft", "objective", "trainer", "deepspeed", "launcher",
+GROUPS = ["target", "modality", "data", "draft", "objective", "trainer", "deepspeed", "cluster",
           "experiment"]
 
 

@@ -97,7 +97,7 @@ def compose(overrides):
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return hydra_compose(config_name="config", overrides=overrides)
+        return hydra_compose(config_name="train", overrides=overrides)
 
 
 def audio_prompts(root):

@@ -26,7 +26,7 @@ def _umask():
 def _export(base_run, out_dir, *overrides):
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = compose(config_name="config", overrides=[f"export.draft={base_run / 'final'}",
+        cfg = compose(config_name="export", overrides=[f"export.draft={base_run / 'final'}",
                                                        f"export.out_dir={out_dir}", *overrides])
     return run_export(cfg)
 

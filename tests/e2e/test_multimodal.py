@@ -51,7 +51,7 @@ def _vision_overrides(vl_target_dir, vl_data, run_dir, cache):
 def _compose(overrides):
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return compose(config_name="config", overrides=overrides)
+        return compose(config_name="train", overrides=overrides)
 
 
 def test_vision_batches_give_the_draft_mrope_positions(vl_target_dir, vl_data, tmp_path, hydra_restore):

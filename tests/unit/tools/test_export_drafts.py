@@ -98,11 +98,11 @@ def test_draft_options_compose(hydra_restore):
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        dflash = compose("config", overrides=["draft=dflash", "draft.block_size=4"])
-        eagle3_1 = compose("config", overrides=["draft=eagle3_1"])
-        default = compose("config")
+        dflash = compose("train", overrides=["draft=dflash", "draft.block_size=4"])
+        eagle3_1 = compose("train", overrides=["draft=eagle3_1"])
+        default = compose("train")
         with pytest.raises(Exception, match="ttt_steps"):
-            compose("config", overrides=["draft=dflash", "draft.ttt_steps=3"])
+            compose("train", overrides=["draft=dflash", "draft.ttt_steps=3"])
     assert (dflash.draft.arch, dflash.draft.block_size, dflash.draft.num_layers) == ("dflash", 4, 2)
     assert (eagle3_1.draft.fc_norm, eagle3_1.draft.norm_output, eagle3_1.draft.norm_before_fc) == (True, True, False)
     assert default.draft.arch == "eagle3_llama" and not default.draft.fc_norm

@@ -158,13 +158,13 @@ def test_run_plan_prints_table_and_json(capsys, hydra_restore):
 
     register_configs()
     with initialize_config_dir(str(REPO_ROOT / "conf"), version_base=None):
-        cfg = compose("config", overrides=["target=llama3_70b", "cluster=deepspeed"])
+        cfg = compose("plan", overrides=["target=llama3_70b", "cluster=deepspeed"])
     result = run_plan(cfg)
     out = capsys.readouterr().out
     assert "target params" in out and "TTT activations" in out and "recommendation: online" in out
     assert result["setups"]["online"].world_size == 8
     with initialize_config_dir(str(REPO_ROOT / "conf"), version_base=None):
-        cfg = compose("config", overrides=["target=llama3_70b", "cluster=deepspeed", "plan.json=true",
+        cfg = compose("plan", overrides=["target=llama3_70b", "cluster=deepspeed", "plan.json=true",
                                            "plan.mode=offline", "plan.seq_len=2048"])
     run_plan(cfg)
     data = json.loads(capsys.readouterr().out)
@@ -190,7 +190,7 @@ DRIVER = textwrap.dedent('''
 
     def run(overrides):
         with initialize_config_dir(str(REPO_ROOT / "conf"), version_base=None):
-            Trainer(compose("config", overrides=overrides)).fit()
+            Trainer(compose("train", overrides=overrides)).fit()
 
     register_configs()
     common, small, large = json.loads(sys.argv[1])

@@ -11,7 +11,7 @@ from trainer.config import register_configs, validate_config
 def _compose(overrides):
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return compose(config_name="config", overrides=overrides)
+        return compose(config_name="train", overrides=overrides)
 
 
 @pytest.mark.parametrize("override,message", [

@@ -1,4 +1,6 @@
-"""Every option of every config group composes against its schema; mistakes fail with Hydra's message."""
+"""Every option of every config group composes against its schema, every command's root composes, YAML only
+overrides the dataclass defaults; mistakes fail with Hydra's message."""
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -7,8 +9,11 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from tests.helpers import REPO
-from trainer.config import register_configs
+from trainer.cli import CONFIG_ROOTS
+from trainer.config import register_configs, validate_config
 
+ROOT_GROUPS = {"train": {"data", "draft", "trainer", "deepspeed", "engine"}, "eval": {"engine"}, "export": set(),
+               "plan": {"draft", "trainer", "deepspeed", "cluster"}, "data": {"data", "draft"}}
 GROUPS = ["target", "modality", "data", "draft", "objective", "trainer", "deepspeed", "cluster",
           "experiment"]
 
@@ -17,18 +22,42 @@ def _options(group):
     return sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
 
 
-def _compose(overrides):
+def _compose(overrides, root="train"):
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return compose(config_name="config", overrides=overrides)
+        return compose(config_name=root, overrides=overrides)
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
 def test_every_option_composes(group, option, hydra_restore):
-    cfg = _compose([f"{group}={option}"])
+    cfg = _compose([f"{group}={option}"], root="plan" if group == "cluster" else "train")
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert resolved["run_dir"] and resolved["target"]["path"]
     OmegaConf.to_object(cfg)  # every value converts to its dataclass field type
+
+
+@pytest.mark.parametrize("command", sorted(CONFIG_ROOTS))
+def test_each_command_root_composes_its_groups_and_validates(command, hydra_restore):
+    root = CONFIG_ROOTS[command]
+    cfg = _compose([], root=root)
+    validate_config(cfg, command)
+    chosen = {g for g in ("data", "draft", "trainer", "deepspeed", "cluster", "engine")
+              if (REPO / "conf" / f"{root}.yaml").read_text().count(f"  - {g}: ")}
+    assert chosen == ROOT_GROUPS[root] and cfg.target.path and cfg.modality.name == "text"
+    assert OmegaConf.is_missing(cfg, "draft") == ("draft" not in chosen)
+
+
+def test_yaml_options_only_override_the_dataclass_defaults():
+    """One source of defaults: no option repeats a value its schema already has."""
+    from trainer.config import AerieConfig
+
+    schemas = {f.name: f.default_factory() for f in dataclasses.fields(AerieConfig)
+               if f.default_factory is not dataclasses.MISSING}
+    for group in ("target", "data", "trainer", "deepspeed", "cluster", "engine"):
+        for option in _options(group):
+            values = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / group / f"{option}.yaml")) or {}
+            repeated = [k for k, v in values.items() if k != "defaults" and getattr(schemas[group], k) == v]
+            assert not repeated, f"conf/{group}/{option}.yaml repeats the dataclass defaults of {repeated}"
 
 
 def test_groups_have_options():

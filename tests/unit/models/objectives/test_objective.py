@@ -13,7 +13,7 @@ from trainer.config import register_configs
 def _compose(overrides):
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return compose(config_name="config", overrides=overrides)
+        return compose(config_name="train", overrides=overrides)
 
 
 def _inputs(batch):

@@ -29,7 +29,8 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
 }
 # command -> its root config in conf/ (the roots share conf/base.yaml and the groups)
 CONFIG_ROOTS: Dict[str, str] = {"train": "train", "dump": "train", "quickstart": "train", "eval": "eval",
-                                "export": "export", "plan": "plan", "inspect": "data", "vocab": "data", "regen": "data"}
+                                "export": "export", "plan": "plan",
+                                "inspect": "data", "vocab": "data", "regen": "data"}
 
 
 

@@ -36,7 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass
 class ClusterConfig:
-    """Where the job runs (conf/cluster/: local, deepspeed, slurm): the GPUs `aerie plan` fits a setup into."""
+    """Where the job runs (conf/cluster/: local, deepspeed, slurm): the GPUs `aerie plan` fits setups into."""
     gpus_per_node: int = 1
     gpu_memory_gb: float = 80.0
 

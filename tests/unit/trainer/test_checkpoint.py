@@ -1,5 +1,6 @@
-"""The checkpoint manager (trainer/checkpoint.py): manifests, the checks that make a step dir resumable, skipping
-broken ones for the newest intact one, RNG state, and a real DeepSpeed engine saved, published and loaded."""
+"""The checkpoint manager (trainer/checkpoint.py): manifests, the checks that make a step dir resumable,
+skipping broken ones for the newest intact one, RNG state, and a real DeepSpeed engine saved, published and
+loaded."""
 import errno
 import json
 import random
@@ -71,7 +72,8 @@ def test_unparsable_state_and_code_in_a_pickle_are_refused(tmp_path):
     torch.save({"payload": RunsCode()}, code / "rng" / "rank-0.pt")
     (code / MANIFEST).unlink()
     write_manifest(code, 1)  # checksums match: only the unpickler can tell
-    assert "rng/rank-0.pt does not load as weights only (it calls print, not plain data)" == checkpoint_problem(code)
+    expected = "rng/rank-0.pt does not load as weights only (it calls print, not plain data)"
+    assert checkpoint_problem(code) == expected
 
 
 def test_find_resumable_takes_the_newest_intact_step_and_warns_about_newer_broken_ones(tmp_path):
@@ -103,11 +105,11 @@ def _engine(seed):
     from trainer.engine import DeepSpeedConfig, build_ds_config, build_engine
 
     torch.manual_seed(seed)
-    trainer = SimpleNamespace(precision="fp32", adam_betas=[0.9, 0.95], lr=1e-2, weight_decay=0.0, grad_clip=0.0,
-                              grad_accum_steps=1)
+    trainer = SimpleNamespace(precision="fp32", adam_betas=[0.9, 0.95], lr=1e-2, weight_decay=0.0,
+                              grad_clip=0.0, grad_accum_steps=1)
     module = torch.nn.Linear(6, 4)
-    engine, _, _ = build_engine(module, module.parameters(), build_ds_config(DeepSpeedConfig(zero_stage=2), trainer, 1),
-                                lambda step: 1.0)
+    ds_config = build_ds_config(DeepSpeedConfig(zero_stage=2), trainer, world_size=1)
+    engine, _, _ = build_engine(module, module.parameters(), ds_config, lambda step: 1.0)
     return engine
 
 
@@ -124,9 +126,11 @@ def test_save_publishes_prunes_and_loads_into_a_fresh_engine(tmp_path, process_g
     engine = _engine(seed=0)
     for step in (1, 2, 3):
         _train_step(engine)
-        path = manager.save(step, engine, {"sampler": {"epoch": 0, "done_in_epoch": step}}, {"config.yaml": b"x: 1\n"})
+        state = {"sampler": {"epoch": 0, "done_in_epoch": step}}
+        path = manager.save(step, engine, state, {"config.yaml": b"x: 1\n"})
     assert path == root / "step-3" and (root / "latest").read_text() == "step-3\n"
-    assert manager.complete_steps() == [2, 3] and not list(root.glob(".tmp-*"))  # keep_last=2, nothing half-written
+    assert manager.complete_steps() == [2, 3]  # keep_last=2
+    assert not list(root.glob(".tmp-*"))  # nothing half-written
     assert checkpoint_problem(path) is None and (path / "config.yaml").read_bytes() == b"x: 1\n"
     assert (path / "rng" / "rank-0.pt").is_file()
     with warnings.catch_warnings():
@@ -138,7 +142,8 @@ def test_save_publishes_prunes_and_loads_into_a_fresh_engine(tmp_path, process_g
     state = manager.load(path, fresh)
     assert state["step"] == 3 and state["world_size"] == 1 and state["resharded"] is False
     assert state["sampler"] == {"epoch": 0, "done_in_epoch": 3}
-    assert torch.equal(fresh.module.weight, engine.module.weight) and torch.equal(fresh.module.bias, engine.module.bias)
+    assert torch.equal(fresh.module.weight, engine.module.weight)
+    assert torch.equal(fresh.module.bias, engine.module.bias)
     _train_step(engine), _train_step(fresh)  # the optimizer state came back too: the next step agrees
     assert torch.allclose(fresh.module.weight, engine.module.weight)
 

@@ -12,8 +12,9 @@ from tests.helpers import REPO
 from trainer.cli import CONFIG_ROOTS
 from trainer.config import register_configs, validate_config
 
-ROOT_GROUPS = {"train": {"data", "draft", "trainer", "deepspeed", "engine"}, "eval": {"engine"}, "export": set(),
-               "plan": {"draft", "trainer", "deepspeed", "cluster"}, "data": {"data", "draft"}}
+ROOT_GROUPS = {"train": {"data", "draft", "trainer", "deepspeed", "engine"}, "eval": {"engine"},
+               "export": set(), "plan": {"draft", "trainer", "deepspeed", "cluster"},
+               "data": {"data", "draft"}}
 GROUPS = ["target", "modality", "data", "draft", "objective", "trainer", "deepspeed", "cluster",
           "experiment"]
 

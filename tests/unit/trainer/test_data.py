@@ -73,7 +73,8 @@ def _write_store(path, num_samples=6):
     g = torch.Generator().manual_seed(0)
     for i in range(num_samples):
         n = 4 + i
-        writer.add(input_ids=torch.randint(0, VOCAB, (n,), generator=g), loss_mask=torch.ones(n, dtype=torch.long),
+        writer.add(input_ids=torch.randint(0, VOCAB, (n,), generator=g),
+                   loss_mask=torch.ones(n, dtype=torch.long),
                    aux_hidden_states=torch.randn(n, 3 * HIDDEN, generator=g),
                    teacher_topk_logprobs=-torch.rand(n, TOPK, generator=g),
                    teacher_topk_ids=torch.randint(0, VOCAB, (n, TOPK), generator=g),

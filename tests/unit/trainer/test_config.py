@@ -59,6 +59,11 @@ def test_yaml_options_only_override_the_dataclass_defaults():
             values = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / group / f"{option}.yaml")) or {}
             repeated = [k for k, v in values.items() if k != "defaults" and getattr(schemas[group], k) == v]
             assert not repeated, f"conf/{group}/{option}.yaml repeats the dataclass defaults of {repeated}"
+    for option in _options("experiment"):  # @package _global_: sections of the root
+        values = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "experiment" / f"{option}.yaml"))
+        repeated = [f"{section}.{k}" for section, body in values.items() if section in schemas
+                    for k, v in body.items() if getattr(schemas[section], k) == v]
+        assert not repeated, f"conf/experiment/{option}.yaml repeats the dataclass defaults of {repeated}"
 
 
 def test_groups_have_options():

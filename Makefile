@@ -1,6 +1,6 @@
-# Aerie: `make test` runs the whole suite, `make train` the quickstart. Both create .venv when missing, and
-# `make test` also creates .venv-vllm (vLLM's CPU build, its own venv because of vLLM's pins) on machines without
-# CUDA; on a CUDA machine Aerie uses the user's own vLLM (engine.python=/path/to/python, or the same env).
+# Aerie: `make test` runs `ruff check` then the whole suite, `make train` the quickstart. Both create .venv when
+# missing, and `make test` also creates .venv-vllm (vLLM's CPU build, its own venv because of vLLM's pins) on
+# machines without CUDA; on a CUDA machine Aerie uses the user's own vLLM (engine.python=/path/to/python, or the same env).
 PY ?= python3
 VENV := .venv
 PYTHON := $(VENV)/bin/python
@@ -39,6 +39,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 test: $(STAMP) $(ENGINE_STAMP)
+	$(VENV)/bin/ruff check .
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PYTHON) -m pytest -q -rs $(PYTEST_ARGS)
 
 train: $(STAMP)

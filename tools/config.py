@@ -1,7 +1,8 @@
 """The composed config's schema: each group's dataclass lives next to the code it configures.
 
-`register_configs()` puts them in Hydra's ConfigStore, so `conf/config.yaml` and the YAML
-options under conf/<group>/ are checked against them: a misspelt key or a wrong type fails
+`register_configs()` puts them in Hydra's ConfigStore, so the command roots (conf/train.yaml, eval.yaml,
+export.yaml, plan.yaml, data.yaml over conf/base.yaml) and the YAML options under conf/<group>/ are checked
+against them: a misspelt key or a wrong type fails
 at start-up with Hydra's message.  `validate_config` then checks the values every command
 would otherwise trip over later (or accept silently), naming the key and the value.
 """
@@ -33,14 +34,10 @@ from trainer.train import TrainerConfig
 
 
 @dataclass
-class LauncherConfig:
-    """How the job is started; read by `aerie plan` and the launch/ scripts' docs."""
-    name: str = "local"          # local | deepspeed | slurm
-    num_nodes: int = 1
+class ClusterConfig:
+    """Where the job runs (conf/cluster/: local, deepspeed, slurm): the GPUs `aerie plan` fits setups into."""
     gpus_per_node: int = 1
     gpu_memory_gb: float = 80.0
-    hostfile: str = ""
-    master_port: int = 29500
 
 
 @dataclass
@@ -56,7 +53,7 @@ class AerieConfig:
     draft: Any = MISSING  # the schema of the chosen architecture (<arch>_schema, registered below)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     regen: RegenConfig = field(default_factory=RegenConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -148,14 +145,20 @@ def _validate_target(path: str) -> None:
            "no such directory (and not a hub id such as org/name)")
 
 
+def _validate_draft(draft) -> None:
+    _check(draft.draft_vocab_size >= 1, "draft.draft_vocab_size", draft.draft_vocab_size, "must be >= 1")
+    if "ttt_steps" in draft:
+        _check(draft.ttt_steps >= 1, "draft.ttt_steps", draft.ttt_steps, "must be >= 1")
+    _check(draft.num_layers >= 1, "draft.num_layers", draft.num_layers, "must be >= 1")
+
+
 def validate_config(cfg: Any, command: str = "train") -> None:
     """ValueError naming the key and the value of the first setting that cannot work; notes for odd ones."""
     _validate_trainer(cfg.trainer, cfg.data)
     _validate_data(cfg.data)
-    _check(cfg.draft.draft_vocab_size >= 1, "draft.draft_vocab_size", cfg.draft.draft_vocab_size, "must be >= 1")
-    if "ttt_steps" in cfg.draft:
-        _check(cfg.draft.ttt_steps >= 1, "draft.ttt_steps", cfg.draft.ttt_steps, "must be >= 1")
-    _check(cfg.draft.num_layers >= 1, "draft.num_layers", cfg.draft.num_layers, "must be >= 1")
+    _check(cfg.store.verify in ("size", "sha256"), "store.verify", cfg.store.verify, "must be size or sha256")
+    if not OmegaConf.is_missing(cfg, "draft"):  # the eval and export roots read the draft from its files
+        _validate_draft(cfg.draft)
     if command not in COMMANDS_WITHOUT_TARGET:
         _validate_target(str(cfg.target.path))
     if command in ("train", "quickstart", "dump") and cfg.deepspeed.zero_stage == 3:

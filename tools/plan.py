@@ -22,8 +22,8 @@ DS_OPTIONS = ("zero2", "zero3", "zero3_offload")
 
 @dataclass
 class PlanConfig:
-    gpu_memory_gb: Optional[float] = None    # None -> launcher.gpu_memory_gb
-    gpus_per_node: Optional[int] = None      # None -> launcher.gpus_per_node
+    gpu_memory_gb: Optional[float] = None    # None -> cluster.gpu_memory_gb
+    gpus_per_node: Optional[int] = None      # None -> cluster.gpus_per_node
     max_world_size: int = 512
     seq_len: Optional[int] = None            # tokens per micro-batch; None -> trainer.max_tokens_per_batch
     mode: str = "auto"                       # online | offline | auto (both; online recommended when it fits)
@@ -398,8 +398,8 @@ def run_plan(cfg) -> Dict[str, object]:
     base_ds = obj(cfg.deepspeed, DeepSpeedConfig)
     arch = resolve_arch(str(cfg.target.path), plan_cfg.target_config_json)
     aux = resolve_aux_layer_ids(cfg.target.aux_layer_ids, arch.num_layers)
-    gpu_memory_gb = plan_cfg.gpu_memory_gb or cfg.launcher.gpu_memory_gb
-    gpus_per_node = plan_cfg.gpus_per_node or cfg.launcher.gpus_per_node
+    gpu_memory_gb = plan_cfg.gpu_memory_gb or cfg.cluster.gpu_memory_gb
+    gpus_per_node = plan_cfg.gpus_per_node or cfg.cluster.gpus_per_node
     kwargs = dict(seq_len=plan_cfg.seq_len or trainer_cfg.max_tokens_per_batch, target_dtype=cfg.target.dtype,
                   num_aux_layers=len(aux), logits_chunk_size=cfg.target.logits_chunk_size,
                   store_layout=cfg.store.layout, store_topk=cfg.store.topk, overhead_gb=plan_cfg.overhead_gb)

@@ -216,10 +216,10 @@ def build_offline_data(cfg, dist) -> TrainData:
 
     candidates = build_adapter(cfg, encode=False, offline=True).draft_vocab_candidates()
     store = Path(cfg.store.path)
-    reader = HiddenStateStoreReader(str(store / "train"))
+    reader = HiddenStateStoreReader(str(store / "train"), verify=cfg.store.verify)
     eval_dir = store / "eval"  # an empty eval split dumps nothing
     has_eval = (eval_dir / MANIFEST).is_file() or any(eval_dir.glob(f"part-*/{MANIFEST}"))
-    eval_reader = HiddenStateStoreReader(str(eval_dir)) if has_eval else None
+    eval_reader = HiddenStateStoreReader(str(eval_dir), verify=cfg.store.verify) if has_eval else None
     spec = target_spec_from_config(cfg.target)
     if list(reader.manifest["aux_layer_ids"]) != list(spec.aux_layer_ids):
         raise ValueError(f"{store}: dumped aux layers {reader.manifest['aux_layer_ids']} differ from the target's "

@@ -18,7 +18,6 @@ class LoggerConfig:
     wandb: bool = False           # also on when WANDB_API_KEY is set
     wandb_project: str = "aerie"
     progress: bool = True
-    log_every: int = 1
 
 
 def save_resolved_config(cfg: Any, directory: Path, name: str = "config.yaml") -> Path:

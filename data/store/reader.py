@@ -36,7 +36,7 @@ class HiddenStateStoreReader:
     def __init__(self, path: str, rank: int = 0, world_size: int = 1, dtype: torch.dtype = torch.float32,
                  verify: str = "size", dequantize: bool = True):
         if verify not in ("size", "sha256"):
-            raise ValueError(f"store verify {verify!r} unknown; choose size or sha256")
+            raise ValueError(f"store.verify={verify!r}: unknown; choose size or sha256")
         self.rank, self.world_size, self.dtype, self.verify = rank, world_size, dtype, verify
         self.dequantize = dequantize
         self.parts = []

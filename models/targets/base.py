@@ -23,7 +23,6 @@ class TargetConfig:
     trust_remote_code: bool = False
     attn_implementation: str = "sdpa"  # sdpa | eager
     logits_chunk_size: int = 1024  # positions per chunk for teacher logits
-    recommended_deepspeed: str = "zero2"
     modality: str = "text"  # adapter name in MODALITIES; picks the model class for multimodal targets
 
 

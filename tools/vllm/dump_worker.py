@@ -25,7 +25,9 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connector import (  # noqa: E402
-    ExampleHiddenStatesConnector, extract_from_kv_cache)
+    ExampleHiddenStatesConnector,
+    extract_from_kv_cache,
+)
 
 
 class _CopyDone:

@@ -111,12 +111,13 @@ def bench_store(train_tokens_per_s, num_samples=64, length=512):
 
 def bench_dump_engines(tokenizer, records, max_length):
     """HF forward dump vs vLLM extraction dump of the same tokenised samples, tokens/s (vLLM start-up apart)."""
+    from safetensors.torch import load_file
+
     from data.store.format import StoreConfig
     from models.targets.base import TargetConfig
     from models.targets.hf import HFTargetModel
     from models.targets.teacher import load_lm_head_only
     from tools.dump import dump_from_hidden_states, run_dump
-    from safetensors.torch import load_file
     from tools.vllm.engine import EngineConfig, run_vllm
 
     rows = [{"id": r["id"], **tokenize_conversation(tokenizer, r["messages"], max_length)} for r in records]

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from accept import FIXTURE, untrained_like  # noqa: E402
+
 from data.template import render_prompt  # noqa: E402
 from models.draft.io import save_aerie_draft  # noqa: E402
 from models.targets.meta import load_target_embedding  # noqa: E402

@@ -82,10 +82,11 @@ def vllm_taus(exports: dict, num_prompts: int, k: int = 3) -> dict:
     """{run name: vLLM τ at k, T=0} for each exported draft, in one vLLM worker process."""
     import fcntl
 
+    from transformers import AutoTokenizer
+
     from data.template import render_prompt
     from tools.eval.decode import load_prompts
     from tools.vllm.engine import EngineConfig, run_vllm
-    from transformers import AutoTokenizer
 
     target = str(REPO / "assets" / "tiny-chat-llama")
     tokenizer = AutoTokenizer.from_pretrained(target)

@@ -21,10 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from accept import FIXTURE  # noqa: E402
-from tools.vllm import engine as vllm_engine  # noqa: E402
+
 from data.template import render_prompt  # noqa: E402
 from tools.eval.decode import EvalConfig, evaluate_draft, load_prompts  # noqa: E402
 from tools.export.base import export, is_engine_export, load_export  # noqa: E402
+from tools.vllm import engine as vllm_engine  # noqa: E402
 
 PROBE_WORKER = ROOT / "bench" / "vllm_probe_worker.py"
 MODES = ("greedy", "probabilistic")

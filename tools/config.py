@@ -32,7 +32,6 @@ from trainer.logger import LoggerConfig
 from trainer.train import TrainerConfig
 
 
-
 @dataclass
 class ClusterConfig:
     """Where the job runs (conf/cluster/: local, deepspeed, slurm): the GPUs `aerie plan` fits setups into."""

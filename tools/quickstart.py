@@ -14,8 +14,8 @@ from omegaconf import open_dict
 
 
 def run_quickstart(cfg) -> dict:
-    from tools.eval.run import run_eval
     from tools.eval.in_loop import speculative_eval
+    from tools.eval.run import run_eval
     from tools.export.base import run_export
     from trainer.train import Trainer
 

@@ -5,7 +5,7 @@ import glob
 import hashlib
 import json
 import os
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor

@@ -28,8 +28,15 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from models.draft.base import DraftModel
-from models.draft.eagle3 import (DraftKVCache, Eagle3MLP, RMSNorm, RotaryEmbedding, _resolve, apply_rotary,
-                                 layer_fields)
+from models.draft.eagle3 import (
+    DraftKVCache,
+    Eagle3MLP,
+    RMSNorm,
+    RotaryEmbedding,
+    _resolve,
+    apply_rotary,
+    layer_fields,
+)
 from models.registry import DRAFTS
 
 

@@ -15,8 +15,14 @@ import torch
 from torch import Tensor, nn
 
 from models.registry import MODALITIES, TARGETS
-from models.targets.base import (TargetConfig, TargetModel, TargetOutput, TargetSpec, resolve_aux_layer_ids,
-                                 resolve_dtype)
+from models.targets.base import (
+    TargetConfig,
+    TargetModel,
+    TargetOutput,
+    TargetSpec,
+    resolve_aux_layer_ids,
+    resolve_dtype,
+)
 from models.targets.capture import AuxCapture
 from models.targets.meta import decoder_of, model_class_for
 from models.targets.teacher import chunked_teacher_logits, final_logit_softcap

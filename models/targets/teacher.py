@@ -65,7 +65,14 @@ class TeacherHead(nn.Module):
 
 def load_lm_head_only(cfg: TargetConfig) -> TeacherHead:
     """Final norm + lm_head read from the safetensors files, without materialising the target."""
-    from models.targets.meta import checkpoint_key_files, decoder_of, load_config, meta_model, pick_key, read_tensor
+    from models.targets.meta import (
+        checkpoint_key_files,
+        decoder_of,
+        load_config,
+        meta_model,
+        pick_key,
+        read_tensor,
+    )
 
     if not os.path.isdir(cfg.path):
         raise ValueError(f"load_lm_head_only needs a local checkpoint dir, got {cfg.path!r}")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import REPO
 from tools.vllm import engine as ve
 
 FIXTURE = str(REPO / "assets" / "tiny-chat-llama")

@@ -25,8 +25,13 @@ from torch import Tensor
 from data.io import read_json, safetensors_bytes, write_dir_atomically
 from models.draft.dflash import DFlashDraft, DFlashModelConfig
 from models.draft.io import CONFIG_NAME, WEIGHTS_NAME, build_draft, draft_state
-from tools.export.validate import (check_against_target, check_reload, check_trained_settings,
-                                   name_and_shape_problems, safetensors_shapes)
+from tools.export.validate import (
+    check_against_target,
+    check_reload,
+    check_trained_settings,
+    name_and_shape_problems,
+    safetensors_shapes,
+)
 
 MASK_EMBEDDING_NAME = "mask_embedding.pt"
 VLLM_METHOD = "dflash"  # vLLM's speculative_config method for these exports

@@ -21,8 +21,14 @@ from data.io import read_json, safetensors_bytes, write_dir_atomically
 from models.draft.eagle3 import Eagle3LlamaDraft, Eagle3ModelConfig
 from models.draft.io import CONFIG_NAME, WEIGHTS_NAME, build_draft, draft_state
 from models.targets.base import from_sglang_layer_ids, to_sglang_layer_ids
-from tools.export.validate import (check_against_target, check_reload, check_trained_settings,
-                                   name_and_shape_problems, optional_embed, safetensors_shapes)
+from tools.export.validate import (
+    check_against_target,
+    check_reload,
+    check_trained_settings,
+    name_and_shape_problems,
+    optional_embed,
+    safetensors_shapes,
+)
 
 # target model_type -> Eagle3 draft architecture each engine registers for it (vLLM registry.py
 # _SPECULATIVE_DECODING_MODELS; SGLang serves every Eagle3 draft as LlamaForCausalLMEagle3 and switches to M-RoPE

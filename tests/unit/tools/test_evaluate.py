@@ -6,6 +6,7 @@ import torch
 import transformers
 
 from models.draft.eagle3 import Eagle3LlamaDraft, Eagle3ModelConfig
+from tests.helpers import TINY_CHAT
 from tools.eval import decode as ev
 from tools.eval import report
 from tools.eval import run as eval_run

@@ -6,6 +6,7 @@ import torch
 import transformers
 
 from models.draft.dflash import DFlashConfig, DFlashDraft
+from tests.helpers import TINY_CHAT
 from tools.eval import decode as ev
 from tools.eval.block import BlockSpeculativeDecoder
 

@@ -12,7 +12,7 @@ from models.draft.dflash import DFlashConfig, DFlashDraft
 from models.draft.eagle3 import DraftConfig, Eagle3LlamaDraft
 from models.draft.io import save_aerie_draft
 from tools.export.base import export, load_export
-from tools.export.dflash import MASK_EMBEDDING_NAME, probe_block_logits, from_vllm_files
+from tools.export.dflash import MASK_EMBEDDING_NAME, from_vllm_files, probe_block_logits
 from trainer.checkpoint import load_draft
 
 TARGET = {"name_or_path": "tiny", "model_type": "llama", "architectures": ["LlamaForCausalLM"]}

@@ -13,8 +13,18 @@ from omegaconf import OmegaConf
 from models.draft.eagle3 import DraftConfig, Eagle3LlamaDraft
 from models.targets.base import TargetSpec
 from tests.helpers import REPO, TINY_CHAT, aerie_env
-from tools.plan import (PRESET_ARCHS, TargetArch, arch_from_hf_config, deepspeed_option, draft_sizes,
-                          plan_memory, recommend, resolve_arch, run_plan, smallest_setup)
+from tools.plan import (
+    PRESET_ARCHS,
+    TargetArch,
+    arch_from_hf_config,
+    deepspeed_option,
+    draft_sizes,
+    plan_memory,
+    recommend,
+    resolve_arch,
+    run_plan,
+    smallest_setup,
+)
 from trainer.engine import DeepSpeedConfig
 from trainer.train import TrainerConfig
 

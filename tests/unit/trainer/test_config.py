@@ -9,8 +9,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from tests.helpers import REPO
-from trainer.cli import CONFIG_ROOTS
 from tools.config import register_configs, validate_config
+from trainer.cli import CONFIG_ROOTS
 
 ROOT_GROUPS = {"train": {"data", "draft", "trainer", "deepspeed", "engine"}, "eval": {"engine"},
                "export": set(), "plan": {"draft", "trainer", "deepspeed", "cluster"},

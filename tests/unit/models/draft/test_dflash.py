@@ -8,8 +8,13 @@ import torch.nn.functional as F
 
 from data.vocab import build_draft_vocab
 from models.draft.dflash import DFlashConfig, DFlashDraft
-from models.draft.dflash_objective import (block_hidden, dflash_forward, sample_anchors, valid_anchors,
-                                           batch_generator)
+from models.draft.dflash_objective import (
+    batch_generator,
+    block_hidden,
+    dflash_forward,
+    sample_anchors,
+    valid_anchors,
+)
 
 BLOCK, DRAFT_VOCAB = 5, 128  # DRAFT_VOCAB: the draft vocabulary of the conftest batches' teacher
 

@@ -91,7 +91,7 @@ def make_spec(**overrides):
 
 def make_draft(seed=0, spec=None, **draft_overrides):
     from models.draft.eagle3 import DraftConfig, Eagle3LlamaDraft
-    from models.draft.vocab import build_draft_vocab
+    from data.vocab import build_draft_vocab
 
     torch.manual_seed(seed)
     cfg = DraftConfig(draft_vocab_size=DRAFT_VOCAB, **draft_overrides)

@@ -9,8 +9,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from tests.helpers import REPO
+from tools.cli import CONFIG_ROOTS
 from tools.config import register_configs, validate_config
-from trainer.cli import CONFIG_ROOTS
 
 ROOT_GROUPS = {"train": {"data", "draft", "trainer", "deepspeed", "engine"}, "eval": {"engine"},
                "export": set(), "plan": {"draft", "trainer", "deepspeed", "cluster"},
@@ -50,7 +50,7 @@ def test_each_command_root_composes_its_groups_and_validates(command, hydra_rest
 
 def test_yaml_options_only_override_the_dataclass_defaults():
     """One source of defaults: no option repeats a value its schema already has."""
-    from trainer.config import AerieConfig
+    from tools.config import AerieConfig
 
     schemas = {f.name: f.default_factory() for f in dataclasses.fields(AerieConfig)
                if f.default_factory is not dataclasses.MISSING}

@@ -6,8 +6,7 @@ from hydra import compose, initialize_config_dir
 from models.objectives.base import TeacherInputs, build_objective, chain_tau
 from models.objectives.ttt import TTTObjective, TTTObjectiveConfig
 from models.registry import OBJECTIVES
-from tests.helpers import REPO
-from tests.models.draft.conftest import make_batch, make_draft
+from tests.helpers import REPO, make_batch, make_draft
 from tools.config import register_configs
 
 

@@ -1,4 +1,4 @@
-"""The Trainer's data position (trainer/data.py): a saved (epoch, batches done) replays exactly the batches an
+"""The Trainer's data position (trainer/inputs.py): a saved (epoch, batches done) replays exactly the batches an
 uninterrupted run sees, a world-size change skips the samples already trained on, and an offline run reads its
 store with the configured store.verify check."""
 import json
@@ -8,11 +8,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from data.store import HiddenStateStoreWriter
+from data.store.writer import HiddenStateStoreWriter
 from tests.helpers import REPO
-from trainer.config import register_configs
-from trainer.data import _train_batches, build_offline_data
+from tools.config import register_configs
 from trainer.distributed import DistInfo
+from trainer.inputs import _train_batches, build_offline_data
 
 LENGTHS = [5 + (7 * i) % 40 for i in range(60)]
 ONE_RANK = DistInfo(rank=0, world_size=1, local_rank=0)

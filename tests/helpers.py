@@ -90,8 +90,8 @@ def make_spec(**overrides):
 
 
 def make_draft(seed=0, spec=None, **draft_overrides):
-    from models.draft.eagle3 import DraftConfig, Eagle3LlamaDraft
     from data.vocab import build_draft_vocab
+    from models.draft.eagle3 import DraftConfig, Eagle3LlamaDraft
 
     torch.manual_seed(seed)
     cfg = DraftConfig(draft_vocab_size=DRAFT_VOCAB, **draft_overrides)

@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 
 
 def _adapter(cfg):
-    """The modality adapter over the target's tokenizer (and processor), without loading the target's weights."""
+    """The modality adapter over the target's tokenizer (and processor), without loading the target's
+    weights."""
     from models.registry import MODALITIES
     from models.targets.hf import load_tokenizer_and_processor
     from trainer.inputs import build_adapter
@@ -20,7 +21,8 @@ def _adapter(cfg):
 
 
 def run_train_command(cfg) -> None:
-    """Train a draft; speculative decoding every trainer.spec_eval_every steps comes from tools/eval/in_loop.py."""
+    """Train a draft; speculative decoding every trainer.spec_eval_every steps comes from
+    tools/eval/in_loop.py."""
     from tools.eval.in_loop import speculative_eval
     from trainer.train import Trainer
 

@@ -2,8 +2,9 @@
 
 Ranks split the samples (rank r writes <store>/<split>/part-r); under ZeRO-3 each rank holds a slice of the
 target and DeepSpeed gathers layers in forward.  Interrupted dumps resume after their last complete shard.
-`engine=vllm`: vLLM runs the target instead (its hidden-state extraction, tools/vllm/dump_worker.py, one process)
-and Aerie applies only the final norm and lm_head (read from the checkpoint) for the teacher: the same store.
+`engine=vllm`: vLLM runs the target instead (its hidden-state extraction, tools/vllm/dump_worker.py, one
+process) and Aerie applies only the final norm and lm_head (read from the checkpoint) for the teacher: the
+same store.
 """
 from __future__ import annotations
 
@@ -71,9 +72,9 @@ def run_dump(target, dataset, cfg: StoreConfig, draft_token_ids: Optional[Tensor
              world_size: int = 1, dataset_fingerprint: str = "") -> HiddenStateStoreWriter:
     """Runs `target` (TargetModel contract) over `dataset` (rows with input_ids, loss_mask, id) into a store.
 
-    Rank r dumps samples r, r+w, ... into cfg.path/part-{r:05d} (cfg.path itself when world_size == 1) and resumes
-    after the complete shards already there.  draft_token_ids (default: the whole target vocabulary) is the id
-    set the compact layout's top-k log-probs are normalised over; stored ids are target ids.
+    Rank r dumps samples r, r+w, ... into cfg.path/part-{r:05d} (cfg.path itself when world_size == 1) and
+    resumes after the complete shards already there.  draft_token_ids (default: the whole target vocabulary)
+    is the id set the compact layout's top-k log-probs are normalised over; stored ids are target ids.
     """
     from data.batching import collate
 
@@ -108,10 +109,10 @@ def run_dump(target, dataset, cfg: StoreConfig, draft_token_ids: Optional[Tensor
 def dump_from_hidden_states(spec, teacher, samples: Iterator[Tuple[int, dict, Tensor]], cfg: StoreConfig,
                             draft_token_ids: Optional[Tensor] = None,
                             dataset_fingerprint: str = "") -> HiddenStateStoreWriter:
-    """A store from hidden states computed elsewhere (vLLM's extraction): `samples` yields (index, row, hidden)
-    with hidden (L, num_aux + 1, H) = the aux layers' states then the last layer's output before the final norm;
-    `teacher` (models.targets.teacher.TeacherHead) makes the teacher logits from the latter.  The same store as
-    run_dump writes from the target's forward."""
+    """A store from hidden states computed elsewhere (vLLM's extraction): `samples` yields (index, row,
+    hidden) with hidden (L, num_aux + 1, H) = the aux layers' states then the last layer's output before the
+    final norm; `teacher` (models.targets.teacher.TeacherHead) makes the teacher logits from the latter.  The
+    same store as run_dump writes from the target's forward."""
     writer, draft_token_ids = _dump_writer(spec, cfg, draft_token_ids, cfg.path, dataset_fingerprint)
     for index, row, hidden in samples:
         if index < writer.num_samples:

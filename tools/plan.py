@@ -86,7 +86,8 @@ PRESET_ARCHS: Dict[str, TargetArch] = {
                                        num_active_params=22_000_000_000),
     "Qwen/Qwen2.5-VL-7B-Instruct": TargetArch(28, 3584, 18944, 28, 4, 128, 152064, 8_292_166_656),
     "Qwen/Qwen2-Audio-7B-Instruct": TargetArch(32, 4096, 11008, 32, 32, 128, 156032, 8_397_094_912),
-    # Qwen3-VL / Qwen3-ASR: parameters counted on the meta device from their config.json numbers (text + tower)
+    # Qwen3-VL / Qwen3-ASR: parameters counted on the meta device from their config.json numbers (text +
+    # tower)
     "Qwen/Qwen3-VL-8B-Instruct": TargetArch(36, 4096, 12288, 32, 8, 128, 151936, 8_767_123_696),
     "Qwen/Qwen3-ASR-1.7B": TargetArch(28, 2048, 6144, 16, 8, 128, 151936, 2_038_052_480),
     "canopylabs/orpheus-3b-0.1-ft": TargetArch(28, 3072, 8192, 24, 8, 128, 156940, 3_300_867_072),
@@ -175,8 +176,8 @@ def _dtype_bytes(name: str, arch: TargetArch) -> int:
 
 
 def draft_sizes(arch: TargetArch, draft_cfg, num_aux_layers: int) -> Dict[str, int]:
-    """Resolved draft dims and parameter counts (trainable, frozen embedding), as the chain draft's layer_fields
-    builds them (other architectures are sized alike up to their extra tensors)."""
+    """Resolved draft dims and parameter counts (trainable, frozen embedding), as the chain draft's
+    layer_fields builds them (other architectures are sized alike up to their extra tensors)."""
     hidden = arch.hidden_size
     heads = draft_cfg.num_attention_heads or arch.num_attention_heads
     same_heads = heads == arch.num_attention_heads
@@ -198,8 +199,8 @@ def ttt_activation_bytes(sizes: Dict[str, int], num_layers: int, ttt_steps: int,
     """Bytes the TTT unroll keeps for backward (lean attention: O(L) per step).
 
     Per token and step: the first layer keeps its fp32 norm inputs/outputs and the [embed; hidden] concat
-    (8b + 12 bytes per hidden unit), q (2b), k/v (2.75b, plus 2b per earlier step for the stacked extra keys) and
-    the MLP (4b per intermediate unit); later layers 4b + 8 per hidden unit, 2b per q/kv unit, 4b per
+    (8b + 12 bytes per hidden unit), q (2b), k/v (2.75b, plus 2b per earlier step for the stacked extra keys)
+    and the MLP (4b per intermediate unit); later layers 4b + 8 per hidden unit, 2b per q/kv unit, 4b per
     intermediate unit; the loss keeps fp32 log-probs and teacher probs (8 bytes per draft-vocab entry) at the
     trained positions.  The fc input (num_aux x H) is kept once.
     """
@@ -328,8 +329,8 @@ def world_sizes(gpus_per_node: int, max_world_size: int) -> List[int]:
 
 def smallest_setup(arch: TargetArch, draft_cfg, trainer_cfg, base_ds, gpu_memory_gb: float, gpus_per_node: int,
                    max_world_size: int, mode: str, **kwargs) -> Optional[MemoryBreakdown]:
-    """The smallest world size that fits with zero2, else zero3; zero3_offload (parameters and optimizer state in
-    host memory, much slower) only when nothing fits on the GPUs up to max_world_size."""
+    """The smallest world size that fits with zero2, else zero3; zero3_offload (parameters and optimizer state
+    in host memory, much slower) only when nothing fits on the GPUs up to max_world_size."""
     for names in (DS_OPTIONS[:2], DS_OPTIONS[2:]):
         for world in world_sizes(gpus_per_node, max_world_size):
             for name in names:

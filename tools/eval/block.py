@@ -1,11 +1,13 @@
-"""Block drafting with an HF target and a DFlash draft (`aerie eval` engine=hf), step for step as vLLM's proposer.
+"""Block drafting with an HF target and a DFlash draft (`aerie eval` engine=hf), step for step as vLLM's
+proposer.
 
-Prefill: the target runs the prompt; its aux states at positions 0..P-1 become the draft's context and its next
-token x_P is the bonus token.  Each round: one draft pass proposes k tokens from [x_n, MASK x k] at positions
-n..n+k; the target verifies [x_n, d_1..d_k] in one forward; the accepted drafts plus the target's next token are
-kept; the aux states of the verified positions n..n+accepted extend the context; the target's token is the next
-bonus.  T = 0: greedy verification (vLLM's counts); T > 0: eval.verify as SpeculativeDecoder does for chain drafts
-(target_only: each position's argmax accepted with the target's probability; exact: sampled from its softmax).
+Prefill: the target runs the prompt; its aux states at positions 0..P-1 become the draft's context and its
+next token x_P is the bonus token.  Each round: one draft pass proposes k tokens from [x_n, MASK x k] at
+positions n..n+k; the target verifies [x_n, d_1..d_k] in one forward; the accepted drafts plus the target's
+next token are kept; the aux states of the verified positions n..n+accepted extend the context; the target's
+token is the next bonus.  T = 0: greedy verification (vLLM's counts); T > 0: eval.verify as SpeculativeDecoder
+does for chain drafts (target_only: each position's argmax accepted with the target's probability; exact:
+sampled from its softmax).
 """
 from __future__ import annotations
 

@@ -1,22 +1,24 @@
-"""Speculative decoding of a target with a trained chain draft in-process, measuring acceptance (`aerie eval`).
+"""Speculative decoding of a target with a trained chain draft in-process, measuring acceptance
+(`aerie eval`).
 
 engine=hf (Aerie's in-process decoder, also used in training): chain drafting (top-1 chain of k tokens), batch
-size 1.  The target keeps a DynamicCache that is cropped after each verification; its aux hidden states (the input
-of the draft's aux layers, vLLM convention) are captured by forward pre-hooks.  T = 0: a draft token is accepted
-when it equals the target's argmax.  T > 0, two verification modes (p, q: the target's and the draft's softmax at
-temperature T, q mapped into the target vocabulary, zero elsewhere):
+size 1.  The target keeps a DynamicCache that is cropped after each verification; its aux hidden states (the
+input of the draft's aux layers, vLLM convention) are captured by forward pre-hooks.  T = 0: a draft token is
+accepted when it equals the target's argmax.  T > 0, two verification modes (p, q: the target's and the
+draft's softmax at temperature T, q mapped into the target vocabulary, zero elsewhere):
   - eval.verify=target_only (default; vLLM's and SGLang's default): the draft proposes its argmax x, accepted
     with probability p(x), else the next token is sampled from p with x removed.  This is exact speculative
     sampling with q = one-hot(x), so the output still follows p.
-  - eval.verify=exact (vLLM's draft_sample_method="probabilistic"): x ~ q, accepted with min(1, p(x)/q(x)), else
-    resampled from norm(max(p - q, 0)).
-engine=vllm (tools/eval/vllm.py): real vLLM in its own process (tools/vllm/engine.py) on the vllm export of the draft (written first
-when missing), with the same prompts, k, T and max_new_tokens; acceptance comes from vLLM's own counters, and the
-target alone is also run to measure vLLM's tokens/s with the draft over without.
+  - eval.verify=exact (vLLM's draft_sample_method="probabilistic"): x ~ q, accepted with min(1, p(x)/q(x)),
+    else resampled from norm(max(p - q, 0)).
+engine=vllm (tools/eval/vllm.py): real vLLM in its own process (tools/vllm/engine.py) on the vllm export of
+the draft (written first when missing), with the same prompts, k, T and max_new_tokens; acceptance comes from
+vLLM's own counters, and the target alone is also run to measure vLLM's tokens/s with the draft over without.
 
-Metrics (tools/eval/report.py, vLLM's definitions): tau = mean over verify steps of (accepted + 1); acceptance at position i = share of
-verify steps with at least i + 1 accepted tokens.  speedup: engine=hf estimates tau / (1 + k * c) with c = measured
-draft step time / target verify-forward time; engine=vllm measures generated tokens/s with / without the draft.
+Metrics (tools/eval/report.py, vLLM's definitions): tau = mean over verify steps of (accepted + 1); acceptance
+at position i = share of verify steps with at least i + 1 accepted tokens.  speedup: engine=hf estimates tau /
+(1 + k * c) with c = measured draft step time / target verify-forward time; engine=vllm measures generated
+tokens/s with / without the draft.
 """
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ class DecodeResult:
     num_draft_calls: int = 0
 
 
-# ---- prompts ---------------------------------------------------------------------------------------------------
+# ---- prompts -----------------------------------------------------------------------------------------------
 def _package_file(package: str, relative: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -102,7 +104,7 @@ def load_prompts(prompts: str, max_prompts: int = 0) -> List[List[dict]]:
     return convs[:max_prompts] if max_prompts and max_prompts > 0 else convs
 
 
-# ---- speculative decoding ---------------------------------------------------------------------------------------
+# ---- speculative decoding ----------------------------------------------------------------------------------
 VERIFY_MODES = ("target_only", "exact")
 
 
@@ -143,7 +145,8 @@ def crop_target_cache(cache, length: int) -> None:
 
 
 class SpeculativeDecoder:
-    """Chain speculative decoding of one sequence with an HF causal LM target and a chain draft (step/extend)."""
+    """Chain speculative decoding of one sequence with an HF causal LM target and a chain draft
+    (step/extend)."""
 
     def __init__(self, target: nn.Module, draft: DraftModel):
         from models.targets.meta import decoder_of
@@ -223,8 +226,8 @@ class SpeculativeDecoder:
 
     def _verify(self, result: DecodeResult, cache, num_seen: int, last: int, drafts: List[int], qs, temperature,
                 generator) -> Tuple[int, int, Tensor]:
-        """One timed target forward over [last] + drafts: (accepted, next token, aux states of those positions);
-        the target cache keeps the verified positions only."""
+        """One timed target forward over [last] + drafts: (accepted, next token, aux states of those
+        positions); the target cache keeps the verified positions only."""
         self._sync()
         start = time.perf_counter()
         logits, aux = self._target_forward([last] + drafts, cache)
@@ -241,7 +244,8 @@ class SpeculativeDecoder:
         return accepted, nxt, aux
 
     def _first_token(self, prompt, cache, temperature, generator) -> Tuple[DecodeResult, int, Tensor]:
-        """The target over the prompt: (a result holding its first token, that token, the prompt's aux states)."""
+        """The target over the prompt: (a result holding its first token, that token, the prompt's aux
+        states)."""
         logits, aux = self._target_forward(prompt, cache)
         last = self._choose(logits[-1], temperature, generator)
         return DecodeResult(tokens=[last], num_target_forwards=1), last, aux
@@ -308,7 +312,8 @@ def check_eval_config(cfg: EvalConfig) -> List[int]:
 
 def evaluate_draft(target: nn.Module, draft: DraftModel, tokenizer, cfg: EvalConfig,
                    prompts: Optional[list] = None, decoder: Optional[SpeculativeDecoder] = None) -> dict:
-    """Acceptance of `draft` on cfg.prompts for each k (engine=hf); writes the reports when cfg.out_dir is set.
+    """Acceptance of `draft` on cfg.prompts for each k (engine=hf); writes the reports when cfg.out_dir is
+    set.
 
     prompts / decoder: what the decoder's generate takes and the decoder (default: cfg.prompts rendered by the
     tokenizer, the draft's decoder); tools.eval.media passes encoded media prompts and its decoder."""

@@ -16,8 +16,8 @@ from trainer.train import gathered_draft_state
 
 @torch.no_grad()
 def speculative_eval(trainer) -> Dict[str, float]:
-    """Real acceptance length of the current draft with the in-loop target (rank 0 decodes, others wait) or with
-    vLLM on an export of the gathered weights (trainer.spec_eval_engine=vllm)."""
+    """Real acceptance length of the current draft with the in-loop target (rank 0 decodes, others wait) or
+    with vLLM on an export of the gathered weights (trainer.spec_eval_engine=vllm)."""
     on_vllm = check_engine_name(trainer.cfg.trainer.spec_eval_engine) == "vllm"
     if not on_vllm and (trainer.target is None or trainer.cfg.deepspeed.zero_stage == 3):
         raise ValueError("trainer.spec_eval_every needs online mode with the whole target on each rank "

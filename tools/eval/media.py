@@ -4,8 +4,8 @@ A JSONL row is what the modality adapter reads (vision: ``{"id", "messages", "im
 ``{"id", "audio": path, "prompt"?}``); a trailing assistant turn is dropped (a reference answer). Relative
 media paths resolve against the JSONL's directory. The prompt goes through the adapter exactly as in training
 (placeholders, processor features), the target's prefill merges the media, and chain drafting then runs
-as for text (``tools.eval.decode.SpeculativeDecoder``) with what vLLM's chain-draft proposer gives the draft: the
-aux states of the multimodal forward, the token embeddings of the ids (placeholders included), and the
+as for text (``tools.eval.decode.SpeculativeDecoder``) with what vLLM's chain-draft proposer gives the draft:
+the aux states of the multimodal forward, the token embeddings of the ids (placeholders included), and the
 target's M-RoPE positions (3D over the prompt, then text positions shifted by the prompt's rope delta).
 Same metrics and reports as text.
 """

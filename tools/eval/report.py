@@ -101,7 +101,8 @@ def write_reports(summary: dict, out_dir) -> Dict[str, Path]:
 
 
 def eval_summary(cfg, engine: str, runs: List[dict], **extra) -> dict:
-    """The one report of both engines; summary.json / acceptance.csv / acceptance.png when cfg.out_dir is set."""
+    """The one report of both engines; summary.json / acceptance.csv / acceptance.png when cfg.out_dir is
+    set."""
     summary = {"engine": engine, "prompts": cfg.prompts, "temperature": cfg.temperature, "verify": cfg.verify,
                "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "draft": cfg.draft, **extra, "results": runs}
     if cfg.out_dir:

@@ -40,7 +40,8 @@ class ExportConfig:
 
 
 class Exporter:
-    """One engine format.  `layouts`: draft architecture -> module writing that architecture in this format."""
+    """One engine format.  `layouts`: draft architecture -> module writing that architecture in this
+    format."""
 
     name: str = ""
     layouts: Dict[str, str] = {}
@@ -79,7 +80,8 @@ def export(draft_or_path, out_dir: Union[str, Path], format: str, target=None, n
            include_embed: bool = False, dtype: str = "bfloat16", embed_weight: Optional[Tensor] = None) -> Path:
     """Write an engine export of a draft (object, Aerie dir or checkpoint step dir) to out_dir.
 
-    target: TargetSpec, {name_or_path, model_type, architectures}, or a model path; None -> the draft's metadata.
+    target: TargetSpec, {name_or_path, model_type, architectures}, or a model path; None -> the draft's
+    metadata.
     embed_weight: the target's (V, H) embedding; needed with include_embed when the draft comes from a path.
     """
     if format not in EXPORTS:
@@ -104,7 +106,7 @@ def export(draft_or_path, out_dir: Union[str, Path], format: str, target=None, n
                                                      dtype, include_embed)
 
 
-# ---- exports on disk -------------------------------------------------------------------------------------------
+# ---- exports on disk ---------------------------------------------------------------------------------------
 def is_engine_export(path: Union[str, Path]) -> bool:
     """A directory holding an engine export (config.json with `architectures`), not an Aerie draft."""
     config = Path(path) / CONFIG_NAME
@@ -158,10 +160,10 @@ def validate_export(path: Union[str, Path], target=None, draft_config=None) -> s
     return fmt
 
 
-# ---- aerie export ----------------------------------------------------------------------------------------------
+# ---- aerie export ------------------------------------------------------------------------------------------
 def verifier_name(target_path: str, verifier: str = "") -> str:
-    """The target's name written into exports: `export.verifier`, else target.path when it is a hub id, else the
-    local dir's `_name_or_path` (when a hub id) or folder name: no machine path leaves the trainer."""
+    """The target's name written into exports: `export.verifier`, else target.path when it is a hub id, else
+    the local dir's `_name_or_path` (when a hub id) or folder name: no machine path leaves the trainer."""
     if verifier or not os.path.isdir(target_path):
         return verifier or target_path
     saved = str(read_json(Path(target_path) / "config.json").get("_name_or_path") or "")
@@ -169,7 +171,8 @@ def verifier_name(target_path: str, verifier: str = "") -> str:
 
 
 def run_export(cfg) -> Path:
-    """`aerie export`: cfg.export (ExportConfig fields) and cfg.target (target.path) of the composed config."""
+    """`aerie export`: cfg.export (ExportConfig fields) and cfg.target (target.path) of the composed
+    config."""
     ecfg = cfg.export
     if not ecfg.draft or not ecfg.out_dir:
         raise ValueError("export.draft and export.out_dir are required")

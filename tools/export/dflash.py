@@ -2,14 +2,15 @@
 
 vLLM export (checked against vLLM 0.32 qwen3_dflash.py, v1/spec_decode/dflash.py and eagle3_utils.py):
 - config.json: `architectures: ["DFlashDraftModel"]`, `model_type: "qwen3"` with the Qwen3 layer fields, the
-  target's vocab_size, draft_vocab_size, target_hidden_size, and `dflash_config: {mask_token_id, target_layer_ids,
-  block_size}`.  target_layer_ids count outputs of layers (vLLM adds 1), so they are Aerie's aux ids - 1.
+  target's vocab_size, draft_vocab_size, target_hidden_size, and
+  `dflash_config: {mask_token_id, target_layer_ids, block_size}`.  target_layer_ids count outputs of layers
+  (vLLM adds 1), so they are Aerie's aux ids - 1.
 - model.safetensors without a `model.` prefix: layers.N.{self_attn.{q,k,v,o}_proj, self_attn.{q,k}_norm,
   mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}.weight, fc.weight, hidden_norm.weight,
-  norm.weight, lm_head.weight (over the draft vocabulary) and d2t when the draft vocabulary is smaller than the
-  target's.  No embed_tokens: vLLM shares the target's.
-- mask_embedding.pt: {"mask_token_id", "embedding"}: vLLM substitutes it for embed_tokens[mask_token_id] at the
-  masked slots (a mask_embedding tensor in the safetensors would be dropped).
+  norm.weight, lm_head.weight (over the draft vocabulary) and d2t when the draft vocabulary is smaller than
+  the target's.  No embed_tokens: vLLM shares the target's.
+- mask_embedding.pt: {"mask_token_id", "embedding"}: vLLM substitutes it for embed_tokens[mask_token_id] at
+  the masked slots (a mask_embedding tensor in the safetensors would be dropped).
 Before writing, a draft rebuilt from these files alone must reproduce the source draft's block logits.
 """
 from __future__ import annotations
@@ -116,8 +117,8 @@ def write(fmt: str, draft: DFlashDraft, out_dir: Union[str, Path], target: dict,
           dtype: str = "bfloat16", include_embed: bool = False) -> Path:
     """Write the vLLM export of a DFlash draft (config.json, model.safetensors, mask_embedding.pt) atomically.
 
-    num_speculative_tokens is the engine's setting (below draft.block_size); vLLM shares the target's embedding,
-    so include_embed writes nothing more."""
+    num_speculative_tokens is the engine's setting (below draft.block_size); vLLM shares the target's
+    embedding, so include_embed writes nothing more."""
     from tools.export.base import EXPORT_DTYPES
 
     cfg, torch_dtype = draft.config, EXPORT_DTYPES[dtype]
@@ -160,7 +161,8 @@ def load(path: Path, fmt: str, embed_weight: Optional[Tensor] = None) -> DFlashD
 
 
 def validate(path: Path, fmt: str, target=None, draft_config: Optional[DFlashModelConfig] = None) -> None:
-    """A DFlash export on disk: names and shapes, the mask embedding file, trained aux ids, the target's sizes."""
+    """A DFlash export on disk: names and shapes, the mask embedding file, trained aux ids, the target's
+    sizes."""
     raw = read_json(path / CONFIG_NAME)
     cfg = config_from_vllm(raw)
     problems = name_and_shape_problems(expected_tensors(cfg), safetensors_shapes(path / WEIGHTS_NAME))

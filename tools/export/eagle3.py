@@ -1,8 +1,10 @@
-"""Eagle3 drafts in the three engines' layouts: vLLM, SGLang and speculators (config.json + model.safetensors).
+"""Eagle3 drafts in the three engines' layouts: vLLM, SGLang and speculators (config.json +
+model.safetensors).
 
-Before anything is written each export is checked twice: its tensor names and shapes must equal what the engine's
-loader expects (`expected_tensors`; SGLang drops unknown or missing names silently), and a draft rebuilt from the
-exported config and tensors alone (`load`) must reproduce the source draft's logits (tools/export/validate.py).
+Before anything is written each export is checked twice: its tensor names and shapes must equal what the
+engine's loader expects (`expected_tensors`; SGLang drops unknown or missing names silently), and a draft
+rebuilt from the exported config and tensors alone (`load`) must reproduce the source draft's logits
+(tools/export/validate.py).
 
 Aux layer ids: vLLM / speculators store the input-to-layer ids top-level; SGLang stores output-of-layer ids
 (vLLM id - 1) in eagle_config.  Checked against vLLM llama_eagle3.py / registry.py, SGLang llama_eagle3.py and
@@ -31,8 +33,9 @@ from tools.export.validate import (
 )
 
 # target model_type -> Eagle3 draft architecture each engine registers for it (vLLM registry.py
-# _SPECULATIVE_DECODING_MODELS; SGLang serves every Eagle3 draft as LlamaForCausalLMEagle3 and switches to M-RoPE
-# itself when rope_scaling carries mrope_section).  None: the engine registers no Eagle3 draft for that target.
+# _SPECULATIVE_DECODING_MODELS; SGLang serves every Eagle3 draft as LlamaForCausalLMEagle3 and switches to
+# M-RoPE itself when rope_scaling carries mrope_section).  None: the engine registers no Eagle3 draft for that
+# target.
 MULTIMODAL_ARCHITECTURES = {
     "vllm": {"qwen2_5_vl": "Eagle3Qwen2_5vlForCausalLM", "qwen3_vl": "Eagle3Qwen3vlForCausalLM",
              "qwen2_vl": None, "qwen2_audio": None,
@@ -47,7 +50,7 @@ TEXT_ARCHITECTURES = {"vllm": "Eagle3LlamaForCausalLM", "sglang": "LlamaForCausa
                       "speculators": "Eagle3Speculator"}
 
 
-# ---- what each engine expects --------------------------------------------------------------------------------
+# ---- what each engine expects ------------------------------------------------------------------------------
 def _layer_tensors(cfg: Eagle3ModelConfig, prefix: str, first: bool) -> Dict[str, Tuple[int, ...]]:
     h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     size_in = 2 * h if first else h
@@ -116,7 +119,7 @@ def validate_export_tensors(fmt: str, cfg: Eagle3ModelConfig, tensors: Dict[str,
                          f"{tensors['t2d'].dtype}")
 
 
-# ---- config.json of each engine -------------------------------------------------------------------------------
+# ---- config.json of each engine ----------------------------------------------------------------------------
 def _llama_fields(cfg: Eagle3ModelConfig, dtype: str) -> dict:
     return {"model_type": "llama", "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
             "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
@@ -189,7 +192,7 @@ def config_from_export(fmt: str, exported: dict) -> Eagle3ModelConfig:
         raise ValueError(f"{fmt} config.json lacks key {err}") from None
 
 
-# ---- tensor names ----------------------------------------------------------------------------------------------
+# ---- tensor names ------------------------------------------------------------------------------------------
 def to_export_names(fmt: str, cfg: Eagle3ModelConfig, state: Dict[str, Tensor]) -> Dict[str, Tensor]:
     out = {}
     for name, tensor in state.items():

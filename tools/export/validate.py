@@ -1,8 +1,8 @@
 """Checks shared by every export format, run before anything is written or served.
 
-An export must hold exactly the tensor names and shapes the engine's loader takes (an engine may drop unknown or
-missing names silently), the aux layer ids and rope_theta the draft was trained with, the target's sizes, and a
-draft rebuilt from the export alone must reproduce the source draft's logits.
+An export must hold exactly the tensor names and shapes the engine's loader takes (an engine may drop unknown
+or missing names silently), the aux layer ids and rope_theta the draft was trained with, the target's sizes,
+and a draft rebuilt from the export alone must reproduce the source draft's logits.
 """
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def safetensors_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
 
 
 def check_trained_settings(path: Path, cfg, record: dict, draft_config=None) -> None:
-    """The export's aux layer ids and rope_theta are the ones the draft was trained with (its `aerie` record, or
-    `draft_config`)."""
+    """The export's aux layer ids and rope_theta are the ones the draft was trained with (its `aerie` record,
+    or `draft_config`)."""
     trained = {"aux_layer_ids": record.get("aux_layer_ids"), "rope_theta": record.get("rope_theta")}
     if draft_config is not None:
         trained = {"aux_layer_ids": list(draft_config.aux_layer_ids), "rope_theta": draft_config.rope_theta}
@@ -45,8 +45,8 @@ def check_trained_settings(path: Path, cfg, record: dict, draft_config=None) -> 
 
 
 def check_against_target(path: Path, cfg, target) -> None:
-    """The export's hidden size, vocabulary, rope_theta and aux layers fit `target` (TargetSpec, or a target config
-    / dict with `path`, or a path)."""
+    """The export's hidden size, vocabulary, rope_theta and aux layers fit `target` (TargetSpec, or a target
+    config / dict with `path`, or a path)."""
     spec = target if isinstance(target, TargetSpec) else target_spec_from_config(
         {"path": str(target)} if isinstance(target, (str, Path)) else dict(target))
     problems = [f"{name} {mine} != the target's {theirs}" for name, mine, theirs in (

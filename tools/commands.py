@@ -16,7 +16,8 @@ def _adapter(cfg):
     from models.targets.hf import load_tokenizer_and_processor
     from trainer.inputs import build_adapter
 
-    tokenizer, processor = load_tokenizer_and_processor(cfg.target, MODALITIES.get(cfg.modality.name).is_multimodal)
+    tokenizer, processor = load_tokenizer_and_processor(cfg.target,
+                                                        MODALITIES.get(cfg.modality.name).is_multimodal)
     return build_adapter(cfg, tokenizer, processor)
 
 
@@ -52,7 +53,8 @@ def run_vocab_command(cfg) -> None:
     vocab = draft_vocab(train, cfg, dataset_fingerprint(data_cfg, tokenizer, adapter), len(tokenizer),
                         adapter.draft_vocab_candidates())
     if dist.is_main:
-        print(f"draft vocab of {vocab['d2t'].numel()} tokens written to {Path(cfg.run_dir) / 'vocab.safetensors'}")
+        print(f"draft vocab of {vocab['d2t'].numel()} tokens written to "
+              f"{Path(cfg.run_dir) / 'vocab.safetensors'}")
 
 
 def run_regen_command(cfg) -> None:

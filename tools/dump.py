@@ -39,9 +39,9 @@ def _dump_writer(spec, cfg: StoreConfig, draft_token_ids: Optional[Tensor], path
         (draft_token_ids.cpu() == torch.arange(spec.vocab_size)).all())
     teacher_vocab = "full" if full_vocab else hashlib.sha256(
         draft_token_ids.cpu().long().numpy().tobytes()).hexdigest()[:16]
-    writer = HiddenStateStoreWriter(path, cfg.layout, spec.hidden_size, len(spec.aux_layer_ids), spec.aux_layer_ids,
-                                    spec.vocab_size, target_fingerprint(spec), cfg.topk, cfg.shard_bytes,
-                                    dataset_fingerprint, teacher_vocab, cfg.tail_samples)
+    writer = HiddenStateStoreWriter(path, cfg.layout, spec.hidden_size, len(spec.aux_layer_ids),
+                                    spec.aux_layer_ids, spec.vocab_size, target_fingerprint(spec), cfg.topk,
+                                    cfg.shard_bytes, dataset_fingerprint, teacher_vocab, cfg.tail_samples)
     return writer, draft_token_ids
 
 
@@ -119,8 +119,8 @@ def dump_from_hidden_states(spec, teacher, samples: Iterator[Tuple[int, dict, Te
             continue  # in a complete shard of an earlier, interrupted dump
         last = hidden[:, -1][None].float()
         logits, argmax = teacher.teacher_from_hidden(last.to(teacher.lm_head.weight.dtype), draft_token_ids)
-        out = TargetOutput(aux_hidden_states=hidden[:, :-1].reshape(1, hidden.shape[0], -1), teacher_logits=logits,
-                           teacher_argmax=argmax, last_hidden_state=last)
+        out = TargetOutput(aux_hidden_states=hidden[:, :-1].reshape(1, hidden.shape[0], -1),
+                           teacher_logits=logits, teacher_argmax=argmax, last_hidden_state=last)
         _add_batch(writer, cfg, [row], [index], out, draft_token_ids)
     writer.close()
     return writer
@@ -201,7 +201,8 @@ def run_vllm_dump_command(cfg, engine) -> None:
     from trainer.logger import save_resolved_config
 
     build_adapter(cfg, encode=False, offline=True)  # fails fast on a multimodal target
-    tokenizer, processor = load_tokenizer_and_processor(cfg.target, MODALITIES.get(cfg.modality.name).is_multimodal)
+    tokenizer, processor = load_tokenizer_and_processor(cfg.target,
+                                                        MODALITIES.get(cfg.modality.name).is_multimodal)
     adapter = build_adapter(cfg, tokenizer, processor)
     data_cfg = OmegaConf.to_object(cfg.data)
     splits = build_tokenized_datasets(data_cfg, tokenizer, adapter)

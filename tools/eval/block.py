@@ -33,7 +33,8 @@ class BlockSpeculativeDecoder(SpeculativeDecoder):
         drafts, qs = zip(*(self._propose(row, temperature, generator, verify) for row in logits))
         return list(drafts), list(qs)
 
-    def _generate(self, prompt, max_new_tokens, k, temperature, generator, eos, cache, verify) -> DecodeResult:
+    def _generate(self, prompt, max_new_tokens, k, temperature, generator, eos, cache,
+                  verify) -> DecodeResult:
         result, last, aux = self._first_token(prompt, cache, temperature, generator)
         num_seen = len(prompt)  # positions verified by the target, all in the draft's context
         context = self.draft.new_context()
@@ -41,7 +42,8 @@ class BlockSpeculativeDecoder(SpeculativeDecoder):
         while len(result.tokens) < max_new_tokens and last not in eos:
             drafts, qs = self._propose_block(result, last, num_seen, k, context, temperature, generator,
                                              verify)
-            accepted, nxt, aux = self._verify(result, cache, num_seen, last, drafts, qs, temperature, generator)
+            accepted, nxt, aux = self._verify(result, cache, num_seen, last, drafts, qs, temperature,
+                                              generator)
             positions = torch.arange(num_seen, num_seen + accepted + 1, device=self.device)[None]
             self.draft.extend_context(aux[:, :accepted + 1], positions, context)
             num_seen += accepted + 1

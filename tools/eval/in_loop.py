@@ -29,7 +29,8 @@ def speculative_eval(trainer) -> Dict[str, float]:
         ecfg = EvalConfig(**{**OmegaConf.to_container(trainer.cfg.eval, resolve=True), "out_dir": "",
                              "max_prompts": trainer.cfg.trainer.spec_eval_max_prompts})
         if on_vllm:
-            summary = evaluate_state_with_vllm(trainer.draft, state, trainer.cfg, ecfg, trainer.run_dir / "spec_eval")
+            summary = evaluate_state_with_vllm(trainer.draft, state, trainer.cfg, ecfg,
+                                               trainer.run_dir / "spec_eval")
         else:
             trainer.draft.eval()
             summary = evaluate_draft(trainer.target.module, trainer.draft, trainer.target.tokenizer, ecfg)

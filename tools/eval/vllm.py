@@ -36,11 +36,12 @@ def evaluate_with_vllm(export_dir, target_path: str, tokenizer, cfg: EvalConfig,
     if longest > engine.max_model_len:
         raise ValueError(f"engine.max_model_len={engine.max_model_len} is below the longest prompt + "
                          f"eval.max_new_tokens ({longest}); raise engine.max_model_len")
-    common = {"prompt_token_ids": prompts, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-              "seed": cfg.seed}
+    common = {"prompt_token_ids": prompts, "max_new_tokens": cfg.max_new_tokens,
+              "temperature": cfg.temperature, "seed": cfg.seed}
     runs = [{"name": "target", "speculative_config": None, **common}] if measure_speedup else []
-    runs += [{"name": f"k{k}", "speculative_config": vllm_speculative_config(export_dir, k, cfg.temperature,
-                                                                             cfg.verify), **common} for k in ks]
+    runs += [{"name": f"k{k}",
+              "speculative_config": vllm_speculative_config(export_dir, k, cfg.temperature, cfg.verify),
+              **common} for k in ks]
     raw = run_vllm({"target": str(target_path), "runs": runs}, engine)
     result = {run["name"]: run for run in raw["runs"]}
     baseline = (result["target"]["num_generated_tokens"] / result["target"]["generate_seconds"]
@@ -70,8 +71,8 @@ def vllm_export_for_eval(draft: str, export_dir: str, target_cfg) -> Path:
     draft_path = Path(draft)
     if is_engine_export(draft_path):
         if export_format(draft_path) != "vllm":
-            raise ValueError(f"eval.draft={draft}: a {export_format(draft_path)} export; engine=vllm serves vllm "
-                             f"exports (give the Aerie draft and it is exported)")
+            raise ValueError(f"eval.draft={draft}: a {export_format(draft_path)} export; "
+                             f"engine=vllm serves vllm exports (give the Aerie draft and it is exported)")
         validate_export(draft_path, target=target_cfg)
         return draft_path
     source = load_draft(draft_path)  # ValueError naming the path when it is neither a draft nor a checkpoint

@@ -19,8 +19,10 @@ from models.targets.meta import target_spec_from_config
 def name_and_shape_problems(expected: Dict[str, Tuple[int, ...]], shapes: Dict[str, Tuple[int, ...]]) -> str:
     """'' when the names and shapes are exactly the expected ones, else what differs."""
     missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
-    wrong = [f"{n} {shapes[n]} != {expected[n]}" for n in sorted(set(expected) & set(shapes)) if shapes[n] != expected[n]]
-    return f"missing {missing}, unexpected {unexpected}, wrong shapes {wrong}" if missing or unexpected or wrong else ""
+    wrong = [f"{n} {shapes[n]} != {expected[n]}"
+             for n in sorted(set(expected) & set(shapes)) if shapes[n] != expected[n]]
+    return f"missing {missing}, unexpected {unexpected}, wrong shapes {wrong}" \
+        if missing or unexpected or wrong else ""
 
 
 def safetensors_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
@@ -38,10 +40,11 @@ def check_trained_settings(path: Path, cfg, record: dict, draft_config=None) -> 
     if draft_config is not None:
         trained = {"aux_layer_ids": list(draft_config.aux_layer_ids), "rope_theta": draft_config.rope_theta}
     if trained["aux_layer_ids"] is not None and list(cfg.aux_layer_ids) != list(trained["aux_layer_ids"]):
-        raise ValueError(f"{path}: aux layer ids {list(cfg.aux_layer_ids)} (vLLM convention) differ from the ids the "
-                         f"draft was trained with, {list(trained['aux_layer_ids'])}")
+        raise ValueError(f"{path}: aux layer ids {list(cfg.aux_layer_ids)} (vLLM convention) "
+                         f"differ from the ids the draft was trained with, {list(trained['aux_layer_ids'])}")
     if trained["rope_theta"] is not None and float(cfg.rope_theta) != float(trained["rope_theta"]):
-        raise ValueError(f"{path}: rope_theta {cfg.rope_theta} differs from the draft's trained {trained['rope_theta']}")
+        raise ValueError(f"{path}: rope_theta {cfg.rope_theta} "
+                         f"differs from the draft's trained {trained['rope_theta']}")
 
 
 def check_against_target(path: Path, cfg, target) -> None:

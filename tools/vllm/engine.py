@@ -76,7 +76,8 @@ def _finds_vllm(python: str) -> bool:
 
 def vllm_python(python: str = "") -> str:
     """The interpreter that runs vLLM: explicit path, $AERIE_VLLM_PYTHON, <repo>/.venv-vllm, or this one."""
-    for source, path in (("engine.python", python), ("AERIE_VLLM_PYTHON", os.environ.get("AERIE_VLLM_PYTHON", ""))):
+    for source, path in (("engine.python", python),
+                         ("AERIE_VLLM_PYTHON", os.environ.get("AERIE_VLLM_PYTHON", ""))):
         if path:
             if not (Path(path).is_file() and os.access(path, os.X_OK)):
                 raise ValueError(f"{source}={path!r}: not an executable Python interpreter")
@@ -88,8 +89,8 @@ def vllm_python(python: str = "") -> str:
         return str(local)
     if _imports_vllm():
         return sys.executable
-    raise ValueError(f"vLLM is not installed: no {local} (run `make engine`) and `vllm` does not import here; "
-                     f"set engine.python=/path/to/python of an environment with vLLM")
+    raise ValueError(f"vLLM is not installed: no {local} (run `make engine`) and `vllm` does not import "
+                     f"here; set engine.python=/path/to/python of an environment with vLLM")
 
 
 def _worker_env(engine: EngineConfig) -> dict:
@@ -120,8 +121,9 @@ def run_vllm(job: dict, engine: EngineConfig, worker: Path = WORKER) -> dict:
         job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_path.write_text(json.dumps(full))
         try:
-            proc = subprocess.run([python, str(worker), str(job_path), str(result_path)], env=_worker_env(engine),
-                                  cwd=tmp, capture_output=True, text=True, timeout=engine.timeout_s)
+            proc = subprocess.run([python, str(worker), str(job_path), str(result_path)],
+                                  env=_worker_env(engine), cwd=tmp, capture_output=True, text=True,
+                                  timeout=engine.timeout_s)
         except subprocess.TimeoutExpired as err:
             raise VllmRunError(f"vLLM worker ran past engine.timeout_s={engine.timeout_s}: "
                                f"{(err.stderr or b'')[-2000:]!r}") from None

@@ -71,8 +71,8 @@ def cpu_expand_kernel_loses_floats() -> bool:
 
     current_platform.import_kernels()
     output = torch.full((3,), -1.0)
-    cpu_triton_utils._expand_kernel_impl(output, torch.tensor([0.5, 2.0]), torch.tensor([1, 3], dtype=torch.int32),
-                                         0, 0)
+    cpu_triton_utils._expand_kernel_impl(output, torch.tensor([0.5, 2.0]),
+                                         torch.tensor([1, 3], dtype=torch.int32), 0, 0)
     return output.tolist() != [0.5, 2.0, 2.0]
 
 

@@ -8,7 +8,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["trainer", "trainer.*", "models", "models.*", "data", "data.*", "tools", "tools.*"]),
+    packages=find_packages(include=["trainer", "trainer.*", "models", "models.*", "data", "data.*",
+                                    "tools", "tools.*"]),
     # conf/ is read from the source tree (install with `pip install -e .`, as the Makefile does).
     install_requires=[
         # 2.13.0 is the CPU build laid on CI machines; any 2.4+ CUDA build works on a cluster.

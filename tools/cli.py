@@ -17,15 +17,26 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 # name -> ("module:function", one-line help). Each function takes the composed DictConfig.
 COMMANDS: Dict[str, Tuple[str, str]] = {
-    "train": ("tools.commands:run_train_command", "train a draft (draft=eagle3_llama, dflash, ...), online (target in the loop) or offline (from a dump)"),
-    "inspect": ("tools.commands:run_inspect_command", "show a tokenised sample with its loss mask highlighted, and dataset statistics"),
-    "vocab": ("tools.commands:run_vocab_command", "count loss-masked tokens and write the draft vocabulary (d2t / t2d)"),
-    "regen": ("tools.commands:run_regen_command", "regenerate the answers through an OpenAI-compatible server (launch/vllm/serve.sh, SGLang)"),
-    "dump": ("tools.dump:run_dump_command", "run the target once over the data and write the offline hidden-state store"),
-    "export": ("tools.export.base:run_export", "write a trained draft for vLLM, SGLang or speculators (export.format=...)"),
-    "eval": ("tools.eval.run:run_eval", "speculative decoding with the target: acceptance length, per-position rates"),
-    "plan": ("tools.plan:run_plan", "per-rank GPU memory of online/offline training and the smallest setup that fits"),
-    "quickstart": ("tools.quickstart:run_quickstart", "train, evaluate and export in one go (what `make train` runs)"),
+    "train": ("tools.commands:run_train_command",
+              "train a draft (draft=eagle3_llama, dflash, ...), "
+              "online (target in the loop) or offline (from a dump)"),
+    "inspect": ("tools.commands:run_inspect_command",
+                "show a tokenised sample with its loss mask highlighted, and dataset statistics"),
+    "vocab": ("tools.commands:run_vocab_command",
+              "count loss-masked tokens and write the draft vocabulary (d2t / t2d)"),
+    "regen": ("tools.commands:run_regen_command",
+              "regenerate the answers through an OpenAI-compatible server "
+              "(launch/vllm/serve.sh, SGLang)"),
+    "dump": ("tools.dump:run_dump_command",
+             "run the target once over the data and write the offline hidden-state store"),
+    "export": ("tools.export.base:run_export",
+               "write a trained draft for vLLM, SGLang or speculators (export.format=...)"),
+    "eval": ("tools.eval.run:run_eval",
+             "speculative decoding with the target: acceptance length, per-position rates"),
+    "plan": ("tools.plan:run_plan",
+             "per-rank GPU memory of online/offline training and the smallest setup that fits"),
+    "quickstart": ("tools.quickstart:run_quickstart",
+                   "train, evaluate and export in one go (what `make train` runs)"),
 }
 # command -> its root config in conf/ (the roots share conf/base.yaml and the groups)
 CONFIG_ROOTS: Dict[str, str] = {"train": "train", "dump": "train", "quickstart": "train", "eval": "eval",
@@ -53,10 +64,12 @@ def _strip_local_rank(argv: List[str]) -> List[str]:
 
 def usage() -> str:
     width = max(len(name) for name in COMMANDS)
-    lines = ["usage: aerie <command> [hydra overrides ...]", "", "Train speculative-decoding drafts for vLLM and SGLang.", "",
+    lines = ["usage: aerie <command> [hydra overrides ...]", "",
+             "Train speculative-decoding drafts for vLLM and SGLang.", "",
              "commands:"]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Every command is a Hydra app over conf/: `aerie <command> --help` lists its config groups,",
+    lines += ["", "Every command is a Hydra app over conf/: "
+                  "`aerie <command> --help` lists its config groups,",
               "`aerie <command> --cfg job` prints the composed config, `key=value` overrides any setting."]
     return "\n".join(lines)
 
@@ -99,7 +112,8 @@ def one_line(err: BaseException) -> str:
     lines = [line.strip() for part in parts for line in part.splitlines()
              if line.strip() and not line.strip().startswith(("reference_type=", "object_type="))]
     text = "; ".join(dict.fromkeys(lines)) or type(err).__name__
-    if not isinstance(err, (ValueError, OSError)) and not type(err).__module__.startswith(("hydra", "omegaconf")):
+    if not isinstance(err, (ValueError, OSError)) and not type(err).__module__.startswith(
+            ("hydra", "omegaconf")):
         text = f"{type(err).__name__}: {text}"
     return text if len(text) <= 600 else text[:597] + "..."
 

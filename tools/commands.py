@@ -10,17 +10,20 @@ from omegaconf import OmegaConf
 
 
 def _adapter(cfg):
-    """The modality adapter over the target's tokenizer (and processor), without loading the target's weights."""
+    """The modality adapter over the target's tokenizer (and processor), without loading the target's
+    weights."""
     from models.registry import MODALITIES
     from models.targets.hf import load_tokenizer_and_processor
     from trainer.inputs import build_adapter
 
-    tokenizer, processor = load_tokenizer_and_processor(cfg.target, MODALITIES.get(cfg.modality.name).is_multimodal)
+    tokenizer, processor = load_tokenizer_and_processor(cfg.target,
+                                                        MODALITIES.get(cfg.modality.name).is_multimodal)
     return build_adapter(cfg, tokenizer, processor)
 
 
 def run_train_command(cfg) -> None:
-    """Train a draft; speculative decoding every trainer.spec_eval_every steps comes from tools/eval/in_loop.py."""
+    """Train a draft; speculative decoding every trainer.spec_eval_every steps comes from
+    tools/eval/in_loop.py."""
     from tools.eval.in_loop import speculative_eval
     from trainer.train import Trainer
 
@@ -50,7 +53,8 @@ def run_vocab_command(cfg) -> None:
     vocab = draft_vocab(train, cfg, dataset_fingerprint(data_cfg, tokenizer, adapter), len(tokenizer),
                         adapter.draft_vocab_candidates())
     if dist.is_main:
-        print(f"draft vocab of {vocab['d2t'].numel()} tokens written to {Path(cfg.run_dir) / 'vocab.safetensors'}")
+        print(f"draft vocab of {vocab['d2t'].numel()} tokens written to "
+              f"{Path(cfg.run_dir) / 'vocab.safetensors'}")
 
 
 def run_regen_command(cfg) -> None:

@@ -108,7 +108,8 @@ def _validate_trainer(t, data) -> None:
     _check(math.isfinite(t.lr) and t.lr > 0, "trainer.lr", t.lr, "must be a positive learning rate")
     _check(0.0 <= t.min_lr_ratio <= 1.0, "trainer.min_lr_ratio", t.min_lr_ratio, "must be within [0, 1]")
     _check(t.schedule in ("cosine", "constant"), "trainer.schedule", t.schedule, "must be cosine or constant")
-    _check(t.precision in ("auto", "bf16", "fp32"), "trainer.precision", t.precision, "must be auto, bf16 or fp32")
+    _check(t.precision in ("auto", "bf16", "fp32"), "trainer.precision", t.precision,
+           "must be auto, bf16 or fp32")
     _check(t.weight_decay >= 0, "trainer.weight_decay", t.weight_decay, "must be >= 0")
     _check(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas), "trainer.adam_betas",
            list(t.adam_betas), "must be two values in [0, 1)")
@@ -118,10 +119,10 @@ def _validate_trainer(t, data) -> None:
     for key in ("grad_accum_steps", "eval_max_batches", "spec_eval_max_prompts"):
         _check(getattr(t, key) >= 1, f"trainer.{key}", getattr(t, key), "must be >= 1")
     _check(t.max_tokens_per_batch >= data.max_length, "trainer.max_tokens_per_batch", t.max_tokens_per_batch,
-           f"is below data.max_length={data.max_length}: longer samples would be cut to the budget, losing their "
-           f"answers; raise it or lower data.max_length")
-    _check(t.resume in ("auto", "auto_or_fresh", "never") or os.path.isdir(t.resume), "trainer.resume", t.resume,
-           "must be auto, auto_or_fresh, never or an existing checkpoint step dir")
+           f"is below data.max_length={data.max_length}: longer samples would be cut to the budget, "
+           f"losing their answers; raise it or lower data.max_length")
+    _check(t.resume in ("auto", "auto_or_fresh", "never") or os.path.isdir(t.resume), "trainer.resume",
+           t.resume, "must be auto, auto_or_fresh, never or an existing checkpoint step dir")
 
 
 def _validate_data(d) -> None:
@@ -133,9 +134,11 @@ def _validate_data(d) -> None:
     _check(d.max_length >= 2, "data.max_length", d.max_length, "must be >= 2 tokens")
     _check(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", d.eval_fraction, "must be within [0, 1)")
     for key in ("max_samples", "max_eval_samples"):
-        _check(getattr(d, key) is None or getattr(d, key) >= 0, f"data.{key}", getattr(d, key), "must be >= 0")
+        _check(getattr(d, key) is None or getattr(d, key) >= 0, f"data.{key}", getattr(d, key),
+               "must be >= 0")
     _check(d.num_proc >= 1, "data.num_proc", d.num_proc, "must be >= 1")
-    _check(not d.media_root or os.path.isdir(d.media_root), "data.media_root", d.media_root, "no such directory")
+    _check(not d.media_root or os.path.isdir(d.media_root), "data.media_root", d.media_root,
+           "no such directory")
 
 
 def _validate_target(path: str) -> None:
@@ -162,5 +165,5 @@ def validate_config(cfg: Any, command: str = "train") -> None:
         _validate_target(str(cfg.target.path))
     if command in ("train", "quickstart", "dump") and cfg.deepspeed.zero_stage == 3:
         if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) == 1:
-            print("note: deepspeed=zero3 on one rank partitions nothing (it only adds gathers); zero2 is faster",
-                  file=sys.stderr, flush=True)
+            print("note: deepspeed=zero3 on one rank partitions nothing (it only adds gathers); "
+                  "zero2 is faster", file=sys.stderr, flush=True)

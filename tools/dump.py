@@ -2,8 +2,9 @@
 
 Ranks split the samples (rank r writes <store>/<split>/part-r); under ZeRO-3 each rank holds a slice of the
 target and DeepSpeed gathers layers in forward.  Interrupted dumps resume after their last complete shard.
-`engine=vllm`: vLLM runs the target instead (its hidden-state extraction, tools/vllm/dump_worker.py, one process)
-and Aerie applies only the final norm and lm_head (read from the checkpoint) for the teacher: the same store.
+`engine=vllm`: vLLM runs the target instead (its hidden-state extraction, tools/vllm/dump_worker.py, one
+process) and Aerie applies only the final norm and lm_head (read from the checkpoint) for the teacher: the
+same store.
 """
 from __future__ import annotations
 
@@ -38,9 +39,9 @@ def _dump_writer(spec, cfg: StoreConfig, draft_token_ids: Optional[Tensor], path
         (draft_token_ids.cpu() == torch.arange(spec.vocab_size)).all())
     teacher_vocab = "full" if full_vocab else hashlib.sha256(
         draft_token_ids.cpu().long().numpy().tobytes()).hexdigest()[:16]
-    writer = HiddenStateStoreWriter(path, cfg.layout, spec.hidden_size, len(spec.aux_layer_ids), spec.aux_layer_ids,
-                                    spec.vocab_size, target_fingerprint(spec), cfg.topk, cfg.shard_bytes,
-                                    dataset_fingerprint, teacher_vocab, cfg.tail_samples)
+    writer = HiddenStateStoreWriter(path, cfg.layout, spec.hidden_size, len(spec.aux_layer_ids),
+                                    spec.aux_layer_ids, spec.vocab_size, target_fingerprint(spec), cfg.topk,
+                                    cfg.shard_bytes, dataset_fingerprint, teacher_vocab, cfg.tail_samples)
     return writer, draft_token_ids
 
 
@@ -71,9 +72,9 @@ def run_dump(target, dataset, cfg: StoreConfig, draft_token_ids: Optional[Tensor
              world_size: int = 1, dataset_fingerprint: str = "") -> HiddenStateStoreWriter:
     """Runs `target` (TargetModel contract) over `dataset` (rows with input_ids, loss_mask, id) into a store.
 
-    Rank r dumps samples r, r+w, ... into cfg.path/part-{r:05d} (cfg.path itself when world_size == 1) and resumes
-    after the complete shards already there.  draft_token_ids (default: the whole target vocabulary) is the id
-    set the compact layout's top-k log-probs are normalised over; stored ids are target ids.
+    Rank r dumps samples r, r+w, ... into cfg.path/part-{r:05d} (cfg.path itself when world_size == 1) and
+    resumes after the complete shards already there.  draft_token_ids (default: the whole target vocabulary)
+    is the id set the compact layout's top-k log-probs are normalised over; stored ids are target ids.
     """
     from data.batching import collate
 
@@ -108,18 +109,18 @@ def run_dump(target, dataset, cfg: StoreConfig, draft_token_ids: Optional[Tensor
 def dump_from_hidden_states(spec, teacher, samples: Iterator[Tuple[int, dict, Tensor]], cfg: StoreConfig,
                             draft_token_ids: Optional[Tensor] = None,
                             dataset_fingerprint: str = "") -> HiddenStateStoreWriter:
-    """A store from hidden states computed elsewhere (vLLM's extraction): `samples` yields (index, row, hidden)
-    with hidden (L, num_aux + 1, H) = the aux layers' states then the last layer's output before the final norm;
-    `teacher` (models.targets.teacher.TeacherHead) makes the teacher logits from the latter.  The same store as
-    run_dump writes from the target's forward."""
+    """A store from hidden states computed elsewhere (vLLM's extraction): `samples` yields (index, row,
+    hidden) with hidden (L, num_aux + 1, H) = the aux layers' states then the last layer's output before the
+    final norm; `teacher` (models.targets.teacher.TeacherHead) makes the teacher logits from the latter.  The
+    same store as run_dump writes from the target's forward."""
     writer, draft_token_ids = _dump_writer(spec, cfg, draft_token_ids, cfg.path, dataset_fingerprint)
     for index, row, hidden in samples:
         if index < writer.num_samples:
             continue  # in a complete shard of an earlier, interrupted dump
         last = hidden[:, -1][None].float()
         logits, argmax = teacher.teacher_from_hidden(last.to(teacher.lm_head.weight.dtype), draft_token_ids)
-        out = TargetOutput(aux_hidden_states=hidden[:, :-1].reshape(1, hidden.shape[0], -1), teacher_logits=logits,
-                           teacher_argmax=argmax, last_hidden_state=last)
+        out = TargetOutput(aux_hidden_states=hidden[:, :-1].reshape(1, hidden.shape[0], -1),
+                           teacher_logits=logits, teacher_argmax=argmax, last_hidden_state=last)
         _add_batch(writer, cfg, [row], [index], out, draft_token_ids)
     writer.close()
     return writer
@@ -200,7 +201,8 @@ def run_vllm_dump_command(cfg, engine) -> None:
     from trainer.logger import save_resolved_config
 
     build_adapter(cfg, encode=False, offline=True)  # fails fast on a multimodal target
-    tokenizer, processor = load_tokenizer_and_processor(cfg.target, MODALITIES.get(cfg.modality.name).is_multimodal)
+    tokenizer, processor = load_tokenizer_and_processor(cfg.target,
+                                                        MODALITIES.get(cfg.modality.name).is_multimodal)
     adapter = build_adapter(cfg, tokenizer, processor)
     data_cfg = OmegaConf.to_object(cfg.data)
     splits = build_tokenized_datasets(data_cfg, tokenizer, adapter)

@@ -27,7 +27,8 @@ class PlanConfig:
     max_world_size: int = 512
     seq_len: Optional[int] = None            # tokens per micro-batch; None -> trainer.max_tokens_per_batch
     mode: str = "auto"                       # online | offline | auto (both; online recommended when it fits)
-    target_config_json: str = ""             # read this config.json instead of target.path's / the preset table
+    target_config_json: str = ""             # read this config.json instead of
+                                             # target.path's / the preset table
     overhead_gb: float = 2.0                 # per rank: CUDA context, NCCL buffers, allocator slack
     json: bool = False                       # print JSON instead of the tables
 
@@ -86,12 +87,14 @@ PRESET_ARCHS: Dict[str, TargetArch] = {
                                        num_active_params=22_000_000_000),
     "Qwen/Qwen2.5-VL-7B-Instruct": TargetArch(28, 3584, 18944, 28, 4, 128, 152064, 8_292_166_656),
     "Qwen/Qwen2-Audio-7B-Instruct": TargetArch(32, 4096, 11008, 32, 32, 128, 156032, 8_397_094_912),
-    # Qwen3-VL / Qwen3-ASR: parameters counted on the meta device from their config.json numbers (text + tower)
+    # Qwen3-VL / Qwen3-ASR: parameters counted on the meta device from their config.json numbers (text +
+    # tower)
     "Qwen/Qwen3-VL-8B-Instruct": TargetArch(36, 4096, 12288, 32, 8, 128, 151936, 8_767_123_696),
     "Qwen/Qwen3-ASR-1.7B": TargetArch(28, 2048, 6144, 16, 8, 128, 151936, 2_038_052_480),
     "canopylabs/orpheus-3b-0.1-ft": TargetArch(28, 3072, 8192, 24, 8, 128, 156940, 3_300_867_072),
-    "deepseek-ai/DeepSeek-V3": TargetArch(61, 7168, 18432, 128, 128, 192, 129280, 671_026_419_200, num_experts=256,
-                                          num_experts_per_token=8, moe_intermediate_size=2048, num_shared_experts=1,
+    "deepseek-ai/DeepSeek-V3": TargetArch(61, 7168, 18432, 128, 128, 192, 129280, 671_026_419_200,
+                                          num_experts=256, num_experts_per_token=8,
+                                          moe_intermediate_size=2048, num_shared_experts=1,
                                           num_active_params=37_000_000_000),
 }
 
@@ -128,8 +131,8 @@ def resolve_arch(target_path: str, config_json: str = "") -> TargetArch:
     if not config_json and target_path in PRESET_ARCHS:
         return PRESET_ARCHS[target_path]
     if not Path(source).exists():
-        raise ValueError(f"plan: target {source!r} is neither a preset hub id ({', '.join(PRESET_ARCHS)}) nor a "
-                         "local dir/config.json; set plan.target_config_json=<path to config.json>")
+        raise ValueError(f"plan: target {source!r} is neither a preset hub id ({', '.join(PRESET_ARCHS)}) "
+                         "nor a local dir/config.json; set plan.target_config_json=<path to config.json>")
     return arch_from_hf_config(AutoConfig.from_pretrained(source))
 
 
@@ -168,15 +171,16 @@ class MemoryBreakdown:
 def _dtype_bytes(name: str, arch: TargetArch) -> int:
     from models.targets.base import DTYPES
 
-    table = {"auto": arch.dtype_bytes, **{dtype: torch_dtype.itemsize for dtype, torch_dtype in DTYPES.items()}}
+    table = {"auto": arch.dtype_bytes,
+             **{dtype: torch_dtype.itemsize for dtype, torch_dtype in DTYPES.items()}}
     if name not in table:
         raise ValueError(f"target.dtype {name!r} not one of {sorted(table)}")
     return table[name]
 
 
 def draft_sizes(arch: TargetArch, draft_cfg, num_aux_layers: int) -> Dict[str, int]:
-    """Resolved draft dims and parameter counts (trainable, frozen embedding), as the chain draft's layer_fields
-    builds them (other architectures are sized alike up to their extra tensors)."""
+    """Resolved draft dims and parameter counts (trainable, frozen embedding), as the chain draft's
+    layer_fields builds them (other architectures are sized alike up to their extra tensors)."""
     hidden = arch.hidden_size
     heads = draft_cfg.num_attention_heads or arch.num_attention_heads
     same_heads = heads == arch.num_attention_heads
@@ -188,18 +192,19 @@ def draft_sizes(arch: TargetArch, draft_cfg, num_aux_layers: int) -> Dict[str, i
     trainable = num_aux_layers * hidden * hidden + hidden * vd + hidden
     for index in range(draft_cfg.num_layers):
         width = 2 * hidden if index == 0 else hidden
-        trainable += width * (q + 2 * kv) + q * hidden + 3 * hidden * inter + (3 if index == 0 else 2) * hidden
+        trainable += width * (q + 2 * kv) + q * hidden + 3 * hidden * inter \
+            + (3 if index == 0 else 2) * hidden
     return dict(hidden=hidden, q=q, kv=kv, intermediate=inter, draft_vocab=vd, trainable=trainable,
                 embedding=arch.vocab_size * hidden)
 
 
-def ttt_activation_bytes(sizes: Dict[str, int], num_layers: int, ttt_steps: int, seq_len: int, dtype_bytes: int,
-                         num_aux_layers: int, trained_fraction: float = 1.0) -> float:
+def ttt_activation_bytes(sizes: Dict[str, int], num_layers: int, ttt_steps: int, seq_len: int,
+                         dtype_bytes: int, num_aux_layers: int, trained_fraction: float = 1.0) -> float:
     """Bytes the TTT unroll keeps for backward (lean attention: O(L) per step).
 
     Per token and step: the first layer keeps its fp32 norm inputs/outputs and the [embed; hidden] concat
-    (8b + 12 bytes per hidden unit), q (2b), k/v (2.75b, plus 2b per earlier step for the stacked extra keys) and
-    the MLP (4b per intermediate unit); later layers 4b + 8 per hidden unit, 2b per q/kv unit, 4b per
+    (8b + 12 bytes per hidden unit), q (2b), k/v (2.75b, plus 2b per earlier step for the stacked extra keys)
+    and the MLP (4b per intermediate unit); later layers 4b + 8 per hidden unit, 2b per q/kv unit, 4b per
     intermediate unit; the loss keeps fp32 log-probs and teacher probs (8 bytes per draft-vocab entry) at the
     trained positions.  The fc input (num_aux x H) is kept once.
     """
@@ -234,7 +239,8 @@ def plan_memory(arch: TargetArch, draft_cfg, trainer_cfg, ds_cfg, world_size: in
         precision = "bf16" if device == "cuda" else "fp32"
     length = seq_len or trainer_cfg.max_tokens_per_batch
     stage, world = ds_cfg.zero_stage, world_size
-    bd = 2 if precision == "bf16" else 4                      # the draft's (and, under bf16, the target's) dtype
+    bd = 2 if precision == "bf16" else 4                      # the draft's (and, under bf16,
+                                                              # the target's) dtype
     bt = 2 if precision == "bf16" else _dtype_bytes(target_dtype, arch)
     hidden, vocab = arch.hidden_size, arch.vocab_size
     sizes = draft_sizes(arch, draft_cfg, num_aux_layers)
@@ -256,7 +262,8 @@ def plan_memory(arch: TargetArch, draft_cfg, trainer_cfg, ds_cfg, world_size: in
         q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
         router = arch.num_experts * 4 if arch.num_experts else 0
         # one decoder layer at a time: residual stream, fp32 norm, then attention or MLP temporaries
-        layer = (3 * hidden + max(4 * q + 3 * kv, 3 * arch.active_intermediate())) * bt + 2 * hidden * 4 + router
+        layer = (3 * hidden + max(4 * q + 3 * kv, 3 * arch.active_intermediate())) * bt \
+            + 2 * hidden * 4 + router
         captured = (num_aux_layers + 2) * hidden * bt                 # aux layer inputs, embeds, last hidden
         parts["target activations"] = length * captured + max(length * layer, teacher_chunk) \
             + length * length * (1 + bt)                              # + the packed-document mask
@@ -285,14 +292,16 @@ def plan_memory(arch: TargetArch, draft_cfg, trainer_cfg, ds_cfg, world_size: in
         parts["TTT activations"] = ttt_activation_bytes(sizes, draft_cfg.num_layers, num_steps, length, bd,
                                                         num_aux_layers, trained_fraction)
         # token embeddings, plus one step's loss and MLP temporaries in backward
-        parts["TTT activations"] += length * (hidden * bd + 2 * vd * 4 * trained_fraction + 2 * sizes["intermediate"] * bd)
+        parts["TTT activations"] += length * (hidden * bd + 2 * vd * 4 * trained_fraction
+                                              + 2 * sizes["intermediate"] * bd)
         phases["TTT activations"] = ttt
         if stage == 3:
             parts["draft gathered (ZeRO-3)"] = (trainable + sizes["embedding"]) * bd
             phases["draft gathered (ZeRO-3)"] = ttt
         grads = trainable * bd * (1.0 / world if stage >= 2 else 1.0)
         if stage >= 1:   # DeepSpeed's reduce bucket during backward (two with overlap_comm on GPU)
-            bucket = ds_cfg.reduce_bucket_size if device == "cuda" else min(ds_cfg.reduce_bucket_size, trainable)
+            bucket = ds_cfg.reduce_bucket_size if device == "cuda" \
+                else min(ds_cfg.reduce_bucket_size, trainable)
             parts["reduce bucket"] = bucket * bd * (2 if ds_cfg.overlap_comm and device == "cuda" else 1)
             phases["reduce bucket"] = "draft backward"
         parts["draft grads"] = grads
@@ -301,8 +310,10 @@ def plan_memory(arch: TargetArch, draft_cfg, trainer_cfg, ds_cfg, world_size: in
         parts["fp32 grads + Adam temporaries"] = 0.0 if offload else trainable * 8 * optimizer_shard
         phases["fp32 grads + Adam temporaries"] = opt
     parts["framework overhead"] = overhead_gb * GIB
-    label = ds_label or f"zero{stage}" + ("_offload" if ds_cfg.offload_param or ds_cfg.offload_optimizer else "")
-    store = bytes_per_token(store_layout, hidden, num_aux_layers, vocab, store_topk) * length if mode == "offline" else 0
+    label = ds_label or f"zero{stage}" \
+        + ("_offload" if ds_cfg.offload_param or ds_cfg.offload_optimizer else "")
+    store = bytes_per_token(store_layout, hidden, num_aux_layers, vocab, store_topk) * length \
+        if mode == "offline" else 0
     return MemoryBreakdown(mode, label, world_size, parts, phases, store_bytes_per_step=float(store))
 
 
@@ -316,25 +327,28 @@ def deepspeed_option(name: str, base):
     path = REPO_ROOT / "conf" / "deepspeed" / f"{name}.yaml"
     if not path.is_file():
         raise ValueError(f"plan: no DeepSpeed option {path}")
-    merged = OmegaConf.merge(OmegaConf.structured(DeepSpeedConfig), OmegaConf.structured(base), OmegaConf.load(path))
+    merged = OmegaConf.merge(OmegaConf.structured(DeepSpeedConfig), OmegaConf.structured(base),
+                             OmegaConf.load(path))
     return OmegaConf.to_object(merged)
 
 
 def world_sizes(gpus_per_node: int, max_world_size: int) -> List[int]:
     if gpus_per_node < 1 or max_world_size < gpus_per_node:
-        raise ValueError(f"plan: need 1 <= gpus_per_node ({gpus_per_node}) <= max_world_size ({max_world_size})")
+        raise ValueError(f"plan: need 1 <= gpus_per_node ({gpus_per_node}) "
+                         f"<= max_world_size ({max_world_size})")
     return list(range(gpus_per_node, max_world_size + 1, gpus_per_node))
 
 
-def smallest_setup(arch: TargetArch, draft_cfg, trainer_cfg, base_ds, gpu_memory_gb: float, gpus_per_node: int,
-                   max_world_size: int, mode: str, **kwargs) -> Optional[MemoryBreakdown]:
-    """The smallest world size that fits with zero2, else zero3; zero3_offload (parameters and optimizer state in
-    host memory, much slower) only when nothing fits on the GPUs up to max_world_size."""
+def smallest_setup(arch: TargetArch, draft_cfg, trainer_cfg, base_ds, gpu_memory_gb: float,
+                   gpus_per_node: int, max_world_size: int, mode: str, **kwargs) -> Optional[MemoryBreakdown]:
+    """The smallest world size that fits with zero2, else zero3; zero3_offload (parameters and optimizer state
+    in host memory, much slower) only when nothing fits on the GPUs up to max_world_size."""
     for names in (DS_OPTIONS[:2], DS_OPTIONS[2:]):
         for world in world_sizes(gpus_per_node, max_world_size):
             for name in names:
                 ds = deepspeed_option(name, base_ds)
-                plan = plan_memory(arch, draft_cfg, trainer_cfg, ds, world, mode=mode, ds_label=name, **kwargs)
+                plan = plan_memory(arch, draft_cfg, trainer_cfg, ds, world, mode=mode, ds_label=name,
+                                   **kwargs)
                 if plan.fits(gpu_memory_gb):
                     return plan
     return None
@@ -347,11 +361,12 @@ def recommend(arch: TargetArch, draft_cfg, trainer_cfg, base_ds, gpu_memory_gb: 
         raise ValueError(f"plan.mode must be online, offline or auto, got {mode!r}")
     args = (arch, draft_cfg, trainer_cfg, base_ds, gpu_memory_gb, gpus_per_node, max_world_size)
     setups = {name: smallest_setup(*args, mode=name, **kwargs)
-              for name in (("online",) if mode == "online" else ("online", "dump", "offline") if mode == "auto"
-                           else ("dump", "offline"))}
+              for name in (("online",) if mode == "online" else ("online", "dump", "offline")
+                           if mode == "auto" else ("dump", "offline"))}
     online = setups.get("online")
     if online is not None and mode != "offline":
-        advice = f"online on {online.world_size} GPUs with {online.deepspeed} ({online.total / GIB:.1f} GiB/rank)"
+        advice = f"online on {online.world_size} GPUs with {online.deepspeed} " \
+            f"({online.total / GIB:.1f} GiB/rank)"
     elif setups.get("offline") is not None and setups.get("dump") is not None:
         dump, offline = setups["dump"], setups["offline"]
         advice = (f"offline: `aerie dump` on {dump.world_size} GPUs with {dump.deepspeed}, then `aerie train "
@@ -376,7 +391,8 @@ def format_table(plans: List[MemoryBreakdown]) -> str:
     lines = ["GiB per rank".ljust(width) + "  " + "  ".join(h.rjust(c) for h, c in zip(heads, cols))]
     for name in names + ["total"]:
         values = [p.total if name == "total" else p.components.get(name, 0.0) for p in plans]
-        lines.append(labels[name].ljust(width) + "  " + "  ".join(f"{v / GIB:.2f}".rjust(c) for v, c in zip(values, cols)))
+        lines.append(labels[name].ljust(width) + "  " + "  ".join(f"{v / GIB:.2f}".rjust(c)
+                                                                  for v, c in zip(values, cols)))
     return "\n".join(lines)
 
 
@@ -390,11 +406,13 @@ def run_plan(cfg) -> Dict[str, object]:
     from trainer.train import TrainerConfig
 
     def obj(node, cls):
-        data = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dataclasses.asdict(node)
+        data = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) \
+            else dataclasses.asdict(node)
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
     plan_cfg = obj(cfg.plan, PlanConfig) if "plan" in cfg else PlanConfig()
-    trainer_cfg, draft_cfg = obj(cfg.trainer, TrainerConfig), obj(cfg.draft, DRAFTS.get(cfg.draft.arch).config_class)
+    trainer_cfg, draft_cfg = obj(cfg.trainer, TrainerConfig), obj(cfg.draft,
+                                                                  DRAFTS.get(cfg.draft.arch).config_class)
     base_ds = obj(cfg.deepspeed, DeepSpeedConfig)
     arch = resolve_arch(str(cfg.target.path), plan_cfg.target_config_json)
     aux = resolve_aux_layer_ids(cfg.target.aux_layer_ids, arch.num_layers)
@@ -407,9 +425,10 @@ def run_plan(cfg) -> Dict[str, object]:
                        plan_cfg.max_world_size, plan_cfg.mode, **kwargs)
     found = [p for p in result["setups"].values() if p is not None]
     if plan_cfg.json:
-        print(json.dumps({"target": str(cfg.target.path), "gpu_memory_gb": gpu_memory_gb, "arch": dataclasses.asdict(arch),
-                          "recommendation": result["recommendation"],
-                          "setups": {k: (None if p is None else {"world_size": p.world_size, "deepspeed": p.deepspeed,
+        print(json.dumps({"target": str(cfg.target.path), "gpu_memory_gb": gpu_memory_gb,
+                          "arch": dataclasses.asdict(arch), "recommendation": result["recommendation"],
+                          "setups": {k: (None if p is None else {"world_size": p.world_size,
+                                                                 "deepspeed": p.deepspeed,
                                                                  "total_gib": p.total / GIB, "gib": p.gib()})
                                      for k, p in result["setups"].items()}}, indent=2))
         return result

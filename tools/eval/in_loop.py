@@ -16,8 +16,8 @@ from trainer.train import gathered_draft_state
 
 @torch.no_grad()
 def speculative_eval(trainer) -> Dict[str, float]:
-    """Real acceptance length of the current draft with the in-loop target (rank 0 decodes, others wait) or with
-    vLLM on an export of the gathered weights (trainer.spec_eval_engine=vllm)."""
+    """Real acceptance length of the current draft with the in-loop target (rank 0 decodes, others wait) or
+    with vLLM on an export of the gathered weights (trainer.spec_eval_engine=vllm)."""
     on_vllm = check_engine_name(trainer.cfg.trainer.spec_eval_engine) == "vllm"
     if not on_vllm and (trainer.target is None or trainer.cfg.deepspeed.zero_stage == 3):
         raise ValueError("trainer.spec_eval_every needs online mode with the whole target on each rank "
@@ -29,7 +29,8 @@ def speculative_eval(trainer) -> Dict[str, float]:
         ecfg = EvalConfig(**{**OmegaConf.to_container(trainer.cfg.eval, resolve=True), "out_dir": "",
                              "max_prompts": trainer.cfg.trainer.spec_eval_max_prompts})
         if on_vllm:
-            summary = evaluate_state_with_vllm(trainer.draft, state, trainer.cfg, ecfg, trainer.run_dir / "spec_eval")
+            summary = evaluate_state_with_vllm(trainer.draft, state, trainer.cfg, ecfg,
+                                               trainer.run_dir / "spec_eval")
         else:
             trainer.draft.eval()
             summary = evaluate_draft(trainer.target.module, trainer.draft, trainer.target.tokenizer, ecfg)

@@ -4,8 +4,8 @@ A JSONL row is what the modality adapter reads (vision: ``{"id", "messages", "im
 ``{"id", "audio": path, "prompt"?}``); a trailing assistant turn is dropped (a reference answer). Relative
 media paths resolve against the JSONL's directory. The prompt goes through the adapter exactly as in training
 (placeholders, processor features), the target's prefill merges the media, and chain drafting then runs
-as for text (``tools.eval.decode.SpeculativeDecoder``) with what vLLM's chain-draft proposer gives the draft: the
-aux states of the multimodal forward, the token embeddings of the ids (placeholders included), and the
+as for text (``tools.eval.decode.SpeculativeDecoder``) with what vLLM's chain-draft proposer gives the draft:
+the aux states of the multimodal forward, the token embeddings of the ids (placeholders included), and the
 target's M-RoPE positions (3D over the prompt, then text positions shifted by the prompt's rope delta).
 Same metrics and reports as text.
 """
@@ -27,7 +27,8 @@ def load_media_prompts(path: str, adapter, max_prompts: int = 0) -> List[dict]:
     """Encoded prompts (adapter.encode_prompt) of a JSONL; a bad row is a ValueError naming file:line."""
     jsonl = Path(path)
     if not jsonl.is_file():
-        raise ValueError(f"eval.prompts={path!r}: a multimodal target needs a JSONL file of prompts with media")
+        raise ValueError(f"eval.prompts={path!r}: "
+                         f"a multimodal target needs a JSONL file of prompts with media")
     rows = read_jsonl(jsonl)[:max_prompts] if max_prompts and max_prompts > 0 else read_jsonl(jsonl)
     prompts = []
     for number, row in enumerate(rows, 1):
@@ -74,7 +75,8 @@ class MediaSpeculativeDecoder(SpeculativeDecoder):
         if self._prefill is not None:
             inputs, self._prefill = self._prefill, None
         else:
-            inputs = {"position_ids": self._seq_positions(torch.arange(past, past + len(ids), device=self.device)[None])}
+            inputs = {"position_ids":
+                      self._seq_positions(torch.arange(past, past + len(ids), device=self.device)[None])}
         out = self.target(input_ids=input_ids, use_cache=True, **{self.cache_kwarg: cache}, **inputs)
         return out.logits[0].float(), self._capture.pop()[0]
 
@@ -98,8 +100,8 @@ class MediaSpeculativeDecoder(SpeculativeDecoder):
             self._positions, self._delta = None, 0
         self._prefill = inputs
         try:
-            return super().generate(list(prompt["input_ids"]), max_new_tokens, num_speculative_tokens, temperature,
-                                    generator, eos_token_ids, verify)
+            return super().generate(list(prompt["input_ids"]), max_new_tokens, num_speculative_tokens,
+                                    temperature, generator, eos_token_ids, verify)
         finally:
             self._prefill, self._positions = None, None
 

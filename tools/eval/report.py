@@ -62,7 +62,8 @@ def summarize_vllm_run(run: dict, k: int, target_tokens_per_second: float) -> di
                              len(run["output_token_ids"]), run["num_generated_tokens"])
     assert sum(stats["num_accepted_per_position"]) == run["num_accepted_tokens"], run
     tokens_per_second = run["num_generated_tokens"] / run["generate_seconds"]
-    return {**stats, "tokens_per_second": tokens_per_second, "target_tokens_per_second": target_tokens_per_second,
+    return {**stats, "tokens_per_second": tokens_per_second,
+            "target_tokens_per_second": target_tokens_per_second,
             "speedup": tokens_per_second / target_tokens_per_second, "speedup_source": "measured"}
 
 
@@ -101,9 +102,11 @@ def write_reports(summary: dict, out_dir) -> Dict[str, Path]:
 
 
 def eval_summary(cfg, engine: str, runs: List[dict], **extra) -> dict:
-    """The one report of both engines; summary.json / acceptance.csv / acceptance.png when cfg.out_dir is set."""
+    """The one report of both engines; summary.json / acceptance.csv / acceptance.png when cfg.out_dir is
+    set."""
     summary = {"engine": engine, "prompts": cfg.prompts, "temperature": cfg.temperature, "verify": cfg.verify,
-               "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "draft": cfg.draft, **extra, "results": runs}
+               "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "draft": cfg.draft, **extra,
+               "results": runs}
     if cfg.out_dir:
         summary["files"] = {name: str(path) for name, path in write_reports(summary, cfg.out_dir).items()}
     return summary

@@ -1,6 +1,6 @@
-"""`aerie eval`: the draft (Aerie dir, checkpoint or engine export) against its target, on the in-process decoder
-(engine=hf, tools/eval/decode.py and block.py), on real vLLM (engine=vllm, tools/eval/vllm.py), or with media
-prompts (tools/eval/media.py); prints the JSON summary."""
+"""`aerie eval`: the draft (Aerie dir, checkpoint or engine export) against its target, on the in-process
+decoder (engine=hf, tools/eval/decode.py and block.py), on real vLLM (engine=vllm, tools/eval/vllm.py), or
+with media prompts (tools/eval/media.py); prints the JSON summary."""
 from __future__ import annotations
 
 import json

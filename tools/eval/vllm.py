@@ -1,5 +1,5 @@
-"""`aerie eval engine=vllm`: acceptance (and tokens/s) measured by real vLLM on an export of the draft, and the
-in-loop variant on the current weights (trainer.spec_eval_engine=vllm)."""
+"""`aerie eval engine=vllm`: acceptance (and tokens/s) measured by real vLLM on an export of the draft, and
+the in-loop variant on the current weights (trainer.spec_eval_engine=vllm)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,7 +14,8 @@ from tools.eval.report import eval_summary, summarize_vllm_run
 
 
 def vllm_speculative_config(export_dir, k: int, temperature: float, verify: str) -> dict:
-    """vLLM's speculative_config for a chain of k drafts verified like eval.verify (vLLM's default: greedy drafts)."""
+    """vLLM's speculative_config for a chain of k drafts verified like eval.verify (vLLM's default: greedy
+    drafts)."""
     from tools.export.base import vllm_method
 
     config = {"method": vllm_method(export_dir), "model": str(export_dir), "num_speculative_tokens": int(k)}
@@ -25,8 +26,8 @@ def vllm_speculative_config(export_dir, k: int, temperature: float, verify: str)
 
 def evaluate_with_vllm(export_dir, target_path: str, tokenizer, cfg: EvalConfig, engine,
                        measure_speedup: bool = True) -> dict:
-    """Acceptance measured by vLLM (its spec_decode counters) for each k, and (measure_speedup) its tokens/s with
-    the draft over the target alone, run in the same worker."""
+    """Acceptance measured by vLLM (its spec_decode counters) for each k, and (measure_speedup) its tokens/s
+    with the draft over the target alone, run in the same worker."""
     from tools.vllm.engine import run_vllm
 
     ks = check_eval_config(cfg)
@@ -35,11 +36,12 @@ def evaluate_with_vllm(export_dir, target_path: str, tokenizer, cfg: EvalConfig,
     if longest > engine.max_model_len:
         raise ValueError(f"engine.max_model_len={engine.max_model_len} is below the longest prompt + "
                          f"eval.max_new_tokens ({longest}); raise engine.max_model_len")
-    common = {"prompt_token_ids": prompts, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-              "seed": cfg.seed}
+    common = {"prompt_token_ids": prompts, "max_new_tokens": cfg.max_new_tokens,
+              "temperature": cfg.temperature, "seed": cfg.seed}
     runs = [{"name": "target", "speculative_config": None, **common}] if measure_speedup else []
-    runs += [{"name": f"k{k}", "speculative_config": vllm_speculative_config(export_dir, k, cfg.temperature,
-                                                                             cfg.verify), **common} for k in ks]
+    runs += [{"name": f"k{k}",
+              "speculative_config": vllm_speculative_config(export_dir, k, cfg.temperature, cfg.verify),
+              **common} for k in ks]
     raw = run_vllm({"target": str(target_path), "runs": runs}, engine)
     result = {run["name"]: run for run in raw["runs"]}
     baseline = (result["target"]["num_generated_tokens"] / result["target"]["generate_seconds"]
@@ -61,16 +63,16 @@ def _newest_mtime(path: Path) -> float:
 
 
 def vllm_export_for_eval(draft: str, export_dir: str, target_cfg) -> Path:
-    """The vllm export to serve: eval.draft itself when it is one, else export_dir, (re)written from the draft when
-    missing or older than it; validated against the target and the draft before vLLM ever starts."""
+    """The vllm export to serve: eval.draft itself when it is one, else export_dir, (re)written from the draft
+    when missing or older than it; validated against the target and the draft before vLLM ever starts."""
     from tools.export.base import export, export_format, is_engine_export, validate_export
     from trainer.checkpoint import load_draft
 
     draft_path = Path(draft)
     if is_engine_export(draft_path):
         if export_format(draft_path) != "vllm":
-            raise ValueError(f"eval.draft={draft}: a {export_format(draft_path)} export; engine=vllm serves vllm "
-                             f"exports (give the Aerie draft and it is exported)")
+            raise ValueError(f"eval.draft={draft}: a {export_format(draft_path)} export; "
+                             f"engine=vllm serves vllm exports (give the Aerie draft and it is exported)")
         validate_export(draft_path, target=target_cfg)
         return draft_path
     source = load_draft(draft_path)  # ValueError naming the path when it is neither a draft nor a checkpoint

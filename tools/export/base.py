@@ -25,7 +25,8 @@ from models.targets.meta import load_target_embedding
 from trainer.checkpoint import load_draft
 
 EXPORT_DTYPES = DTYPES
-EXPORTS = Registry("export format", {name: f"tools.export.{name}" for name in ("vllm", "sglang", "speculators")})
+EXPORTS = Registry("export format", {name: f"tools.export.{name}"
+                                     for name in ("vllm", "sglang", "speculators")})
 
 
 @dataclass
@@ -36,11 +37,13 @@ class ExportConfig:
     num_speculative_tokens: int = 3
     include_embed: bool = False  # also write embed_tokens.weight (engines take the target's when absent)
     dtype: str = "bfloat16"  # bfloat16 | float16 | float32 for the floating-point tensors
-    verifier: str = ""  # the target's name in config.json (hub id); "" -> target.path, a local dir by its name
+    verifier: str = ""  # the target's name in config.json (hub id);
+                        # "" -> target.path, a local dir by its name
 
 
 class Exporter:
-    """One engine format.  `layouts`: draft architecture -> module writing that architecture in this format."""
+    """One engine format.  `layouts`: draft architecture -> module writing that architecture in this
+    format."""
 
     name: str = ""
     layouts: Dict[str, str] = {}
@@ -52,7 +55,8 @@ class Exporter:
     def layout(self, arch: str):
         if arch not in self.layouts:
             serving = [fmt for fmt in EXPORTS.names() if arch in EXPORTS.get(fmt).layouts]
-            raise ValueError(f"export.format={self.name!r}: a {arch} draft exports only to {', '.join(serving)}")
+            raise ValueError(f"export.format={self.name!r}: "
+                             f"a {arch} draft exports only to {', '.join(serving)}")
         return importlib.import_module(self.layouts[arch])
 
     def __call__(self, draft_or_path, out_dir, **kwargs) -> Path:
@@ -75,11 +79,13 @@ def target_info(target) -> dict:
             "architectures": list(target.architectures)}
 
 
-def export(draft_or_path, out_dir: Union[str, Path], format: str, target=None, num_speculative_tokens: int = 3,
-           include_embed: bool = False, dtype: str = "bfloat16", embed_weight: Optional[Tensor] = None) -> Path:
+def export(draft_or_path, out_dir: Union[str, Path], format: str, target=None,
+           num_speculative_tokens: int = 3, include_embed: bool = False, dtype: str = "bfloat16",
+           embed_weight: Optional[Tensor] = None) -> Path:
     """Write an engine export of a draft (object, Aerie dir or checkpoint step dir) to out_dir.
 
-    target: TargetSpec, {name_or_path, model_type, architectures}, or a model path; None -> the draft's metadata.
+    target: TargetSpec, {name_or_path, model_type, architectures}, or a model path; None -> the draft's
+    metadata.
     embed_weight: the target's (V, H) embedding; needed with include_embed when the draft comes from a path.
     """
     if format not in EXPORTS:
@@ -99,12 +105,13 @@ def export(draft_or_path, out_dir: Union[str, Path], format: str, target=None, n
         draft = draft_or_path
     info = target_info(target)
     if not info:
-        raise ValueError("export needs the target (TargetSpec, dict or path): its name, model_type, architectures")
-    return exporter.layout(draft.architecture).write(format, draft, out_dir, info, int(num_speculative_tokens),
-                                                     dtype, include_embed)
+        raise ValueError("export needs the target (TargetSpec, dict or path): "
+                         "its name, model_type, architectures")
+    return exporter.layout(draft.architecture).write(format, draft, out_dir, info,
+                                                     int(num_speculative_tokens), dtype, include_embed)
 
 
-# ---- exports on disk -------------------------------------------------------------------------------------------
+# ---- exports on disk ---------------------------------------------------------------------------------------
 def is_engine_export(path: Union[str, Path]) -> bool:
     """A directory holding an engine export (config.json with `architectures`), not an Aerie draft."""
     config = Path(path) / CONFIG_NAME
@@ -124,8 +131,8 @@ def _export_layout(path: Path):
             layout = importlib.import_module(module)
             if layout.detect(raw) == fmt:
                 return fmt, layout
-    raise ValueError(f"{path / CONFIG_NAME}: architectures {sorted(raw.get('architectures') or [])} is no export "
-                     f"format Aerie knows ({', '.join(EXPORTS.names())})")
+    raise ValueError(f"{path / CONFIG_NAME}: architectures {sorted(raw.get('architectures') or [])} "
+                     f"is no export format Aerie knows ({', '.join(EXPORTS.names())})")
 
 
 def export_format(path: Union[str, Path]) -> str:
@@ -158,18 +165,20 @@ def validate_export(path: Union[str, Path], target=None, draft_config=None) -> s
     return fmt
 
 
-# ---- aerie export ----------------------------------------------------------------------------------------------
+# ---- aerie export ------------------------------------------------------------------------------------------
 def verifier_name(target_path: str, verifier: str = "") -> str:
-    """The target's name written into exports: `export.verifier`, else target.path when it is a hub id, else the
-    local dir's `_name_or_path` (when a hub id) or folder name: no machine path leaves the trainer."""
+    """The target's name written into exports: `export.verifier`, else target.path when it is a hub id, else
+    the local dir's `_name_or_path` (when a hub id) or folder name: no machine path leaves the trainer."""
     if verifier or not os.path.isdir(target_path):
         return verifier or target_path
     saved = str(read_json(Path(target_path) / "config.json").get("_name_or_path") or "")
-    return saved if saved and not os.path.isabs(saved) and not os.path.exists(saved) else Path(target_path).name
+    return saved if saved and not os.path.isabs(saved) and not os.path.exists(saved) \
+        else Path(target_path).name
 
 
 def run_export(cfg) -> Path:
-    """`aerie export`: cfg.export (ExportConfig fields) and cfg.target (target.path) of the composed config."""
+    """`aerie export`: cfg.export (ExportConfig fields) and cfg.target (target.path) of the composed
+    config."""
     ecfg = cfg.export
     if not ecfg.draft or not ecfg.out_dir:
         raise ValueError("export.draft and export.out_dir are required")
@@ -177,9 +186,11 @@ def run_export(cfg) -> Path:
     embed = load_target_embedding(target_path) if ecfg.include_embed and target_path else None
     target = None
     if target_path:
-        target = {**target_info(target_path), "name_or_path": verifier_name(target_path, ecfg.get("verifier", ""))}
+        target = {**target_info(target_path),
+                  "name_or_path": verifier_name(target_path, ecfg.get("verifier", ""))}
     out = EXPORTS.get(ecfg.format)(ecfg.draft, ecfg.out_dir, target=target,
                                    num_speculative_tokens=int(ecfg.num_speculative_tokens),
-                                   include_embed=bool(ecfg.include_embed), dtype=ecfg.dtype, embed_weight=embed)
+                                   include_embed=bool(ecfg.include_embed), dtype=ecfg.dtype,
+                                   embed_weight=embed)
     print(f"{ecfg.format} export written to {out}", flush=True)
     return out

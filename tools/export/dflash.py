@@ -2,14 +2,15 @@
 
 vLLM export (checked against vLLM 0.32 qwen3_dflash.py, v1/spec_decode/dflash.py and eagle3_utils.py):
 - config.json: `architectures: ["DFlashDraftModel"]`, `model_type: "qwen3"` with the Qwen3 layer fields, the
-  target's vocab_size, draft_vocab_size, target_hidden_size, and `dflash_config: {mask_token_id, target_layer_ids,
-  block_size}`.  target_layer_ids count outputs of layers (vLLM adds 1), so they are Aerie's aux ids - 1.
+  target's vocab_size, draft_vocab_size, target_hidden_size, and
+  `dflash_config: {mask_token_id, target_layer_ids, block_size}`.  target_layer_ids count outputs of layers
+  (vLLM adds 1), so they are Aerie's aux ids - 1.
 - model.safetensors without a `model.` prefix: layers.N.{self_attn.{q,k,v,o}_proj, self_attn.{q,k}_norm,
   mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}.weight, fc.weight, hidden_norm.weight,
-  norm.weight, lm_head.weight (over the draft vocabulary) and d2t when the draft vocabulary is smaller than the
-  target's.  No embed_tokens: vLLM shares the target's.
-- mask_embedding.pt: {"mask_token_id", "embedding"}: vLLM substitutes it for embed_tokens[mask_token_id] at the
-  masked slots (a mask_embedding tensor in the safetensors would be dropped).
+  norm.weight, lm_head.weight (over the draft vocabulary) and d2t when the draft vocabulary is smaller than
+  the target's.  No embed_tokens: vLLM shares the target's.
+- mask_embedding.pt: {"mask_token_id", "embedding"}: vLLM substitutes it for embed_tokens[mask_token_id] at
+  the masked slots (a mask_embedding tensor in the safetensors would be dropped).
 Before writing, a draft rebuilt from these files alone must reproduce the source draft's block logits.
 """
 from __future__ import annotations
@@ -44,10 +45,10 @@ def vllm_config(cfg: DFlashModelConfig, target: dict, dtype: str) -> dict:
         "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
         "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
         "head_dim": cfg.head_dim, "num_hidden_layers": cfg.num_layers, "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_parameters": rope, "max_position_embeddings": cfg.max_position_embeddings,
-        "vocab_size": cfg.vocab_size, "draft_vocab_size": cfg.draft_vocab_size,
-        "target_hidden_size": cfg.target_hidden_size, "hidden_act": "silu", "attention_bias": False,
-        "tie_word_embeddings": False, "torch_dtype": dtype,
+        "rope_theta": cfg.rope_theta, "rope_parameters": rope,
+        "max_position_embeddings": cfg.max_position_embeddings, "vocab_size": cfg.vocab_size,
+        "draft_vocab_size": cfg.draft_vocab_size, "target_hidden_size": cfg.target_hidden_size,
+        "hidden_act": "silu", "attention_bias": False, "tie_word_embeddings": False, "torch_dtype": dtype,
         "dflash_config": {"mask_token_id": cfg.mask_token_id, "block_size": cfg.block_size,
                           "target_layer_ids": [i - 1 for i in cfg.aux_layer_ids]},
         "aerie": {"target": target.get("name_or_path", ""), "aux_layer_ids": list(cfg.aux_layer_ids)},
@@ -60,14 +61,15 @@ def config_from_vllm(exported: dict) -> DFlashModelConfig:
         aux = [i + 1 for i in dflash["target_layer_ids"]]
         return DFlashModelConfig(
             hidden_size=exported["hidden_size"], intermediate_size=exported["intermediate_size"],
-            num_attention_heads=exported["num_attention_heads"], num_key_value_heads=exported["num_key_value_heads"],
-            head_dim=exported["head_dim"], rms_norm_eps=exported["rms_norm_eps"], rope_theta=exported["rope_theta"],
+            num_attention_heads=exported["num_attention_heads"],
+            num_key_value_heads=exported["num_key_value_heads"], head_dim=exported["head_dim"],
+            rms_norm_eps=exported["rms_norm_eps"], rope_theta=exported["rope_theta"],
             rope_scaling={k: v for k, v in exported["rope_parameters"].items()
                           if k not in ("rope_type", "rope_theta")} or None,
             max_position_embeddings=exported["max_position_embeddings"], vocab_size=exported["vocab_size"],
             draft_vocab_size=exported["draft_vocab_size"], target_hidden_size=exported["target_hidden_size"],
-            num_aux_layers=len(aux), num_layers=exported["num_hidden_layers"], block_size=dflash["block_size"],
-            mask_token_id=dflash["mask_token_id"], aux_layer_ids=aux)
+            num_aux_layers=len(aux), num_layers=exported["num_hidden_layers"],
+            block_size=dflash["block_size"], mask_token_id=dflash["mask_token_id"], aux_layer_ids=aux)
     except KeyError as err:
         raise ValueError(f"DFlash config.json lacks key {err}") from None
 
@@ -79,17 +81,20 @@ def expected_tensors(cfg: DFlashModelConfig) -> Dict[str, tuple]:
               "norm.weight": (h,), "lm_head.weight": (cfg.draft_vocab_size, h)}
     for i in range(cfg.num_layers):
         shapes.update({f"layers.{i}.{name}": shape for name, shape in {
-            "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
-            "self_attn.o_proj.weight": (h, q), "self_attn.q_norm.weight": (cfg.head_dim,),
-            "self_attn.k_norm.weight": (cfg.head_dim,), "mlp.gate_proj.weight": (cfg.intermediate_size, h),
-            "mlp.up_proj.weight": (cfg.intermediate_size, h), "mlp.down_proj.weight": (h, cfg.intermediate_size),
-            "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,)}.items()})
+            "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+            "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
+            "self_attn.q_norm.weight": (cfg.head_dim,), "self_attn.k_norm.weight": (cfg.head_dim,),
+            "mlp.gate_proj.weight": (cfg.intermediate_size, h),
+            "mlp.up_proj.weight": (cfg.intermediate_size, h),
+            "mlp.down_proj.weight": (h, cfg.intermediate_size), "input_layernorm.weight": (h,),
+            "post_attention_layernorm.weight": (h,)}.items()})
     if cfg.draft_vocab_size < cfg.vocab_size:
         shapes["d2t"] = (cfg.draft_vocab_size,)
     return shapes
 
 
-def from_vllm_files(config: dict, tensors: Dict[str, Tensor], mask: dict, embed_weight: Tensor) -> DFlashDraft:
+def from_vllm_files(config: dict, tensors: Dict[str, Tensor], mask: dict,
+                    embed_weight: Tensor) -> DFlashDraft:
     """The draft vLLM would serve from these files (t2d rebuilt from d2t, mask embedding from its file)."""
     cfg = config_from_vllm(json.loads(json.dumps(config)))
     state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
@@ -98,7 +103,8 @@ def from_vllm_files(config: dict, tensors: Dict[str, Tensor], mask: dict, embed_
     t2d[torch.arange(cfg.draft_vocab_size) + d2t] = True
     state.update(d2t=d2t, t2d=t2d, mask_embedding=mask["embedding"].float())
     if mask["mask_token_id"] != cfg.mask_token_id:
-        raise ValueError(f"{MASK_EMBEDDING_NAME} mask_token_id {mask['mask_token_id']} != {cfg.mask_token_id}")
+        raise ValueError(f"{MASK_EMBEDDING_NAME} mask_token_id {mask['mask_token_id']} "
+                         f"!= {cfg.mask_token_id}")
     return build_draft("dflash", cfg, state, embed_weight, "dflash export")
 
 
@@ -116,12 +122,13 @@ def write(fmt: str, draft: DFlashDraft, out_dir: Union[str, Path], target: dict,
           dtype: str = "bfloat16", include_embed: bool = False) -> Path:
     """Write the vLLM export of a DFlash draft (config.json, model.safetensors, mask_embedding.pt) atomically.
 
-    num_speculative_tokens is the engine's setting (below draft.block_size); vLLM shares the target's embedding,
-    so include_embed writes nothing more."""
+    num_speculative_tokens is the engine's setting (below draft.block_size); vLLM shares the target's
+    embedding, so include_embed writes nothing more."""
     from tools.export.base import EXPORT_DTYPES
 
     cfg, torch_dtype = draft.config, EXPORT_DTYPES[dtype]
-    state = {n: (t.to(torch_dtype) if t.is_floating_point() else t).cpu() for n, t in draft_state(draft).items()}
+    state = {n: (t.to(torch_dtype) if t.is_floating_point() else t).cpu()
+             for n, t in draft_state(draft).items()}
     mask = {"mask_token_id": cfg.mask_token_id, "embedding": state.pop("mask_embedding").contiguous()}
     state.pop("t2d")
     if cfg.draft_vocab_size == cfg.vocab_size:
@@ -130,11 +137,13 @@ def write(fmt: str, draft: DFlashDraft, out_dir: Union[str, Path], target: dict,
     wrong = sorted(set(expected) ^ set(state)) + [n for n in expected if n in state
                                                    and tuple(state[n].shape) != expected[n]]
     if wrong:
-        raise ValueError(f"vllm DFlash export refused: names or shapes differ from the loader's at {wrong[:5]}")
+        raise ValueError(f"vllm DFlash export refused: names or shapes differ from the loader's "
+                         f"at {wrong[:5]}")
     config = vllm_config(cfg, target, dtype)
     embed = draft.embed_tokens.weight.detach().float().cpu()
     # reference: the source draft with its weights rounded to the export dtype, computed in float32
-    rounded = {n: (t.to(torch_dtype).float() if t.is_floating_point() else t) for n, t in draft_state(draft).items()}
+    rounded = {n: (t.to(torch_dtype).float() if t.is_floating_point() else t)
+               for n, t in draft_state(draft).items()}
     reference = build_draft("dflash", cfg, rounded, embed, "dflash draft")
     rebuilt = from_vllm_files(json.loads(json.dumps(config)), state, mask, embed)
     check_reload("vllm DFlash export", probe_block_logits(reference), probe_block_logits(rebuilt))
@@ -160,7 +169,8 @@ def load(path: Path, fmt: str, embed_weight: Optional[Tensor] = None) -> DFlashD
 
 
 def validate(path: Path, fmt: str, target=None, draft_config: Optional[DFlashModelConfig] = None) -> None:
-    """A DFlash export on disk: names and shapes, the mask embedding file, trained aux ids, the target's sizes."""
+    """A DFlash export on disk: names and shapes, the mask embedding file, trained aux ids, the target's
+    sizes."""
     raw = read_json(path / CONFIG_NAME)
     cfg = config_from_vllm(raw)
     problems = name_and_shape_problems(expected_tensors(cfg), safetensors_shapes(path / WEIGHTS_NAME))

@@ -1,8 +1,10 @@
-"""Eagle3 drafts in the three engines' layouts: vLLM, SGLang and speculators (config.json + model.safetensors).
+"""Eagle3 drafts in the three engines' layouts: vLLM, SGLang and speculators (config.json +
+model.safetensors).
 
-Before anything is written each export is checked twice: its tensor names and shapes must equal what the engine's
-loader expects (`expected_tensors`; SGLang drops unknown or missing names silently), and a draft rebuilt from the
-exported config and tensors alone (`load`) must reproduce the source draft's logits (tools/export/validate.py).
+Before anything is written each export is checked twice: its tensor names and shapes must equal what the
+engine's loader expects (`expected_tensors`; SGLang drops unknown or missing names silently), and a draft
+rebuilt from the exported config and tensors alone (`load`) must reproduce the source draft's logits
+(tools/export/validate.py).
 
 Aux layer ids: vLLM / speculators store the input-to-layer ids top-level; SGLang stores output-of-layer ids
 (vLLM id - 1) in eagle_config.  Checked against vLLM llama_eagle3.py / registry.py, SGLang llama_eagle3.py and
@@ -31,8 +33,9 @@ from tools.export.validate import (
 )
 
 # target model_type -> Eagle3 draft architecture each engine registers for it (vLLM registry.py
-# _SPECULATIVE_DECODING_MODELS; SGLang serves every Eagle3 draft as LlamaForCausalLMEagle3 and switches to M-RoPE
-# itself when rope_scaling carries mrope_section).  None: the engine registers no Eagle3 draft for that target.
+# _SPECULATIVE_DECODING_MODELS; SGLang serves every Eagle3 draft as LlamaForCausalLMEagle3 and switches to
+# M-RoPE itself when rope_scaling carries mrope_section).  None: the engine registers no Eagle3 draft for that
+# target.
 MULTIMODAL_ARCHITECTURES = {
     "vllm": {"qwen2_5_vl": "Eagle3Qwen2_5vlForCausalLM", "qwen3_vl": "Eagle3Qwen3vlForCausalLM",
              "qwen2_vl": None, "qwen2_audio": None,
@@ -47,7 +50,7 @@ TEXT_ARCHITECTURES = {"vllm": "Eagle3LlamaForCausalLM", "sglang": "LlamaForCausa
                       "speculators": "Eagle3Speculator"}
 
 
-# ---- what each engine expects --------------------------------------------------------------------------------
+# ---- what each engine expects ------------------------------------------------------------------------------
 def _layer_tensors(cfg: Eagle3ModelConfig, prefix: str, first: bool) -> Dict[str, Tuple[int, ...]]:
     h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     size_in = 2 * h if first else h
@@ -76,18 +79,20 @@ def check_servable(fmt: str, cfg: Eagle3ModelConfig) -> None:
         raise ValueError(f"{fmt} builds fc with 3 * target_hidden_size inputs; this draft has "
                          f"{cfg.num_aux_layers} aux layers ({cfg.aux_layer_ids})")
     if fmt == "sglang" and cfg.num_layers != 1:
-        raise ValueError(f"SGLang's LlamaForCausalLMEagle3 serves 1-layer drafts only (older versions raise; newer ones "
-                         f"drop the residual between extra layers); this draft has {cfg.num_layers}: export vllm")
+        raise ValueError(f"SGLang's LlamaForCausalLMEagle3 serves 1-layer drafts only (older versions raise; "
+                         f"newer ones drop the residual between extra layers); this draft has "
+                         f"{cfg.num_layers}: export vllm")
     switches = [name for name in ("norm_before_fc", "fc_norm", "norm_output") if getattr(cfg, name)]
     if fmt == "sglang" and switches:
-        raise ValueError(f"SGLang's LlamaForCausalLMEagle3 has no EAGLE 3.1 switches; this draft was trained with "
-                         f"{', '.join(switches)}: export vllm or speculators")
+        raise ValueError(f"SGLang's LlamaForCausalLMEagle3 has no EAGLE 3.1 switches; this draft was trained "
+                         f"with {', '.join(switches)}: export vllm or speculators")
     if fmt == "sglang" and cfg.norm_before_residual:
-        raise ValueError("SGLang ignores norm_before_residual (always adds the un-normalised hidden); this draft was "
-                         "trained with norm_before_residual=true: export vllm or speculators")
+        raise ValueError("SGLang ignores norm_before_residual (always adds the un-normalised hidden); "
+                         "this draft was trained with norm_before_residual=true: export vllm or speculators")
 
 
-def expected_tensors(fmt: str, cfg: Eagle3ModelConfig, include_embed: bool = False) -> Dict[str, Tuple[int, ...]]:
+def expected_tensors(fmt: str, cfg: Eagle3ModelConfig,
+                     include_embed: bool = False) -> Dict[str, Tuple[int, ...]]:
     """{tensor name: shape} the engine's loader takes for this draft config (nothing more, nothing less)."""
     check_servable(fmt, cfg)
     shapes: Dict[str, Tuple[int, ...]] = {}
@@ -98,8 +103,9 @@ def expected_tensors(fmt: str, cfg: Eagle3ModelConfig, include_embed: bool = Fal
     if cfg.fc_norm:
         shapes.update({f"fc_norm.{i}.weight": (cfg.target_hidden_size,) for i in range(cfg.num_aux_layers)})
     shapes.update({"fc.weight": (cfg.hidden_size, cfg.num_aux_layers * cfg.target_hidden_size),
-                   "norm.weight": (cfg.hidden_size,), "lm_head.weight": (cfg.draft_vocab_size, cfg.hidden_size),
-                   "d2t": (cfg.draft_vocab_size,), "t2d": (cfg.vocab_size,)})
+                   "norm.weight": (cfg.hidden_size,),
+                   "lm_head.weight": (cfg.draft_vocab_size, cfg.hidden_size), "d2t": (cfg.draft_vocab_size,),
+                   "t2d": (cfg.vocab_size,)})
     if include_embed:
         shapes["embed_tokens.weight"] = (cfg.vocab_size, cfg.hidden_size)
     return shapes
@@ -116,7 +122,7 @@ def validate_export_tensors(fmt: str, cfg: Eagle3ModelConfig, tensors: Dict[str,
                          f"{tensors['t2d'].dtype}")
 
 
-# ---- config.json of each engine -------------------------------------------------------------------------------
+# ---- config.json of each engine ----------------------------------------------------------------------------
 def _llama_fields(cfg: Eagle3ModelConfig, dtype: str) -> dict:
     return {"model_type": "llama", "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
             "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
@@ -131,13 +137,15 @@ def _architecture(fmt: str, target: dict) -> str:
     table = MULTIMODAL_ARCHITECTURES.get(fmt, {})
     if model_type in table:
         if table[model_type] is None:
-            raise ValueError(f"{fmt} registers no Eagle3 draft architecture for target model_type {model_type!r}; "
-                             f"no export for it (see tools/export/eagle3.py MULTIMODAL_ARCHITECTURES)")
+            raise ValueError(f"{fmt} registers no Eagle3 draft architecture for target model_type "
+                             f"{model_type!r}; no export for it "
+                             f"(see tools/export/eagle3.py MULTIMODAL_ARCHITECTURES)")
         return table[model_type]
     return TEXT_ARCHITECTURES[fmt]
 
 
-def export_config(fmt: str, cfg: Eagle3ModelConfig, target: dict, num_speculative_tokens: int, dtype: str) -> dict:
+def export_config(fmt: str, cfg: Eagle3ModelConfig, target: dict, num_speculative_tokens: int,
+                  dtype: str) -> dict:
     """The config.json an engine reads for this draft."""
     check_servable(fmt, cfg)
     # what the draft was trained with (vLLM aux-id convention), so that an edited config.json is refused
@@ -146,7 +154,8 @@ def export_config(fmt: str, cfg: Eagle3ModelConfig, target: dict, num_speculativ
     draft_fields = {"draft_vocab_size": cfg.draft_vocab_size, "target_hidden_size": cfg.target_hidden_size,
                     "norm_before_residual": cfg.norm_before_residual}
     if fmt != "sglang":  # EAGLE 3.1 keys vLLM and speculators read top-level
-        draft_fields.update(norm_before_fc=cfg.norm_before_fc, fc_norm=cfg.fc_norm, norm_output=cfg.norm_output)
+        draft_fields.update(norm_before_fc=cfg.norm_before_fc, fc_norm=cfg.fc_norm,
+                            norm_output=cfg.norm_output)
     if fmt == "vllm":
         return {"architectures": [_architecture(fmt, target)], **_llama_fields(cfg, dtype), **draft_fields,
                 "eagle_aux_hidden_state_layer_ids": list(cfg.aux_layer_ids), "aerie": aerie}
@@ -172,24 +181,28 @@ def config_from_export(fmt: str, exported: dict) -> Eagle3ModelConfig:
         if fmt == "speculators":
             llama, aux = exported["transformer_layer_config"], exported["eagle_aux_hidden_state_layer_ids"]
         elif fmt == "sglang":
-            llama, aux = exported, from_sglang_layer_ids(exported["eagle_config"]["eagle_aux_hidden_state_layer_ids"])
+            llama, aux = exported, from_sglang_layer_ids(
+                exported["eagle_config"]["eagle_aux_hidden_state_layer_ids"])
         else:
             llama, aux = exported, exported["eagle_aux_hidden_state_layer_ids"]
         return Eagle3ModelConfig(
             hidden_size=llama["hidden_size"], intermediate_size=llama["intermediate_size"],
-            num_attention_heads=llama["num_attention_heads"], num_key_value_heads=llama["num_key_value_heads"],
-            head_dim=llama["head_dim"], rms_norm_eps=llama["rms_norm_eps"], rope_theta=llama["rope_theta"],
+            num_attention_heads=llama["num_attention_heads"],
+            num_key_value_heads=llama["num_key_value_heads"], head_dim=llama["head_dim"],
+            rms_norm_eps=llama["rms_norm_eps"], rope_theta=llama["rope_theta"],
             rope_scaling=llama["rope_scaling"], max_position_embeddings=llama["max_position_embeddings"],
             vocab_size=llama["vocab_size"], draft_vocab_size=exported["draft_vocab_size"],
             target_hidden_size=exported["target_hidden_size"], num_aux_layers=len(aux),
-            num_layers=llama["num_hidden_layers"], norm_before_residual=bool(exported["norm_before_residual"]),
-            aux_layer_ids=list(aux), norm_before_fc=bool(exported.get("norm_before_fc", False)),
-            fc_norm=bool(exported.get("fc_norm", False)), norm_output=bool(exported.get("norm_output", False)))
+            num_layers=llama["num_hidden_layers"],
+            norm_before_residual=bool(exported["norm_before_residual"]), aux_layer_ids=list(aux),
+            norm_before_fc=bool(exported.get("norm_before_fc", False)),
+            fc_norm=bool(exported.get("fc_norm", False)),
+            norm_output=bool(exported.get("norm_output", False)))
     except KeyError as err:
         raise ValueError(f"{fmt} config.json lacks key {err}") from None
 
 
-# ---- tensor names ----------------------------------------------------------------------------------------------
+# ---- tensor names ------------------------------------------------------------------------------------------
 def to_export_names(fmt: str, cfg: Eagle3ModelConfig, state: Dict[str, Tensor]) -> Dict[str, Tensor]:
     out = {}
     for name, tensor in state.items():
@@ -231,8 +244,8 @@ def validate(path: Path, fmt: str, target=None, draft_config: Optional[Eagle3Mod
     raw = read_json(path / CONFIG_NAME)
     cfg = config_from_export(fmt, raw)
     shapes = safetensors_shapes(path / WEIGHTS_NAME)
-    problems = name_and_shape_problems(expected_tensors(fmt, cfg, include_embed="embed_tokens.weight" in shapes),
-                                       shapes)
+    problems = name_and_shape_problems(
+        expected_tensors(fmt, cfg, include_embed="embed_tokens.weight" in shapes), shapes)
     if problems:
         raise ValueError(f"{path}: {fmt} export refused: {problems}")
     check_trained_settings(path, cfg, raw.get("aerie") or {}, draft_config)
@@ -258,14 +271,15 @@ def probe_chain_logits(draft: Eagle3LlamaDraft, seed: int = 0) -> Tensor:
     return torch.cat(outs, 1)
 
 
-def write(fmt: str, draft: Eagle3LlamaDraft, out_dir: Union[str, Path], target: dict, num_speculative_tokens: int,
-          dtype: str, include_embed: bool) -> Path:
+def write(fmt: str, draft: Eagle3LlamaDraft, out_dir: Union[str, Path], target: dict,
+          num_speculative_tokens: int, dtype: str, include_embed: bool) -> Path:
     """Check, reload-check and write the `fmt` export of an Eagle3 draft."""
     from tools.export.base import EXPORT_DTYPES
 
     cfg = draft.config
     torch_dtype = EXPORT_DTYPES[dtype]
-    state = {n: (t.to(torch_dtype) if t.is_floating_point() else t).cpu() for n, t in draft_state(draft).items()}
+    state = {n: (t.to(torch_dtype) if t.is_floating_point() else t).cpu()
+             for n, t in draft_state(draft).items()}
     state["d2t"], state["t2d"] = state["d2t"].long(), state["t2d"].bool()
     embed = draft.embed_tokens.weight.detach().float().cpu()
     if include_embed:

@@ -1,4 +1,5 @@
-"""The `sglang` export format: Eagle3 drafts as SGLang's LlamaForCausalLMEagle3 (1 layer, no EAGLE 3.1 switches)."""
+"""The `sglang` export format: Eagle3 drafts as SGLang's LlamaForCausalLMEagle3 (1 layer, no EAGLE 3.1
+switches)."""
 from tools.export.base import EXPORTS, Exporter
 
 

@@ -1,8 +1,8 @@
 """Checks shared by every export format, run before anything is written or served.
 
-An export must hold exactly the tensor names and shapes the engine's loader takes (an engine may drop unknown or
-missing names silently), the aux layer ids and rope_theta the draft was trained with, the target's sizes, and a
-draft rebuilt from the export alone must reproduce the source draft's logits.
+An export must hold exactly the tensor names and shapes the engine's loader takes (an engine may drop unknown
+or missing names silently), the aux layer ids and rope_theta the draft was trained with, the target's sizes,
+and a draft rebuilt from the export alone must reproduce the source draft's logits.
 """
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ from models.targets.meta import target_spec_from_config
 def name_and_shape_problems(expected: Dict[str, Tuple[int, ...]], shapes: Dict[str, Tuple[int, ...]]) -> str:
     """'' when the names and shapes are exactly the expected ones, else what differs."""
     missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
-    wrong = [f"{n} {shapes[n]} != {expected[n]}" for n in sorted(set(expected) & set(shapes)) if shapes[n] != expected[n]]
-    return f"missing {missing}, unexpected {unexpected}, wrong shapes {wrong}" if missing or unexpected or wrong else ""
+    wrong = [f"{n} {shapes[n]} != {expected[n]}"
+             for n in sorted(set(expected) & set(shapes)) if shapes[n] != expected[n]]
+    return f"missing {missing}, unexpected {unexpected}, wrong shapes {wrong}" \
+        if missing or unexpected or wrong else ""
 
 
 def safetensors_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
@@ -32,21 +34,22 @@ def safetensors_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
 
 
 def check_trained_settings(path: Path, cfg, record: dict, draft_config=None) -> None:
-    """The export's aux layer ids and rope_theta are the ones the draft was trained with (its `aerie` record, or
-    `draft_config`)."""
+    """The export's aux layer ids and rope_theta are the ones the draft was trained with (its `aerie` record,
+    or `draft_config`)."""
     trained = {"aux_layer_ids": record.get("aux_layer_ids"), "rope_theta": record.get("rope_theta")}
     if draft_config is not None:
         trained = {"aux_layer_ids": list(draft_config.aux_layer_ids), "rope_theta": draft_config.rope_theta}
     if trained["aux_layer_ids"] is not None and list(cfg.aux_layer_ids) != list(trained["aux_layer_ids"]):
-        raise ValueError(f"{path}: aux layer ids {list(cfg.aux_layer_ids)} (vLLM convention) differ from the ids the "
-                         f"draft was trained with, {list(trained['aux_layer_ids'])}")
+        raise ValueError(f"{path}: aux layer ids {list(cfg.aux_layer_ids)} (vLLM convention) "
+                         f"differ from the ids the draft was trained with, {list(trained['aux_layer_ids'])}")
     if trained["rope_theta"] is not None and float(cfg.rope_theta) != float(trained["rope_theta"]):
-        raise ValueError(f"{path}: rope_theta {cfg.rope_theta} differs from the draft's trained {trained['rope_theta']}")
+        raise ValueError(f"{path}: rope_theta {cfg.rope_theta} "
+                         f"differs from the draft's trained {trained['rope_theta']}")
 
 
 def check_against_target(path: Path, cfg, target) -> None:
-    """The export's hidden size, vocabulary, rope_theta and aux layers fit `target` (TargetSpec, or a target config
-    / dict with `path`, or a path)."""
+    """The export's hidden size, vocabulary, rope_theta and aux layers fit `target` (TargetSpec, or a target
+    config / dict with `path`, or a path)."""
     spec = target if isinstance(target, TargetSpec) else target_spec_from_config(
         {"path": str(target)} if isinstance(target, (str, Path)) else dict(target))
     problems = [f"{name} {mine} != the target's {theirs}" for name, mine, theirs in (

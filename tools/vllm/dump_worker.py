@@ -1,15 +1,17 @@
 """Standalone vLLM hidden-state worker: `python dump_worker.py JOB.json RESULT.json`, run by tools/dump.py.
 
-Imports only vllm, torch, safetensors and the standard library (it runs in vLLM's own environment).  It starts one
-LLM on the target with vLLM's hidden-state extraction (`speculative_config={"method": "extract_hidden_states"}`,
-`eagle_aux_hidden_state_layer_ids` = the job's layer ids, vLLM's numbering: the input of layer i, N = the last
-layer's output before the final norm) and the KV connector that writes what it cached, runs every prompt for one
-token, and leaves ``sample-NNNNNN.safetensors`` (``hidden_states`` (T, num_layers, H), ``token_ids`` (T,)) in the
-job's out_dir, one per prompt in job order.
+Imports only vllm, torch, safetensors and the standard library (it runs in vLLM's own environment).  It starts
+one LLM on the target with vLLM's hidden-state extraction
+(`speculative_config={"method": "extract_hidden_states"}`, `eagle_aux_hidden_state_layer_ids` = the job's
+layer ids, vLLM's numbering: the input of layer i, N = the last layer's output before the final norm) and the
+KV connector that writes what it cached, runs every prompt for one token, and leaves
+``sample-NNNNNN.safetensors`` (``hidden_states`` (T, num_layers, H), ``token_ids`` (T,)) in the job's out_dir,
+one per prompt in job order.
 
 On GPU the connector is vLLM's ExampleHiddenStatesConnector.  On the CPU build it cannot run: its write path
-creates `torch.cuda.Stream()` / `torch.cuda.Event()` and pinned host memory after start-up, which a CPU-only torch
-refuses.  CpuHiddenStatesConnector below is the same connector with that copy done synchronously on the CPU.
+creates `torch.cuda.Stream()` / `torch.cuda.Event()` and pinned host memory after start-up, which a CPU-only
+torch refuses.  CpuHiddenStatesConnector below is the same connector with that copy done synchronously on the
+CPU.
 """
 import fcntl
 import json
@@ -18,8 +20,9 @@ import shutil
 import sys
 import time
 
-# The engine core must run in its own process: the reader below waits (flock) on lock files the connector holds
-# until its write, which in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, the runner's default) never comes back to.
+# The engine core must run in its own process: the reader below waits (flock) on lock files the connector
+# holds until its write, which in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, the runner's default) never comes
+# back to.
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
 
 import torch  # noqa: E402

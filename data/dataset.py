@@ -46,7 +46,8 @@ def text_adapter(cfg: DataConfig, tokenizer):
 
 
 def dataset_fingerprint(cfg: DataConfig, tokenizer, adapter: Any = None) -> str:
-    """Identifies the tokenised data (source + settings + tokenizer + adapter); used for caches and vocab staleness."""
+    """Identifies the tokenised data (source + settings + tokenizer + adapter); used for caches and vocab
+    staleness."""
     adapter = adapter if adapter is not None else text_adapter(cfg, tokenizer)
     parts = [source_fingerprint(cfg), tokenizer_fingerprint(tokenizer), cfg.max_length, cfg.system_prompt,
              cfg.chat_template_kwargs, cfg.mask_method, adapter.fingerprint]
@@ -92,19 +93,22 @@ def _load_split(cache: str, name: str, columns=COLUMNS):
 
 
 def tokenize_records(records: List[dict], tokenizer, cfg: DataConfig, adapter: Any = None):
-    """records -> Dataset(id, input_ids, loss_mask, length[, record]) through `adapter.encode` (default: text)."""
+    """records -> Dataset(id, input_ids, loss_mask, length[, record]) through `adapter.encode` (default:
+    text)."""
     import datasets
 
     adapter = adapter if adapter is not None else text_adapter(cfg, tokenizer)
     raw = datasets.Dataset.from_dict({"record": [json.dumps(r) for r in records]})
     num_proc = cfg.num_proc if cfg.num_proc > 1 and len(records) >= 2 * cfg.num_proc else None
-    return raw.map(_tokenize_batch, batched=True, batch_size=64, num_proc=num_proc, remove_columns=raw.column_names,
-                   features=_features(_columns(adapter)), fn_kwargs={"adapter": adapter}, desc="tokenising")
+    return raw.map(_tokenize_batch, batched=True, batch_size=64, num_proc=num_proc,
+                   remove_columns=raw.column_names, features=_features(_columns(adapter)),
+                   fn_kwargs={"adapter": adapter}, desc="tokenising")
 
 
 def _remove_stale_tmp_dirs(cache: str) -> None:
-    """Drop `<split>.tmp<host>-<pid>` dirs (and older `<split>.tmp<pid>`) of this host's dead processes: a kill
-    during tokenisation leaves them behind.  Live writers (another job on the same cache) are left alone."""
+    """Drop `<split>.tmp<host>-<pid>` dirs (and older `<split>.tmp<pid>`) of this host's dead processes: a
+    kill during tokenisation leaves them behind.  Live writers (another job on the same cache) are left
+    alone."""
     host = socket.gethostname()
     for tmp in glob.glob(os.path.join(cache, "*.tmp*")):
         match = re.search(r"\.tmp(?:(.+)-)?(\d+)$", tmp)
@@ -125,7 +129,8 @@ def _data_location(cfg: DataConfig) -> str:
 
 
 def build_tokenized_datasets(cfg: DataConfig, tokenizer, adapter: Any = None):
-    """(train, eval) datasets with columns id, input_ids, loss_mask, length (+ record for multimodal adapters).
+    """(train, eval) datasets with columns id, input_ids, loss_mask, length (+ record for multimodal
+    adapters).
 
     `adapter`: the modality adapter (data/modality) that reads records and encodes them; default text chat.
     """
@@ -144,8 +149,8 @@ def build_tokenized_datasets(cfg: DataConfig, tokenizer, adapter: Any = None):
     if not train_records:
         skipped = ", ".join(f"{n} x {reason}" for reason, n in sorted(report.counts.items())) or "no rows"
         notes = f"; {report.notes[0]}" if report.notes else ""
-        raise ValueError(f"{_data_location(cfg)}: no usable training conversation ({report.num_read} rows read; "
-                         f"skipped {skipped}{notes})")
+        raise ValueError(f"{_data_location(cfg)}: no usable training conversation "
+                         f"({report.num_read} rows read; skipped {skipped}{notes})")
     splits = []
     for name, split_records in (("train", train_records), ("eval", eval_records)):
         ds = tokenize_records(split_records, tokenizer, cfg, adapter)

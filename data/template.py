@@ -22,18 +22,20 @@ def has_generation_tags(tokenizer, chat_template: Optional[str] = None) -> bool:
 
 
 def end_of_turn_ids(tokenizer) -> set:
-    """Ids the model emits to stop: eos plus any `<|eot_id|>` / `<end_of_turn>`-style token of the vocabulary."""
+    """Ids the model emits to stop: eos plus any `<|eot_id|>` / `<end_of_turn>`-style token of the
+    vocabulary."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     for tok in ("<|eot_id|>", "<end_of_turn>", "<|im_end|>", "<|end|>"):
         tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tokenizer.convert_ids_to_tokens(tid) == tok:
+        if (isinstance(tid, int) and tid != tokenizer.unk_token_id
+                and tokenizer.convert_ids_to_tokens(tid) == tok):
             ids.add(tid)
     return ids
 
 
 def _render(tokenizer, messages: List[dict], add_generation_prompt: bool, kwargs: dict) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         **kwargs)
+    return tokenizer.apply_chat_template(messages, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt, **kwargs)
 
 
 def _common_prefix(a, b) -> int:
@@ -52,10 +54,12 @@ def _common_prefix(a, b) -> int:
 
 def diff_assistant_mask(tokenizer, messages: List[dict], kwargs: dict, max_length: Optional[int] = None
                         ) -> Dict[str, List[int]]:
-    """Template-agnostic mask: text spans where rendering with a turn differs from rendering up to its prompt."""
+    """Template-agnostic mask: text spans where rendering with a turn differs from rendering up to its
+    prompt."""
     full = _render(tokenizer, messages, False, kwargs)
     enc = None
-    if max_length and len(full) > 8 * max_length:  # tokenise a long head only; the margin absorbs a cut-off word
+    if max_length and len(full) > 8 * max_length:  # tokenise a long head only; the margin absorbs a cut-off
+                                                   # word
         enc = tokenizer(full[: 8 * max_length], add_special_tokens=False, return_offsets_mapping=True)
         if len(enc["input_ids"]) < max_length + 16:
             enc = None
@@ -85,10 +89,12 @@ def diff_assistant_mask(tokenizer, messages: List[dict], kwargs: dict, max_lengt
     return {"input_ids": input_ids, "loss_mask": mask}
 
 
-def tokenize_conversation(tokenizer, messages: List[dict], max_length: int, system_prompt: Optional[str] = None,
-                          chat_template_kwargs: Optional[dict] = None, mask_method: str = "auto"
+def tokenize_conversation(tokenizer, messages: List[dict], max_length: int,
+                          system_prompt: Optional[str] = None, chat_template_kwargs: Optional[dict] = None,
+                          mask_method: str = "auto"
                           ) -> Dict[str, List[int]]:
-    """{"input_ids", "loss_mask"} of one conversation, loss_mask 1 on assistant tokens, truncated to max_length."""
+    """{"input_ids", "loss_mask"} of one conversation, loss_mask 1 on assistant tokens, truncated to
+    max_length."""
     if system_prompt is not None and (not messages or messages[0]["role"] != "system"):
         messages = [{"role": "system", "content": system_prompt}] + list(messages)
     kwargs = dict(chat_template_kwargs or {})
@@ -96,7 +102,8 @@ def tokenize_conversation(tokenizer, messages: List[dict], max_length: int, syst
         mask_method = "generation" if has_generation_tags(tokenizer) else "diff"
     if mask_method == "generation":
         if not has_generation_tags(tokenizer):
-            raise ValueError("data.mask_method=generation but the chat template has no {% generation %} block")
+            raise ValueError("data.mask_method=generation but the chat template has no {% generation %} "
+                             "block")
         out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True, **kwargs)
         result = {"input_ids": list(out["input_ids"]), "loss_mask": list(out["assistant_masks"])}
@@ -108,8 +115,8 @@ def tokenize_conversation(tokenizer, messages: List[dict], max_length: int, syst
 
 
 def render_prompt(tokenizer, messages: List[dict]) -> List[int]:
-    """Token ids of the conversation in the tokenizer's chat template (generation prompt added); the raw text of
-    the last message when the tokenizer has no chat template (completion prompt)."""
+    """Token ids of the conversation in the tokenizer's chat template (generation prompt added); the raw text
+    of the last message when the tokenizer has no chat template (completion prompt)."""
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -1,7 +1,8 @@
-"""Token frequencies over loss-masked tokens and the saved draft vocabulary (d2t / t2d) with a staleness check.
+"""Token frequencies over loss-masked tokens and the saved draft vocabulary (d2t / t2d) with a staleness
+check.
 
-Saved as one safetensors file (d2t, t2d, counts; the dataset fingerprint in its metadata, written atomically) and a
-JSON sidecar for people.  Loading with a different fingerprint raises ValueError: the vocab is stale.
+Saved as one safetensors file (d2t, t2d, counts; the dataset fingerprint in its metadata, written atomically)
+and a JSON sidecar for people.  Loading with a different fingerprint raises ValueError: the vocab is stale.
 """
 from __future__ import annotations
 
@@ -37,8 +38,8 @@ def _count_batch(table, vocab_size: int) -> dict:
 def count_token_frequencies(dataset, vocab_size: int, num_proc: int = 1) -> Tensor:
     """(vocab_size,) int64 counts of loss-masked input ids; summed over ranks when torch.distributed is up.
 
-    Each rank counts its shard of the dataset (dataset.shard(world_size, rank)); num_proc > 1 splits that shard
-    over worker processes with datasets.map.
+    Each rank counts its shard of the dataset (dataset.shard(world_size, rank)); num_proc > 1 splits that
+    shard over worker processes with datasets.map.
     """
     import torch.distributed as dist
 
@@ -92,9 +93,10 @@ def build_draft_vocab(token_counts: Tensor, draft_vocab_size: int,
 
 def save_vocab(path: str, d2t: Tensor, t2d: Tensor, counts: Tensor, fingerprint: str,
                metadata: Optional[dict] = None) -> None:
-    meta = {"dataset_fingerprint": fingerprint, "draft_vocab_size": int(d2t.numel()), "vocab_size": int(t2d.numel()),
-            "num_counted_tokens": int(counts.sum()), **(metadata or {})}
-    atomic_write_bytes(path, safetensors_bytes({"d2t": d2t.long(), "t2d": t2d.bool(), "counts": counts.long()},
+    meta = {"dataset_fingerprint": fingerprint, "draft_vocab_size": int(d2t.numel()),
+            "vocab_size": int(t2d.numel()), "num_counted_tokens": int(counts.sum()), **(metadata or {})}
+    atomic_write_bytes(path, safetensors_bytes({"d2t": d2t.long(), "t2d": t2d.bool(),
+                                                "counts": counts.long()},
                                                metadata={"aerie": json.dumps(meta)}))
     atomic_write_text(f"{os.path.splitext(path)[0]}.json", json.dumps(meta, indent=1))
 
@@ -115,8 +117,10 @@ def load_vocab(path: str, fingerprint: Optional[str] = None) -> Tuple[Tensor, Te
 
 
 def build_and_save_vocab(dataset, vocab_size: int, draft_vocab_size: int, path: str, fingerprint: str,
-                         num_proc: int = 1, candidates: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """Counts, builds the draft vocab (build_draft_vocab) and saves it (rank 0 only); returns (d2t, t2d, counts).
+                         num_proc: int = 1, candidates: Optional[Tensor] = None
+                         ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Counts, builds the draft vocab (build_draft_vocab) and saves it (rank 0 only); returns (d2t, t2d,
+    counts).
 
     candidates: the target ids the draft vocab may hold (the modality adapter's; None: any)."""
     import torch.distributed as dist

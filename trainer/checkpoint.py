@@ -3,7 +3,8 @@
 Layout under `<run_dir>/ckpt/`:
     step-N/            DeepSpeed's sharded engine state (each rank its own shards; frozen target excluded),
                        trainer_state.json (step, data position, counters, world size), rng/rank-R.pt,
-                       config.yaml, vocab.safetensors, manifest.json (size + sha256 of every file, written last)
+                       config.yaml, vocab.safetensors, manifest.json (size + sha256 of every file,
+                       written last)
     latest             name of the newest complete step dir, replaced atomically after it is complete
 
 A step dir is assembled as `.tmp-step-N` and renamed once every rank has written, so a
@@ -41,7 +42,8 @@ MANIFEST = "manifest.json"
 
 
 def _deepspeed_safe_globals() -> List[type]:
-    """DeepSpeed's plain data classes found in its optimizer shards (allowed to the weights-only unpickler)."""
+    """DeepSpeed's plain data classes found in its optimizer shards (allowed to the weights-only
+    unpickler)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -56,7 +58,8 @@ def load_weights_only(path, map_location="cpu", mmap: bool = False):
 
 
 def unloadable_pt_file(directory: Path) -> Optional[str]:
-    """Why some .pt file under `directory` does not load as weights only (code or a broken pickle), else None."""
+    """Why some .pt file under `directory` does not load as weights only (code or a broken pickle), else
+    None."""
     for file in sorted(Path(directory).rglob("*.pt")):
         try:
             load_weights_only(file, mmap=zipfile.is_zipfile(file))  # mmap: tensors are checksummed, not read
@@ -77,7 +80,8 @@ def file_sha256(path: Path) -> str:
 
 
 def write_manifest(directory: Path, step: int) -> None:
-    """manifest.json (size + sha256 of every file under `directory`), written last: it marks the dir complete."""
+    """manifest.json (size + sha256 of every file under `directory`), written last: it marks the dir
+    complete."""
     entries = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
                for p in sorted(directory.rglob("*")) if p.is_file()}
     (directory / MANIFEST).write_text(json.dumps({"step": step, "files": entries}, indent=2))
@@ -112,7 +116,8 @@ def rng_state() -> Dict[str, Any]:
     """Every generator's state as tensors and plain values (loadable with weights_only=True)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                       float(cached)]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -152,18 +157,21 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             latest = self.root / "latest"
             previous = latest.read_text().strip() if latest.is_file() else ""
-            kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
+            kept = (f"the previous checkpoint {previous} is intact" if previous
+                    else "there is no earlier checkpoint")
             raise RuntimeError(f"{os.strerror(code).lower()} while writing checkpoint step-{step} at {tmp}; "
                                f"{kept}") from None
 
-    def _save(self, step: int, tmp: Path, engine, trainer_state: Dict[str, Any], files: Dict[str, bytes]) -> Path:
+    def _save(self, step: int, tmp: Path, engine, trainer_state: Dict[str, Any],
+              files: Dict[str, bytes]) -> Path:
         final = self.root / f"step-{step}"
         if self.rank == 0:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         barrier()
-        engine.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False, exclude_frozen_parameters=True)
+        engine.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False,
+                               exclude_frozen_parameters=True)
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save(rng_state(), tmp / "rng" / f"rank-{self.rank}.pt")
         barrier()
@@ -217,7 +225,8 @@ class CheckpointManager:
 
     # ---- loading -------------------------------------------------------------------------------
     def load(self, path: Path, engine) -> Dict[str, Any]:
-        """Restore engine (and, with the same world size, optimizer + RNG) from `path`; returns trainer state."""
+        """Restore engine (and, with the same world size, optimizer + RNG) from `path`; returns trainer
+        state."""
         path = Path(path)
         state = json.loads((path / "trainer_state.json").read_text())
         same_world = state["world_size"] == self.world_size
@@ -256,10 +265,12 @@ class CheckpointManager:
 
 def _write_errno(err: BaseException, directory: Path) -> Optional[int]:
     """errno of a failed write: from the exception chain, else from a probe write in `directory` (torch.save
-    reports a full disk as "unexpected pos" without one); None when writing works, i.e. not a write failure."""
+    reports a full disk as "unexpected pos" without one); None when writing works, i.e. not a write
+    failure."""
     cause: Optional[BaseException] = err
     while cause is not None:
-        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG,
+                                                          errno.EROFS):
             return cause.errno
         cause = cause.__cause__ or cause.__context__
     probe = Path(directory) / f".write-probe-{os.getpid()}"
@@ -276,7 +287,8 @@ def _write_errno(err: BaseException, directory: Path) -> Optional[int]:
 
 
 # ---- the draft of a step dir ------------------------------------------------------------------------------
-def load_draft_from_checkpoint(step_dir: Union[str, Path], embed_weight: Optional[Tensor] = None) -> "DraftModel":
+def load_draft_from_checkpoint(step_dir: Union[str, Path],
+                               embed_weight: Optional[Tensor] = None) -> "DraftModel":
     """Draft from `<run_dir>/ckpt/step-N/`: ZeRO shards (any stage) consolidated, `draft.` prefix stripped."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from omegaconf import OmegaConf
@@ -305,7 +317,8 @@ def load_draft_from_checkpoint(step_dir: Union[str, Path], embed_weight: Optiona
     consolidated = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
     state = {n[len("draft."):]: t for n, t in consolidated.items() if n.startswith("draft.")}
     # buffers come back as float from zero_to_fp32: the vocabulary is taken from vocab.safetensors instead
-    state.update({k: v for k, v in load_file(str(step_dir / "vocab.safetensors")).items() if k in ("d2t", "t2d")})
+    state.update({k: v for k, v in load_file(str(step_dir / "vocab.safetensors")).items()
+                  if k in ("d2t", "t2d")})
     return build_draft(arch, config, state, embed_weight, str(step_dir))
 
 
@@ -318,4 +331,5 @@ def load_draft(path: Union[str, Path], embed_weight: Optional[Tensor] = None) ->
         return load_aerie_draft(path, embed_weight)
     if (path / "config.yaml").is_file():
         return load_draft_from_checkpoint(path, embed_weight)
-    raise ValueError(f"{path}: neither an Aerie draft dir (config.json) nor a checkpoint step dir (config.yaml)")
+    raise ValueError(f"{path}: neither an Aerie draft dir (config.json) nor a checkpoint step dir "
+                     "(config.yaml)")

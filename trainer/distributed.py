@@ -72,7 +72,8 @@ def _free_port() -> int:
 
 
 def init_distributed(timeout_minutes: int = 30) -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed (NCCL on GPU, gloo on CPU); a lone process is world size 1."""
+    """Initialise torch.distributed through DeepSpeed (NCCL on GPU, gloo on CPU); a lone process is world size
+    1."""
     info = dist_info()
     device_for(info)
     if not dist.is_initialized():

@@ -36,7 +36,8 @@ def resolve_precision(precision: str) -> str:
 def _merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict)
+                    else value)
     return out
 
 

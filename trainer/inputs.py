@@ -28,7 +28,8 @@ class EpochBatches:
     def _start(self) -> None:
         batches = list(self.make_sampler(self.epoch))
         if not batches:
-            raise ValueError("the training split yields no batch: raise trainer.max_tokens_per_batch or add data")
+            raise ValueError("the training split yields no batch: raise trainer.max_tokens_per_batch or add "
+                             "data")
         self._iter = iter(batches[self.done_in_epoch:])
 
     def __iter__(self):
@@ -96,7 +97,8 @@ def _dataset_fetcher(dataset, cfg, adapter) -> Callable[[List[int]], dict]:
             samples = [adapter.encode(json.loads(r["record"])) for r in rows]
         else:
             samples = [{"input_ids": r["input_ids"], "loss_mask": r["loss_mask"]} for r in rows]
-        return adapter.collate(samples, packed=cfg.trainer.packed, max_tokens=cfg.trainer.max_tokens_per_batch)
+        return adapter.collate(samples, packed=cfg.trainer.packed,
+                               max_tokens=cfg.trainer.max_tokens_per_batch)
 
     return fetch
 
@@ -135,17 +137,19 @@ def build_adapter(cfg, tokenizer=None, processor=None, encode: bool = True, offl
     name = cfg.modality.name
     adapter_cls = MODALITIES.get(name)
     if cfg.target.modality != name:
-        raise ValueError(f"target {cfg.target.path!r} is a {cfg.target.modality!r} target (target.modality) but "
-                         f"modality={name}: add modality={cfg.target.modality} to the command line")
+        raise ValueError(f"target {cfg.target.path!r} is a {cfg.target.modality!r} target (target.modality) "
+                         f"but modality={name}: add modality={cfg.target.modality} to the command line")
     if offline and adapter_cls.is_multimodal:
-        raise ValueError(f"modality={name} trains online only (trainer.mode=online): the hidden-state store keeps "
-                         "no merged media embeddings or M-RoPE positions")
+        raise ValueError(f"modality={name} trains online only (trainer.mode=online): the hidden-state store "
+                         "keeps no merged media embeddings or M-RoPE positions")
     if encode and tokenizer is None:
-        raise ValueError(f"target {cfg.target.path!r} has no tokenizer files (tokenizer.json / tokenizer_config.json)")
+        raise ValueError(f"target {cfg.target.path!r} has no tokenizer files "
+                         "(tokenizer.json / tokenizer_config.json)")
     if encode and adapter_cls.is_multimodal and processor is None:
-        raise ValueError(f"target {cfg.target.path!r} has no processor files (preprocessor_config.json), which the "
-                         f"{name} adapter needs")
-    return adapter_cls(OmegaConf.to_object(cfg.modality), tokenizer, processor, data=OmegaConf.to_object(cfg.data))
+        raise ValueError(f"target {cfg.target.path!r} has no processor files (preprocessor_config.json), "
+                         f"which the {name} adapter needs")
+    return adapter_cls(OmegaConf.to_object(cfg.modality), tokenizer, processor,
+                       data=OmegaConf.to_object(cfg.data))
 
 
 def build_train_data(cfg, dist, ds_config: dict) -> TrainData:
@@ -159,21 +163,23 @@ def build_train_data(cfg, dist, ds_config: dict) -> TrainData:
     data_cfg = OmegaConf.to_object(cfg.data)
     train, evals = _main_first(dist, lambda: build_tokenized_datasets(data_cfg, target.tokenizer, adapter))
     if adapter.is_multimodal and len(train) and max(train["length"]) > cfg.trainer.max_tokens_per_batch:
-        raise ValueError(f"a {cfg.modality.name} sample has {max(train['length'])} tokens > trainer.max_tokens_per_batch="
-                         f"{cfg.trainer.max_tokens_per_batch}; media tokens cannot be truncated: raise the budget "
-                         "or lower data.max_length")
-    vocab = draft_vocab(train, cfg, dataset_fingerprint(data_cfg, target.tokenizer, adapter), target.spec.vocab_size,
-                        adapter.draft_vocab_candidates())
+        raise ValueError(f"a {cfg.modality.name} sample has {max(train['length'])} tokens > "
+                         f"trainer.max_tokens_per_batch={cfg.trainer.max_tokens_per_batch}; media tokens "
+                         "cannot be truncated: raise the budget or lower data.max_length")
+    vocab = draft_vocab(train, cfg, dataset_fingerprint(data_cfg, target.tokenizer, adapter),
+                        target.spec.vocab_size, adapter.draft_vocab_candidates())
     return TrainData(spec=target.spec, vocab=vocab, embed_tokens_weight=target.embed_tokens_weight(),
-                     train_batches=_train_batches(list(train["length"]), _dataset_fetcher(train, cfg, adapter), cfg,
-                                                  dist),
-                     eval_batches=_eval_batches(list(evals["length"]), _dataset_fetcher(evals, cfg, adapter), cfg, dist),
+                     train_batches=_train_batches(list(train["length"]),
+                                                  _dataset_fetcher(train, cfg, adapter), cfg, dist),
+                     eval_batches=_eval_batches(list(evals["length"]), _dataset_fetcher(evals, cfg, adapter),
+                                                cfg, dist),
                      target=target)
 
 
 def draft_vocab(train, cfg, fingerprint: str, vocab_size: int, candidates: Optional[torch.Tensor] = None
                 ) -> Dict[str, torch.Tensor]:
-    """The run's draft vocab: reused from <run_dir>/vocab.safetensors when built from the same data, else counted.
+    """The run's draft vocab: reused from <run_dir>/vocab.safetensors when built from the same data, else
+    counted.
 
     Its size is draft.draft_vocab_size, clipped to the target vocab and to the adapter's candidate ids."""
     from data.vocab import build_and_save_vocab, load_vocab
@@ -183,14 +189,14 @@ def draft_vocab(train, cfg, fingerprint: str, vocab_size: int, candidates: Optio
     if candidates is not None:
         size = min(size, int(candidates.unique().numel()))
     if size < cfg.draft.draft_vocab_size:
-        print(f"note: draft.draft_vocab_size={cfg.draft.draft_vocab_size} is more than the {size} token ids the "
-              f"target (and modality) can propose: using {size}", flush=True)
+        print(f"note: draft.draft_vocab_size={cfg.draft.draft_vocab_size} is more than the {size} token ids "
+              f"the target (and modality) can propose: using {size}", flush=True)
     if path.is_file():
         d2t, t2d, _, _ = load_vocab(str(path), fingerprint)  # ValueError when stale
         if d2t.numel() == size:
             return {"d2t": d2t, "t2d": t2d}
-    d2t, t2d, _ = build_and_save_vocab(train, vocab_size, size, str(path), fingerprint, num_proc=cfg.data.num_proc,
-                                       candidates=candidates)
+    d2t, t2d, _ = build_and_save_vocab(train, vocab_size, size, str(path), fingerprint,
+                                       num_proc=cfg.data.num_proc, candidates=candidates)
     return {"d2t": d2t, "t2d": t2d}
 
 
@@ -207,7 +213,8 @@ def _main_first(dist, build: Callable):
 
 
 def build_offline_data(cfg, dist) -> TrainData:
-    """Batches from the hidden-state store of `aerie dump`; the teacher is the target's norm + lm_head alone."""
+    """Batches from the hidden-state store of `aerie dump`; the teacher is the target's norm + lm_head
+    alone."""
     from data.store.batch import collate_store
     from data.store.format import MANIFEST
     from data.store.reader import HiddenStateStoreReader
@@ -222,8 +229,8 @@ def build_offline_data(cfg, dist) -> TrainData:
     eval_reader = HiddenStateStoreReader(str(eval_dir), verify=cfg.store.verify) if has_eval else None
     spec = target_spec_from_config(cfg.target)
     if list(reader.manifest["aux_layer_ids"]) != list(spec.aux_layer_ids):
-        raise ValueError(f"{store}: dumped aux layers {reader.manifest['aux_layer_ids']} differ from the target's "
-                         f"{spec.aux_layer_ids}; dump again or set target.aux_layer_ids")
+        raise ValueError(f"{store}: dumped aux layers {reader.manifest['aux_layer_ids']} differ from the "
+                         f"target's {spec.aux_layer_ids}; dump again or set target.aux_layer_ids")
     teacher_head = load_lm_head_only(cfg.target) if reader.manifest["layout"] == "full" else None
     vocab = store_draft_vocab(reader, cfg, spec.vocab_size, candidates)
     packed, budget = cfg.trainer.packed, cfg.trainer.max_tokens_per_batch
@@ -233,19 +240,21 @@ def build_offline_data(cfg, dist) -> TrainData:
 
     return TrainData(spec=spec, vocab=vocab, embed_tokens_weight=load_target_embedding(cfg.target.path),
                      train_batches=_train_batches(reader.all_lengths, fetcher(reader), cfg, dist),
-                     eval_batches=_eval_batches(eval_reader.all_lengths if eval_reader else [], fetcher(eval_reader),
-                                                cfg, dist),
+                     eval_batches=_eval_batches(eval_reader.all_lengths if eval_reader else [],
+                                                fetcher(eval_reader), cfg, dist),
                      teacher_head=teacher_head)
 
 
 def store_draft_vocab(reader, cfg, vocab_size: int, candidates: Optional[torch.Tensor] = None
                       ) -> Dict[str, torch.Tensor]:
-    """The draft vocab counted over the store's loss-masked tokens, cached in the run dir by store fingerprint."""
+    """The draft vocab counted over the store's loss-masked tokens, cached in the run dir by store
+    fingerprint."""
     import datasets
 
     rows = {"input_ids": [], "loss_mask": []}
     for input_ids, loss_mask in reader.token_rows():
         rows["input_ids"].append(input_ids.tolist())
         rows["loss_mask"].append(loss_mask.tolist())
-    fingerprint = "store-" + str(reader.manifest.get("dataset_fingerprint") or reader.manifest["target_fingerprint"])
+    fingerprint = "store-" + str(reader.manifest.get("dataset_fingerprint")
+                                 or reader.manifest["target_fingerprint"])
     return draft_vocab(datasets.Dataset.from_dict(rows), cfg, fingerprint, vocab_size, candidates)

@@ -24,7 +24,8 @@ def save_resolved_config(cfg: Any, directory: Path, name: str = "config.yaml") -
     """Write the fully resolved config next to an output (Hydra DictConfig or plain dict)."""
     from omegaconf import OmegaConf
 
-    text = OmegaConf.to_yaml(cfg, resolve=True) if OmegaConf.is_config(cfg) else OmegaConf.to_yaml(OmegaConf.create(cfg))
+    text = (OmegaConf.to_yaml(cfg, resolve=True) if OmegaConf.is_config(cfg)
+            else OmegaConf.to_yaml(OmegaConf.create(cfg)))
     path = Path(directory) / name
     atomic_write_text(path, text)
     return path

@@ -36,12 +36,15 @@ class TrainerConfig:
     precision: str = "auto"              # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     eval_every: int = 100                # 0 disables periodic evaluation
     eval_max_batches: int = 20
-    spec_eval_every: int = 0             # real speculative decoding (cfg.eval prompts, k, T) every N steps; 0: off
+    spec_eval_every: int = 0             # real speculative decoding (cfg.eval prompts, k, T) every N steps;
+                                         # 0: off
     spec_eval_max_prompts: int = 8
-    spec_eval_engine: str = "hf"         # hf (in-process decoder) | vllm (vLLM on an export, `engine` group settings)
+    spec_eval_engine: str = "hf"         # hf (in-process decoder) | vllm (vLLM on an export, `engine` group
+                                         # settings)
     ckpt_every: int = 200                # 0: only at the end (and on preemption)
     keep_last: int = 2
-    resume: str = "auto"                 # auto | auto_or_fresh (also when every checkpoint is corrupt) | never | <step dir>
+    resume: str = "auto"                 # auto | auto_or_fresh (also when every checkpoint is corrupt) |
+                                         # never | <step dir>
     max_bad_steps: int = 5               # consecutive non-finite losses before stopping
     fail_on_nonfinite_at: List[int] = field(default_factory=list)  # testing hook: poison these micro-batches
 
@@ -67,7 +70,8 @@ class TrainModule(nn.Module):
             if self._target is not None:
                 out = self._target.forward(batch, draft_token_ids)
                 positions = out.position_ids if out.position_ids is not None else batch["position_ids"]
-                return out.aux_hidden_states, out.teacher_logits, out.teacher_argmax, out.inputs_embeds, positions
+                return (out.aux_hidden_states, out.teacher_logits, out.teacher_argmax, out.inputs_embeds,
+                        positions)
             from data.store.batch import teacher_from_store_batch
 
             logits, argmax = teacher_from_store_batch(batch, self.teacher_head, draft_token_ids)
@@ -84,7 +88,8 @@ class TrainModule(nn.Module):
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 (Slurm's warning signal) set a flag (trainer/preemption.py); the loop checkpoints and exits."""
+    """SIGTERM / SIGUSR1 (Slurm's warning signal) set a flag (trainer/preemption.py); the loop checkpoints and
+    exits."""
 
     def __init__(self):
         from trainer import preemption
@@ -105,11 +110,12 @@ def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
 
 
 class Trainer:
-    """Anatomy: config, dist, run_dir, logger, target | teacher_head, data, vocab, draft, engine, checkpointer."""
+    """Anatomy: config, dist, run_dir, logger, target | teacher_head, data, vocab, draft, engine,
+    checkpointer."""
 
     def __init__(self, cfg, spec_eval: Optional[Callable[["Trainer"], Dict[str, float]]] = None):
-        """spec_eval: real speculative decoding of the draft every trainer.spec_eval_every steps (every rank calls
-        it; the trainer itself imports no decoding code)."""
+        """spec_eval: real speculative decoding of the draft every trainer.spec_eval_every steps (every rank
+        calls it; the trainer itself imports no decoding code)."""
         from models.objectives.base import build_objective
         from models.registry import DRAFTS
         from trainer.checkpoint import CheckpointManager
@@ -119,8 +125,8 @@ class Trainer:
 
         self.cfg = cfg
         if cfg.trainer.spec_eval_every and spec_eval is None:
-            raise ValueError("trainer.spec_eval_every is set but this Trainer has no speculative-eval callback "
-                             "(`aerie train` passes one); set trainer.spec_eval_every=0")
+            raise ValueError("trainer.spec_eval_every is set but this Trainer has no speculative-eval "
+                             "callback (`aerie train` passes one); set trainer.spec_eval_every=0")
         self.spec_eval = spec_eval
         self.preemption = Preemption()
         tcfg: TrainerConfig = cfg.trainer
@@ -152,7 +158,8 @@ class Trainer:
 
         self.engine, self.optimizer, self.scheduler = build_engine(
             self.module, self.draft.trainable_parameters(), self.ds_config,
-            lambda step: lr_multiplier(step, tcfg.warmup_steps, tcfg.max_steps, tcfg.schedule, tcfg.min_lr_ratio))
+            lambda step: lr_multiplier(step, tcfg.warmup_steps, tcfg.max_steps, tcfg.schedule,
+                                       tcfg.min_lr_ratio))
         self.checkpointer = CheckpointManager(self.run_dir / "ckpt", self.dist.rank, self.dist.world_size,
                                               tcfg.keep_last)
         self.step = 0
@@ -182,8 +189,8 @@ class Trainer:
             path = self.checkpointer.find_resumable()
             if path is None and self.checkpointer.complete_steps() and resume == "auto":
                 raise ValueError(f"no usable checkpoint in {self.checkpointer.root}: every step dir failed "
-                                 f"verification (warnings above); trainer.resume=auto_or_fresh trains from scratch "
-                                 f"and moves them aside")
+                                 f"verification (warnings above); trainer.resume=auto_or_fresh trains from "
+                                 f"scratch and moves them aside")
         elif resume != "never":
             path = Path(resume)
             why = self.checkpointer.problem(path) if path.is_dir() else "no such directory"
@@ -213,7 +220,8 @@ class Trainer:
 
     def _start_fresh(self) -> None:
         """Training from step 0: rows of a run that died before its first checkpoint are dropped; an earlier
-        run's checkpoints, final/ and metrics (trainer.resume=never or auto_or_fresh) are moved aside, not mixed in."""
+        run's checkpoints, final/ and metrics (trainer.resume=never or auto_or_fresh) are moved aside, not
+        mixed in."""
         from trainer.distributed import barrier
 
         if self.dist.is_main:
@@ -274,7 +282,8 @@ class Trainer:
     def fit(self) -> Path:
         tcfg: TrainerConfig = self.cfg.trainer
         final = self.run_dir / "final"
-        if self.step >= tcfg.max_steps and all((final / n).is_file() for n in ("model.safetensors", "config.yaml")):
+        if self.step >= tcfg.max_steps and all((final / n).is_file()
+                                               for n in ("model.safetensors", "config.yaml")):
             self.logger.print(f"already trained to step {self.step} (trainer.max_steps={tcfg.max_steps}); "
                               f"the draft is in {final}; raise trainer.max_steps to continue")
             self.logger.close()
@@ -291,9 +300,10 @@ class Trainer:
                                   f"({self.bad_in_a_row} in a row, {self.num_bad_steps} in all)")
                 if self.bad_in_a_row > tcfg.max_bad_steps:
                     self.save_checkpoint()
-                    raise RuntimeError(f"{self.bad_in_a_row} non-finite losses in a row (trainer.max_bad_steps="
-                                       f"{tcfg.max_bad_steps}); checkpoint saved at step {self.step} in "
-                                       f"{self.run_dir / 'ckpt'}; lower trainer.lr or check the data")
+                    raise RuntimeError(f"{self.bad_in_a_row} non-finite losses in a row "
+                                       f"(trainer.max_bad_steps={tcfg.max_bad_steps}); checkpoint saved at "
+                                       f"step {self.step} in {self.run_dir / 'ckpt'}; lower trainer.lr or "
+                                       f"check the data")
                 continue
             metrics.update(lr=lr, num_bad_steps=self.num_bad_steps,
                            elapsed_s=round(time.time() - started, 3))
@@ -356,7 +366,8 @@ class Trainer:
         return self.objective.summarise(summed)
 
     def speculative_eval(self) -> Dict[str, float]:
-        """Acceptance metrics of the current draft from the injected callback (`aerie train`: tools/eval/in_loop.py)."""
+        """Acceptance metrics of the current draft from the injected callback (`aerie train`:
+        tools/eval/in_loop.py)."""
         return self.spec_eval(self)
 
     # ---- outputs -----------------------------------------------------------------------------
@@ -366,7 +377,8 @@ class Trainer:
 
         return {
             "config.yaml": OmegaConf.to_yaml(self.cfg, resolve=True).encode(),
-            "vocab.safetensors": save({"d2t": self.vocab["d2t"].contiguous(), "t2d": self.vocab["t2d"].contiguous()}),
+            "vocab.safetensors": save({"d2t": self.vocab["d2t"].contiguous(),
+                                       "t2d": self.vocab["t2d"].contiguous()}),
         }
 
     def save_checkpoint(self) -> Path:

@@ -52,7 +52,8 @@ def read_waveform(path: str, sampling_rate: int, sid: str, declared_rate=None) -
     audio = audio.mean(axis=1)
     if file_rate != sampling_rate and len(audio) > 1:
         num_out = int(round(len(audio) * sampling_rate / file_rate))
-        audio = np.interp(np.linspace(0, len(audio) - 1, num_out), np.arange(len(audio)), audio).astype(np.float32)
+        audio = np.interp(np.linspace(0, len(audio) - 1, num_out), np.arange(len(audio)),
+                          audio).astype(np.float32)
     return audio
 
 
@@ -90,7 +91,8 @@ class AudioAdapter(ModalityAdapter):
         features = extractor(waveform, sampling_rate=extractor.sampling_rate, return_attention_mask=True,
                              padding="max_length", return_tensors="pt")
         num_tokens = num_encoder_frames(int(features["attention_mask"].sum()))
-        return {"input_features": features["input_features"], self.mask_key: features["attention_mask"]}, num_tokens
+        return ({"input_features": features["input_features"], self.mask_key: features["attention_mask"]},
+                num_tokens)
 
     def _turns(self, sample: dict, sid: str, with_transcript: bool):
         """(messages, media tensors, number of placeholders) of a row."""
@@ -112,8 +114,8 @@ class AudioAdapter(ModalityAdapter):
         audio_token_id = self.tokenizer.convert_tokens_to_ids(self.cfg.audio_token)
         found = sum(1 for t in input_ids if t == audio_token_id)
         if found != num_tokens:
-            raise ValueError(f"sample {sid}: {found} audio placeholders after tokenization, expected {num_tokens} "
-                             f"(cut by data.max_length={self.data.max_length}?)")
+            raise ValueError(f"sample {sid}: {found} audio placeholders after tokenization, expected "
+                             f"{num_tokens} (cut by data.max_length={self.data.max_length}?)")
 
     def encode(self, sample: dict) -> dict:
         sid = sample_id(sample)
@@ -167,4 +169,5 @@ class Qwen3ASRAdapter(AudioAdapter):
         features = extractor(waveform, sampling_rate=extractor.sampling_rate, return_attention_mask=True,
                              padding=True, return_tensors="pt")
         num_tokens = qwen3_asr_num_audio_tokens(int(features["attention_mask"].sum()), extractor.n_window)
-        return {"input_features": features["input_features"], self.mask_key: features["attention_mask"]}, num_tokens
+        return ({"input_features": features["input_features"], self.mask_key: features["attention_mask"]},
+                num_tokens)

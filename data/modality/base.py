@@ -29,7 +29,8 @@ class ModalityAdapter:
     is_multimodal = False
     config_class = ModalityConfig
     record_kind = "conversation"  # conversation | raw
-    media_path_keys: Tuple[str, ...] = ()  # record keys holding file paths (resolved against the data file's dir)
+    media_path_keys: Tuple[str, ...] = ()  # record keys holding file paths (resolved against the data file's
+                                           # dir)
     pad_token_id = 0
     # Whether the draft reads the target's merged media embeddings at the placeholders (else the placeholder
     # tokens' own embeddings).  vLLM 0.32's Eagle3 proposer turns multimodal inputs off for drafts without
@@ -58,12 +59,13 @@ class ModalityAdapter:
         """What the tokenised output depends on besides the data and the tokenizer."""
         config = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "name"}
         processor = getattr(self.processor, "to_dict", None)
-        return json.dumps([type(self).__qualname__, config, processor() if processor else None], sort_keys=True,
-                          default=str)
+        return json.dumps([type(self).__qualname__, config, processor() if processor else None],
+                          sort_keys=True, default=str)
 
     @classmethod
     def model_inputs(cls, target, batch: dict) -> dict:
-        """Extra kwargs (media tensors, position ids) for the multimodal base model ``target.module.model``."""
+        """Extra kwargs (media tensors, position ids) for the multimodal base model
+        ``target.module.model``."""
         raise NotImplementedError(f"{cls.__name__} is not multimodal")
 
     def collate_media(self, encoded: List[dict]) -> Dict[str, Tensor]:
@@ -73,18 +75,19 @@ class ModalityAdapter:
     def collate(self, encoded: List[dict], packed: bool = False, max_tokens: Optional[int] = None) -> dict:
         """Encoded samples -> batch tensors (``data.batching.collate``) plus the samples' media tensors.
 
-        packed: all samples in one row.  Media placeholders cannot be cut, so a multimodal sample that does not
-        fit ``max_tokens`` is an error rather than truncated."""
+        packed: all samples in one row.  Media placeholders cannot be cut, so a multimodal sample that does
+        not fit ``max_tokens`` is an error rather than truncated."""
         from data.batching import collate
 
         lengths = [len(s["input_ids"]) for s in encoded]
         budget = max_tokens if max_tokens is not None else (sum(lengths) if packed else max(lengths))
         if self.is_multimodal:
-            room = [budget - sum(lengths[:i]) for i in range(len(lengths))] if packed else [budget] * len(lengths)
+            room = ([budget - sum(lengths[:i]) for i in range(len(lengths))] if packed
+                    else [budget] * len(lengths))
             for sample, n, free in zip(encoded, lengths, room):
                 if n > free:
-                    raise ValueError(f"sample {sample.get('id')!r} has {n} tokens but only {free} fit the batch "
-                                     f"(max_tokens={budget}); media tokens cannot be truncated: raise "
+                    raise ValueError(f"sample {sample.get('id')!r} has {n} tokens but only {free} fit the "
+                                     f"batch (max_tokens={budget}); media tokens cannot be truncated: raise "
                                      "trainer.max_tokens_per_batch or lower data.max_length")
         batch = collate(encoded, packed=packed, max_tokens=budget, pad_token_id=self.pad_token_id)
         batch.update(self.collate_media(encoded))

@@ -38,7 +38,8 @@ class SpeechTokensAdapter(ModalityAdapter):
         cfg = self.cfg
         text, codes = sample.get("text"), sample.get("speech_tokens")
         if not isinstance(text, str) or not isinstance(codes, (list, tuple)) or not codes:
-            raise ValueError(f"sample {sid}: needs 'text' (str) and a non-empty 'speech_tokens' list of codec ids")
+            raise ValueError(f"sample {sid}: needs 'text' (str) and a non-empty 'speech_tokens' list of "
+                             "codec ids")
         bad = [c for c in codes if not 0 <= int(c) < cfg.num_speech_tokens]
         if bad:
             raise ValueError(f"sample {sid}: codec ids {bad[:5]} outside [0, {cfg.num_speech_tokens})")

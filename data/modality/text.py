@@ -13,4 +13,5 @@ class TextAdapter(ModalityAdapter):
         if not isinstance(sample.get("messages"), list):
             raise ValueError(f"sample {sample_id(sample)}: 'messages' must be a list of {{role, content}}")
         tokens = tokenize(self, sample["messages"])
-        return {"id": sample_id(sample), "input_ids": list(tokens["input_ids"]), "loss_mask": list(tokens["loss_mask"])}
+        return {"id": sample_id(sample), "input_ids": list(tokens["input_ids"]),
+                "loss_mask": list(tokens["loss_mask"])}

@@ -96,8 +96,8 @@ class VisionAdapter(ModalityAdapter):
         if media:
             expected = int(media["image_grid_thw"].prod(-1).sum() // self._image_processor().merge_size ** 2)
         if num_placeholders != expected:
-            raise ValueError(f"sample {sid}: {num_placeholders} image placeholder tokens after tokenization, expected "
-                             f"{expected} (image cut by data.max_length={self.data.max_length}, or "
+            raise ValueError(f"sample {sid}: {num_placeholders} image placeholder tokens after tokenization, "
+                             f"expected {expected} (image cut by data.max_length={self.data.max_length}, or "
                              f"{self.cfg.image_token} written in the text?)")
 
     def _expand_markers(self, messages: List[dict], counts: List[int], sid: str) -> None:
@@ -111,7 +111,8 @@ class VisionAdapter(ModalityAdapter):
             first_user["content"] = "".join(blocks) + str(first_user.get("content", ""))
             return
         if num_markers != len(blocks):
-            raise ValueError(f"sample {sid}: {num_markers} {cfg.image_marker} markers but {len(blocks)} images")
+            raise ValueError(f"sample {sid}: {num_markers} {cfg.image_marker} markers but "
+                             f"{len(blocks)} images")
         pending = iter(blocks)
         for message in messages:
             parts = str(message.get("content", "")).split(cfg.image_marker)

@@ -12,9 +12,9 @@ def teacher_from_store_batch(batch: Dict[str, torch.Tensor], teacher_head, draft
 
     Full layout: the stored last hidden state through the target's final norm + lm_head.  Compact layout: the
     stored top-k probabilities plus (1 - their sum) / n for each of the n stored tail samples (an unbiased
-    estimate of the teacher distribution), restricted to the draft vocab, whose softmax renormalises over it as
-    it does the full teacher; ids never stored get a logit far below.  Version 1 stores have no tail samples: the
-    softmax then renormalises over the top-k alone.
+    estimate of the teacher distribution), restricted to the draft vocab, whose softmax renormalises over it
+    as it does the full teacher; ids never stored get a logit far below.  Version 1 stores have no tail
+    samples: the softmax then renormalises over the top-k alone.
     """
     if "last_hidden_state" in batch:
         return teacher_head.teacher_from_hidden(batch["last_hidden_state"], draft_token_ids)
@@ -25,7 +25,8 @@ def teacher_from_store_batch(batch: Dict[str, torch.Tensor], teacher_head, draft
         tail = (1.0 - probs.sum(-1, keepdim=True)).clamp(min=0.0) / tail_ids.shape[-1]
         ids, probs = torch.cat([ids, tail_ids], -1), torch.cat([probs, tail.expand(tail_ids.shape)], -1)
     # target id -> draft index; ids outside the draft vocab land in an extra column that is dropped
-    lookup = torch.full((int(max(draft_token_ids.max(), ids.max())) + 1,), vocab, dtype=torch.long, device=device)
+    lookup = torch.full((int(max(draft_token_ids.max(), ids.max())) + 1,), vocab, dtype=torch.long,
+                        device=device)
     lookup[draft_token_ids.to(device)] = torch.arange(vocab, device=device)
     mass = torch.zeros((*ids.shape[:-1], vocab + 1), dtype=torch.float32, device=device)
     mass.scatter_add_(-1, lookup[ids], probs)

@@ -1,19 +1,21 @@
-"""The hidden-state store's format: layouts, manifest, fp8 quantisation, tail sampling, the checked shard open.
+"""The hidden-state store's format: layouts, manifest, fp8 quantisation, tail sampling, the checked shard
+open.
 
 A store holds target activations dumped once (tools/dump.py), streamed back for offline draft training.
 
 A store is a directory of safetensors shards plus ``manifest.json``.  Each shard holds consecutive samples
 concatenated along the token axis (``offsets`` gives the sample boundaries).  Layouts:
-- "full":    bf16 aux states (num_aux*H) + bf16 last hidden state (H)                       = 8*H bytes/token (3 aux)
-- "compact": fp8 e4m3 aux states with a float32 scale per token and layer, the teacher's top-k log-probs (fp16)
-             and their target ids, ``tail_samples`` target ids drawn from the rest of the teacher distribution
-             (systematic sampling, each worth (1 - top-k mass) / tail_samples: with the top-k entries an unbiased
-             estimate of the whole distribution), ids int16 when vocab < 32768 else int32, and the teacher's
-             full-vocab argmax.  k=8, 36 samples: 3.49*H bytes/token at H=256, 3.05*H at H=4096 (ids, mask included).
+- "full":    bf16 aux states (num_aux*H) + bf16 last hidden state (H)             = 8*H bytes/token (3 aux)
+- "compact": fp8 e4m3 aux states with a float32 scale per token and layer, the teacher's top-k log-probs
+             (fp16) and their target ids, ``tail_samples`` target ids drawn from the rest of the teacher
+             distribution (systematic sampling, each worth (1 - top-k mass) / tail_samples: with the top-k
+             entries an unbiased estimate of the whole distribution), ids int16 when vocab < 32768 else
+             int32, and the teacher's full-vocab argmax.  k=8, 36 samples: 3.49*H bytes/token at H=256,
+             3.05*H at H=4096 (ids, mask included).
              Version 1 compact stores (top-k only: the teacher renormalised over it) are still read.
-Shards are written to a temporary name and renamed, then the manifest is replaced, so a crash loses at most the
-shard being filled; reopening the writer resumes after the last complete shard.  Sizes and sha256 are recorded;
-the reader refuses truncated or corrupt shards.
+Shards are written to a temporary name and renamed, then the manifest is replaced, so a crash loses at most
+the shard being filled; reopening the writer resumes after the last complete shard.  Sizes and sha256 are
+recorded; the reader refuses truncated or corrupt shards.
 """
 from __future__ import annotations
 
@@ -71,11 +73,12 @@ def bytes_per_token(layout: str, hidden_size: int, num_aux_layers: int = 3, voca
 
 def sample_tail(logprobs: Tensor, topk_index: Tensor, num_samples: int,
                 generator: Optional[torch.Generator] = None) -> Tensor:
-    """(T, V) log-probs, (T, k) top-k columns -> (T, num_samples) columns drawn from the mass outside the top-k.
+    """(T, V) log-probs, (T, k) top-k columns -> (T, num_samples) columns drawn from the mass outside the
+    top-k.
 
     Systematic sampling along the vocabulary: column i is drawn num_samples * p_i / tail times in expectation
-    (tail = mass outside the top-k), so the top-k probabilities plus tail / num_samples per drawn column are an
-    unbiased estimate of the distribution.  Columns with p_i >= tail / num_samples are always drawn.
+    (tail = mass outside the top-k), so the top-k probabilities plus tail / num_samples per drawn column are
+    an unbiased estimate of the distribution.  Columns with p_i >= tail / num_samples are always drawn.
     """
     probs = logprobs.float().exp().scatter(-1, topk_index, 0.0)
     cdf = probs.cumsum(-1)

@@ -27,8 +27,8 @@ class HiddenStateStoreReader:
 
     Rank r of world_size w gets the samples whose global index i satisfies i % w == r; yields dicts with
     input_ids, loss_mask (long), aux_hidden_states (dequantised to `dtype`), and last_hidden_state (full) or
-    teacher_topk_logprobs (float32), teacher_topk_ids, teacher_argmax, teacher_tail_ids (long; absent in version 1
-    stores) (compact), plus "id".
+    teacher_topk_logprobs (float32), teacher_topk_ids, teacher_argmax, teacher_tail_ids (long; absent in
+    version 1 stores) (compact), plus "id".
     dequantize=False (compact) yields the fp8 aux_hidden_states with their aux_scales instead, so that the
     consumer can dequantize_fp8 on its accelerator (CPU fp8 conversion is the reader's bottleneck).
     """
@@ -44,8 +44,8 @@ class HiddenStateStoreReader:
             with open(os.path.join(d, MANIFEST)) as f:
                 m = json.load(f)
             if m.get("version") not in (1, VERSION):
-                raise ValueError(f"{d}: hidden-state store version {m.get('version')} is not readable by this Aerie "
-                                 f"(reads versions 1 to {VERSION}); dump it again")
+                raise ValueError(f"{d}: hidden-state store version {m.get('version')} is not readable by "
+                                 f"this Aerie (reads versions 1 to {VERSION}); dump it again")
             m.setdefault("tail_samples", 0)  # version 1
             self.parts.append((d, m))
         self.manifest = self.parts[0][1]
@@ -102,7 +102,8 @@ class HiddenStateStoreReader:
         return d, m, entry, index - self._firsts[slot]
 
     def sample(self, index: int) -> Dict[str, Tensor]:
-        """Random access to global sample `index`; shards stay memory-mapped once opened (checked on first use)."""
+        """Random access to global sample `index`; shards stay memory-mapped once opened (checked on first
+        use)."""
         from safetensors import SafetensorError
 
         d, m, entry, local = self._locate(index)

@@ -1,4 +1,5 @@
-"""Writes a hidden-state store (data/store/format.py): shards atomically, then the manifest; resumes on reopen."""
+"""Writes a hidden-state store (data/store/format.py): shards atomically, then the manifest; resumes on
+reopen."""
 from __future__ import annotations
 
 import glob
@@ -17,22 +18,25 @@ from data.store.format import LAYOUTS, MANIFEST, VERSION, bytes_per_token, quant
 class HiddenStateStoreWriter:
     """Appends samples in order; reopening an existing store resumes after its last complete shard."""
 
-    def __init__(self, path: str, layout: str, hidden_size: int, num_aux_layers: int, aux_layer_ids: List[int],
-                 vocab_size: int, target_fingerprint: str, topk: int = 8, shard_bytes: int = 512 << 20,
-                 dataset_fingerprint: str = "", teacher_vocab: str = "full", tail_samples: int = 36):
+    def __init__(self, path: str, layout: str, hidden_size: int, num_aux_layers: int,
+                 aux_layer_ids: List[int], vocab_size: int, target_fingerprint: str, topk: int = 8,
+                 shard_bytes: int = 512 << 20, dataset_fingerprint: str = "", teacher_vocab: str = "full",
+                 tail_samples: int = 36):
         if layout not in LAYOUTS:
             raise ValueError(f"store layout {layout!r} unknown; choose {' or '.join(LAYOUTS)}")
         if topk < 1 or tail_samples < 0:
             raise ValueError(f"store topk must be >= 1 and tail_samples >= 0, got {topk} and {tail_samples}")
         self.path, self.layout, self.shard_bytes = path, layout, shard_bytes
         tail_samples = tail_samples if layout == "compact" else 0
-        header = {"format": "aerie-hidden-states", "version": VERSION if tail_samples else 1, "layout": layout,
-                  "hidden_size": hidden_size, "num_aux_layers": num_aux_layers, "aux_layer_ids": list(aux_layer_ids),
+        header = {"format": "aerie-hidden-states", "version": VERSION if tail_samples else 1,
+                  "layout": layout, "hidden_size": hidden_size, "num_aux_layers": num_aux_layers,
+                  "aux_layer_ids": list(aux_layer_ids),
                   "vocab_size": vocab_size, "target_fingerprint": target_fingerprint,
                   "dataset_fingerprint": dataset_fingerprint,
                   "aux_dtype": "bfloat16" if layout == "full" else "float8_e4m3fn",
                   "topk": topk if layout == "compact" else 0, "teacher_vocab": teacher_vocab,
-                  "tail_samples": tail_samples, "topk_index_dtype": "int16" if vocab_size < 32768 else "int32"}
+                  "tail_samples": tail_samples,
+                  "topk_index_dtype": "int16" if vocab_size < 32768 else "int32"}
         os.makedirs(path, exist_ok=True)
         manifest_path = os.path.join(path, MANIFEST)
         if os.path.exists(manifest_path):
@@ -41,7 +45,8 @@ class HiddenStateStoreWriter:
             self.manifest.setdefault("tail_samples", 0)  # written by a version 1 writer
             changed = [k for k, v in header.items() if self.manifest.get(k) != v]
             if changed:
-                raise ValueError(f"{manifest_path}: existing store differs in {changed}; use another path or delete it")
+                raise ValueError(f"{manifest_path}: existing store differs in {changed}; use another path or "
+                                 "delete it")
         else:
             self.manifest = {**header, "shards": [], "sample_ids": [], "sample_lengths": []}
         for stray in glob.glob(os.path.join(path, "*.tmp*")):
@@ -61,9 +66,9 @@ class HiddenStateStoreWriter:
             last_hidden_state: Optional[Tensor] = None, teacher_topk_logprobs: Optional[Tensor] = None,
             teacher_topk_ids: Optional[Tensor] = None, teacher_argmax: Optional[Tensor] = None,
             teacher_tail_ids: Optional[Tensor] = None, sample_id: Optional[str] = None) -> None:
-        """One sample: input_ids/loss_mask (L,), aux_hidden_states (L, num_aux*H), then last_hidden_state (L, H)
-        for "full", or teacher_topk_logprobs/ids (L, k), teacher_tail_ids (L, tail_samples) and teacher_argmax (L,)
-        for "compact"."""
+        """One sample: input_ids/loss_mask (L,), aux_hidden_states (L, num_aux*H), then last_hidden_state (L,
+        H) for "full", or teacher_topk_logprobs/ids (L, k), teacher_tail_ids (L, tail_samples) and
+        teacher_argmax (L,) for "compact"."""
         m = self.manifest
         length = input_ids.shape[0]
         if aux_hidden_states.shape != (length, m["num_aux_layers"] * m["hidden_size"]):
@@ -78,7 +83,8 @@ class HiddenStateStoreWriter:
             sample["last_hidden_state"] = last_hidden_state.detach().cpu().to(torch.bfloat16)
         else:
             if teacher_topk_logprobs is None or teacher_topk_ids is None or teacher_argmax is None:
-                raise ValueError("compact layout needs teacher_topk_logprobs, teacher_topk_ids and teacher_argmax")
+                raise ValueError("compact layout needs teacher_topk_logprobs, teacher_topk_ids and "
+                                 "teacher_argmax")
             if teacher_topk_logprobs.shape != (length, m["topk"]):
                 raise ValueError(f"teacher_topk_logprobs shape {tuple(teacher_topk_logprobs.shape)} != "
                                  f"({length}, {m['topk']})")

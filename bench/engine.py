@@ -4,9 +4,9 @@ ratio.
     python bench/engine.py [DRAFT_DIR] [--max-prompts 30] [--max-new-tokens 128] [--ks 3 7]
 
 Target: the tiny trained chat Llama fixture (--target).  DRAFT_DIR (default outputs/quickstart/final) is an
-Aerie draft dir or checkpoint step dir; the untrained draft has its shape and vocabulary (random weights, seed
-0). Both are exported for vLLM and served by real vLLM (one worker, one LLM per row) on MT-Bench first turns:
-tau and per-position acceptance from vLLM's counters, at T=0 and at T=1 with draft_sample_method greedy
+Aerie draft dir or checkpoint step dir; the untrained draft has its shape and vocabulary (random weights,
+seed 0).  Both are exported for vLLM and served by real vLLM (one worker, one LLM per row) on MT-Bench first
+turns: tau and per-position acceptance from vLLM's counters, at T=0 and at T=1 with draft_sample_method greedy
 (vLLM's default) and probabilistic; "x target" is vLLM's generated tokens/s with the draft over the target
 alone at the same T, measured in the same worker.
 """

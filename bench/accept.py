@@ -47,13 +47,15 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--ks", type=int, nargs="+", default=[3, 7])
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
-    parser.add_argument("--draft-vocab-size", type=int, default=2048, help="untrained draft without a trained one")
+    parser.add_argument("--draft-vocab-size", type=int, default=2048,
+                        help="untrained draft without a trained one")
     args = parser.parse_args()
 
     target, tokenizer = load_target_for_eval(argparse.Namespace(path=args.target, dtype="float32"))
     device = next(target.parameters()).device
     if device.type == "cpu":
-        torch.set_num_threads(1)  # batch-1 decoding is overhead-bound; more threads only contend on shared cores
+        # batch-1 decoding is overhead-bound; more threads only contend on shared cores
+        torch.set_num_threads(1)
     embed = target.get_input_embeddings().weight.detach().float().cpu()
     trained = load_draft(args.draft, embed_weight=embed) if args.draft else None
     drafts = {"untrained": untrained_like(trained, args.target, embed, args.draft_vocab_size)}
@@ -90,11 +92,13 @@ def main() -> int:
             for metric, values in rows:
                 line = f"{temperature:>4g} {k:>2} {metric:<22}" + "".join(f"{v:>12.3f}" for v in values)
                 if len(values) == 2:
-                    ratio = values[1] / values[0] if values[0] > 0 else float("inf") if values[1] > 0 else None
+                    ratio = (values[1] / values[0] if values[0] > 0
+                             else float("inf") if values[1] > 0 else None)
                     line += f"{ratio:>9.2f}" if ratio is not None else f"{'-':>9}"
                 print(line)
     untrained_ms = [results[(t, k, "untrained")]["draft_step_ms"] for t in args.temperatures for k in args.ks]
-    target_ms = [results[(t, k, "untrained")]["target_forward_ms"] for t in args.temperatures for k in args.ks]
+    target_ms = [results[(t, k, "untrained")]["target_forward_ms"]
+                 for t in args.temperatures for k in args.ks]
     print(f"\ndraft step {sum(untrained_ms) / len(untrained_ms):.2f} ms, target verify forward "
           f"{sum(target_ms) / len(target_ms):.2f} ms (mean over runs)")
     return 0

@@ -6,8 +6,9 @@ Each figure is printed with a ratio against a baseline measured in the same proc
 - bytes/token of each store layout vs the 8*H bf16 baseline (computed, and measured on written shards);
 - reader tokens/s (dequantised on CPU, or raw fp8 for on-device dequantisation) vs a training step's
   consumption rate (--train-tokens-per-s);
-- with --dump-engines N (only this): `aerie dump` tokens/s of the vLLM path (vLLM's hidden-state extraction + Aerie's
-  norm/lm_head teacher, compact store) vs the HF forward path, on N ShareGPT conversations of the tiny target.
+- with --dump-engines N (only this): `aerie dump` tokens/s of the vLLM path (vLLM's hidden-state extraction +
+  Aerie's norm/lm_head teacher, compact store) vs the HF forward path, on N ShareGPT conversations of the tiny
+  target.
 
     .venv/bin/python bench/data.py [--num-samples 300] [--train-tokens-per-s 50000] [--dump-engines 64]
 """
@@ -25,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-FIXTURE_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny-chat-llama")
+FIXTURE_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
+                             "tiny-chat-llama")
 
 from data.dataset import tokenize_records  # noqa: E402
 from data.sources import DataConfig, load_conversations  # noqa: E402
@@ -53,9 +55,10 @@ def bench_tokenisation(tokenizer, records, max_length):
     ours, t_ours = timed(masked)
     tokens = sum(map(len, ours))
     print(f"tokenise {len(records)} conversations (max_length={max_length}, {tokens} tokens):")
-    print(f"  plain apply_chat_template : {len(records) / t_base:8.1f} samples/s {sum(map(len, base)) / t_base:10.0f} tok/s")
-    print(f"  template + loss mask      : {len(records) / t_ours:8.1f} samples/s {tokens / t_ours:10.0f} tok/s"
-          f"   ratio vs plain {t_base / t_ours:.2f}x")
+    print(f"  plain apply_chat_template : {len(records) / t_base:8.1f} samples/s "
+          f"{sum(map(len, base)) / t_base:10.0f} tok/s")
+    print(f"  template + loss mask      : {len(records) / t_ours:8.1f} samples/s "
+          f"{tokens / t_ours:10.0f} tok/s   ratio vs plain {t_base / t_ours:.2f}x")
     times = {}
     for num_proc in (1, 2):
         cfg = DataConfig(max_length=max_length, num_proc=num_proc)
@@ -90,16 +93,16 @@ def bench_store(train_tokens_per_s, num_samples=64, length=512):
     for hidden_size, vocab_size in ((4096, 128256), (256, 8192)):
         for layout in ("full", "compact"):
             size = bytes_per_token(layout, hidden_size, 3, vocab_size, include_tokens=False)
-            print(f"  H={hidden_size:5d} V={vocab_size:6d} {layout:8s}: {size:6d} B/token = {size / hidden_size:.2f}*H"
-                  f"   ratio vs 8*H {size / (8 * hidden_size):.3f}")
+            print(f"  H={hidden_size:5d} V={vocab_size:6d} {layout:8s}: {size:6d} B/token = "
+                  f"{size / hidden_size:.2f}*H   ratio vs 8*H {size / (8 * hidden_size):.3f}")
     with tempfile.TemporaryDirectory() as tmp:
         for layout in ("full", "compact"):
             path = os.path.join(tmp, layout)
             writer = write_store(path, layout, 256, 8192, num_samples, length)
             on_disk = sum(s["bytes"] for s in writer.manifest["shards"])
             num_tokens = num_samples * length
-            print(f"  measured H=256 {layout:8s}: {on_disk / num_tokens:7.1f} B/token on disk (incl. ids, mask, "
-                  f"headers)   ratio vs 8*H {on_disk / num_tokens / (8 * 256):.3f}")
+            print(f"  measured H=256 {layout:8s}: {on_disk / num_tokens:7.1f} B/token on disk "
+                  f"(incl. ids, mask, headers)   ratio vs 8*H {on_disk / num_tokens / (8 * 256):.3f}")
             modes = [("bf16", True)] + ([("raw fp8", False)] if layout == "compact" else [])
             for mode, dequantize in modes:
                 reader = HiddenStateStoreReader(path, dtype=torch.bfloat16, dequantize=dequantize)
@@ -110,7 +113,8 @@ def bench_store(train_tokens_per_s, num_samples=64, length=512):
 
 
 def bench_dump_engines(tokenizer, records, max_length):
-    """HF forward dump vs vLLM extraction dump of the same tokenised samples, tokens/s (vLLM start-up apart)."""
+    """HF forward dump vs vLLM extraction dump of the same tokenised samples, tokens/s (vLLM start-up
+    apart)."""
     from safetensors.torch import load_file
 
     from data.store.format import StoreConfig
@@ -130,7 +134,8 @@ def bench_dump_engines(tokenizer, records, max_length):
         spec, teacher = target.spec, load_lm_head_only(target_cfg)
         del target
         job = {"target": FIXTURE_MODEL, "layer_ids": list(spec.aux_layer_ids) + [spec.num_layers],
-               "prompt_token_ids": [list(r["input_ids"]) for r in rows], "out_dir": os.path.join(tmp, "states")}
+               "prompt_token_ids": [list(r["input_ids"]) for r in rows],
+               "out_dir": os.path.join(tmp, "states")}
         worker = Path(__file__).resolve().parents[1] / "tools" / "vllm" / "dump_worker.py"
         with open("/tmp/aerie-vllm.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one vLLM at a time on a shared machine
@@ -155,7 +160,8 @@ def main():
     parser.add_argument("--train-tokens-per-s", type=float, default=50000.0,
                         help="tokens a training step consumes per second (the reader must stay ahead of it)")
     parser.add_argument("--dump-engines", type=int, default=0, metavar="N",
-                        help="only time `aerie dump` through vLLM vs HF on N conversations (needs .venv-vllm)")
+                        help="only time `aerie dump` through vLLM vs HF on N conversations "
+                             "(needs .venv-vllm)")
     args = parser.parse_args()
     from transformers import AutoTokenizer
 

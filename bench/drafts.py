@@ -1,21 +1,24 @@
-"""Which draft to train?  Eagle3, its EAGLE 3.1 variants and DFlash at an equal training budget, measured by vLLM.
+"""Which draft to train?  Eagle3, its EAGLE 3.1 variants and DFlash at an equal training budget, measured by
+vLLM.
 
-    .venv/bin/python bench/drafts.py [--variants eagle3,eagle3_1,eagle3_1_nbf,dflash] [--steps 40] [--tokens 1024]
-        [--samples 1200] [--prompts 16] [--max-new-tokens 64] [--ks 3,7] [--work DIR]
+    .venv/bin/python bench/drafts.py [--variants eagle3,eagle3_1,eagle3_1_nbf,dflash] [--steps 40]
+        [--tokens 1024] [--samples 1200] [--prompts 16] [--max-new-tokens 64] [--ks 3,7] [--work DIR]
 
 Each variant trains online on the tiny target for the same number of optimizer steps over micro-batches of the
-same token budget (same data, seed, lr schedule and draft vocabulary), so every draft sees the same tokens; the
-wall-clock of each training is printed next to it (a second, machine-dependent budget).  Each draft is exported
-for vLLM (float32) and served by real vLLM (`tools.vllm.engine.run_vllm`) on MT-Bench first turns at T=0 with
-k = each of --ks, next to one run of the target alone.  Printed per variant: training seconds, final training
-loss, vLLM τ (1 + accepted / drafts) and per-position acceptance at each k, and vLLM's generated tokens/s with
-the draft over without (measured in the same job; CPU timings are noisy, the ratio is what counts).
+same token budget (same data, seed, lr schedule and draft vocabulary), so every draft sees the same tokens;
+the wall-clock of each training is printed next to it (a second, machine-dependent budget).  Each draft is
+exported for vLLM (float32) and served by real vLLM (`tools.vllm.engine.run_vllm`) on MT-Bench first turns at
+T=0 with k = each of --ks, next to one run of the target alone.  Printed per variant: training seconds, final
+training loss, vLLM τ (1 + accepted / drafts) and per-position acceptance at each k, and vLLM's generated
+tokens/s with the draft over without (measured in the same job; CPU timings are noisy, the ratio is what
+counts).
 Variants:
   eagle3        draft=eagle3_llama, the current default
   eagle3_1      draft=eagle3_1: fc_norm + norm_output (vLLM / speculators EAGLE 3.1)
   eagle3_1_nbf  draft=eagle3_1 draft.norm_before_fc=true (all three switches)
   dflash        draft=dflash: 2 Qwen3 layers, block size 8 (drafts up to 7 tokens in one pass)
-Needs vLLM (`make engine`, or AERIE_VLLM_PYTHON / engine.python); run vLLM users one at a time on small machines.
+Needs vLLM (`make engine`, or AERIE_VLLM_PYTHON / engine.python); run vLLM users one at a time on small
+machines.
 """
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ METHODS = {"dflash": "dflash"}  # vLLM speculative method of each variant; eagle
 
 
 def aerie(*args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "tools.cli", *args], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "tools.cli", *args], cwd=REPO, capture_output=True,
+                          text=True)
     if proc.returncode != 0:
         raise SystemExit(f"aerie {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
@@ -46,14 +50,15 @@ def train_and_export(name: str, run_dir: Path, args) -> dict:
     """Train (or reuse a finished run in --work) and export; returns its training time and final loss."""
     overrides = [*VARIANTS[name], f"run_dir={run_dir}", f"trainer.max_steps={args.steps}",
                  f"trainer.max_tokens_per_batch={args.tokens}", f"data.max_samples={args.samples}",
-                 "data.max_length=512", "data.max_eval_samples=32", "draft.draft_vocab_size=4096", "trainer.lr=2e-3",
-                 "trainer.warmup_steps=8", "trainer.eval_every=0", "trainer.ckpt_every=0", "logger.progress=false",
-                 f"data.cache_dir={args.work / 'cache'}"]
+                 "data.max_length=512", "data.max_eval_samples=32", "draft.draft_vocab_size=4096",
+                 "trainer.lr=2e-3", "trainer.warmup_steps=8", "trainer.eval_every=0", "trainer.ckpt_every=0",
+                 "logger.progress=false", f"data.cache_dir={args.work / 'cache'}"]
     started = time.perf_counter()
     aerie("train", *overrides)
     seconds = time.perf_counter() - started
     aerie("export", f"run_dir={run_dir}", "export.format=vllm", "export.dtype=float32")
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+               if line.strip()]
     return {"train_seconds": seconds, "elapsed_s": metrics[-1]["elapsed_s"], "loss": metrics[-1]["loss"]}
 
 
@@ -67,7 +72,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--ks", default="3,7")
     parser.add_argument("--work", type=Path, default=REPO / "outputs" / "bench_drafts")
-    parser.add_argument("--vllm-lock", default="", help="a file to flock around the vLLM runs (shared machines)")
+    parser.add_argument("--vllm-lock", default="",
+                        help="a file to flock around the vLLM runs (shared machines)")
     args = parser.parse_args()
     names, ks = args.variants.split(","), [int(k) for k in args.ks.split(",")]
     unknown = sorted(set(names) - set(VARIANTS))
@@ -108,7 +114,8 @@ def main() -> None:
         for k in ks:
             r = results[f"{name}@{k}"]
             tau = 1 + r["num_accepted_tokens"] / max(r["num_drafts"], 1)
-            accept = " / ".join(f"{n / max(r['num_drafts'], 1):.2f}" for n in r["num_accepted_tokens_per_pos"][:3])
+            accept = " / ".join(f"{n / max(r['num_drafts'], 1):.2f}"
+                                for n in r["num_accepted_tokens_per_pos"][:3])
             cells += [f"{tau:.3f}", accept, f"{speed[f'{name}@{k}'] / speed['target']:.2f}"]
         print("| " + " | ".join(cells) + " |")
     (args.work / "summary.json").write_text(json.dumps({"trained": trained, "vllm": results}, indent=2))

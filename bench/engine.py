@@ -1,13 +1,14 @@
-"""vLLM-measured acceptance: a trained draft vs an untrained one, both vLLM draft sampling modes, tokens/s ratio.
+"""vLLM-measured acceptance: a trained draft vs an untrained one, both vLLM draft sampling modes, tokens/s
+ratio.
 
     python bench/engine.py [DRAFT_DIR] [--max-prompts 30] [--max-new-tokens 128] [--ks 3 7]
 
-Target: the tiny trained chat Llama fixture (--target).  DRAFT_DIR (default outputs/quickstart/final) is an Aerie
-draft dir or checkpoint step dir; the untrained draft has its shape and vocabulary (random weights, seed 0).
-Both are exported for vLLM and served by real vLLM (one worker, one LLM per row) on MT-Bench first turns: tau and
-per-position acceptance from vLLM's counters, at T=0 and at T=1 with draft_sample_method greedy (vLLM's default)
-and probabilistic; "x target" is vLLM's generated tokens/s with the draft over the target alone at the same T,
-measured in the same worker.
+Target: the tiny trained chat Llama fixture (--target).  DRAFT_DIR (default outputs/quickstart/final) is an
+Aerie draft dir or checkpoint step dir; the untrained draft has its shape and vocabulary (random weights,
+seed 0).  Both are exported for vLLM and served by real vLLM (one worker, one LLM per row) on MT-Bench first
+turns: tau and per-position acceptance from vLLM's counters, at T=0 and at T=1 with draft_sample_method greedy
+(vLLM's default) and probabilistic; "x target" is vLLM's generated tokens/s with the draft over the target
+alone at the same T, measured in the same worker.
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def main() -> int:
         exports = {name: export(path, Path(tmp) / f"{name}-vllm", "vllm", target=args.target)
                    for name, path in (("trained", args.draft), ("untrained", str(Path(tmp) / "untrained")))}
         common = {"prompt_token_ids": prompts, "max_new_tokens": args.max_new_tokens, "seed": 0}
-        runs = [{"name": f"target T={t}", "speculative_config": None, "temperature": t, **common} for t in (0.0, 1.0)]
+        runs = [{"name": f"target T={t}", "speculative_config": None, "temperature": t, **common}
+                for t in (0.0, 1.0)]
         rows = [(name, k, t, mode) for name in exports for k in args.ks for t, mode in MODES]
         for name, k, t, mode in rows:
             config = {"method": "eagle3", "model": str(exports[name]), "num_speculative_tokens": k,
@@ -63,8 +65,8 @@ def main() -> int:
                          **common})
         engine = EngineConfig(name="vllm", python=args.python, max_model_len=2048)
         result = {run["name"]: run for run in run_vllm({"target": args.target, "runs": runs}, engine)["runs"]}
-    baseline = {t: result[f"target T={t}"]["num_generated_tokens"] / result[f"target T={t}"]["generate_seconds"]
-                for t in (0.0, 1.0)}
+    baseline = {t: result[f"target T={t}"]["num_generated_tokens"]
+                / result[f"target T={t}"]["generate_seconds"] for t in (0.0, 1.0)}
     print(f"vLLM {args.max_prompts} MT-Bench prompts x {args.max_new_tokens} new tokens; target alone: "
           f"{baseline[0.0]:.1f} tok/s (T=0), {baseline[1.0]:.1f} tok/s (T=1)")
     print("| draft | k | T | draft sampling | tau | accept@1..k | tok/s | x target |")

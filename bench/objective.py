@@ -13,8 +13,9 @@ speculative sampling with the draft's own q (T=1); τ = 1 + sum_i prod_{j<=i} a_
 also decodes N MT-Bench prompts (64 new tokens, k=3, T=0) with the HF target (`aerie eval`'s decoder) for the
 real τ.  With --vllm-prompts N, each draft is exported (vllm format) and served by real vLLM (the shared
 runner, tools/vllm/engine.py, one LLM per draft, under flock /tmp/aerie-vllm.lock) on N MT-Bench prompts
-x 128 new tokens at k=3, T=0: τ = 1 + accepted / drafts from vLLM's own counters.  Prints the means over seeds and their
-ratios against soft cross-entropy.  Runs resume (a rerun with the same --work only scores what is missing).
+x 128 new tokens at k=3, T=0: τ = 1 + accepted / drafts from vLLM's own counters.  Prints the means over seeds
+and their ratios against soft cross-entropy.  Runs resume (a rerun with the same --work only scores what is
+missing).
 """
 from __future__ import annotations
 

@@ -1,23 +1,26 @@
-"""Does the compact hidden-state store cost acceptance?  Store variants end to end against the full (8·H) layout.
+"""Does the compact hidden-state store cost acceptance?  Store variants end to end against the full (8·H)
+layout.
 
     .venv/bin/python bench/store_accept.py [--variants full,compact] [--seeds 0,1] [--temperatures 0,1]
         [--steps 60] [--samples 400] [--prompts 16] [--max-new-tokens 48] [--work DIR]
 
-For each variant: `aerie dump` (once; a --work dir from an earlier run is reused, the dump resumes), then per seed
-an offline `aerie train` with identical settings and `aerie eval` (speculative decoding with the tiny target on
-MT-Bench, k=3) at each temperature.  Runs the checkout this file is in (`python -m tools.cli`).  Variants:
+For each variant: `aerie dump` (once; a --work dir from an earlier run is reused, the dump resumes), then per
+seed an offline `aerie train` with identical settings and `aerie eval` (speculative decoding with the tiny
+target on MT-Bench, k=3) at each temperature.  Runs the checkout this file is in (`python -m tools.cli`).
+Variants:
   full            bf16 aux + bf16 last hidden state (teacher recomputed through the target's norm + lm_head)
   compact         the default compact layout: fp8 aux + top-8 log-probs + 36 tail samples
-  compact-topk    top-16 log-probs, no tail samples (the version 1 layout): the teacher renormalised over the top-k
+  compact-topk    top-16 log-probs, no tail samples (the version 1 layout): the teacher renormalised over the
+                  top-k
   compact-k16t20  top-16 + 20 tail samples (the same bytes as the default when ids are int16)
   compact-t400    top-16 + 400 tail samples (over budget at small H: what the tail's sampling noise costs)
   full-fp8aux     the full store with its aux states sent through the compact layout's fp8 quantisation
                   (ablation; on disk bf16, bytes counted as if fp8)
 Prints bytes/token (measured at the tiny target's H, and the layout formula at H=4096, V=128256) and, per
-temperature, the mean τ over seeds and the mean of the per-seed ratios to full: decoding τ, and a teacher-forced
-τ on the eval split of the full store (`expected_tau`, free of decoding's sampling noise).  Noise: decoding τ at
-T=1 moves ~3% between training seeds and the per-seed ratio to full by 2-5%, so average it over --seeds 0,1,2,3;
-the teacher-forced ratio moves < 0.3% between seeds.
+temperature, the mean τ over seeds and the mean of the per-seed ratios to full: decoding τ, and a
+teacher-forced τ on the eval split of the full store (`expected_tau`, free of decoding's sampling noise).
+Noise: decoding τ at T=1 moves ~3% between training seeds and the per-seed ratio to full by 2-5%, so average
+it over --seeds 0,1,2,3; the teacher-forced ratio moves < 0.3% between seeds.
 """
 from __future__ import annotations
 
@@ -77,9 +80,9 @@ def fp8_aux_copy(src: Path, dst: Path) -> None:
 def expected_tau(draft_dir: Path, store: Path, target_cfg, k: int = 3) -> dict:
     """Teacher-forced τ estimates on the store's eval split (free of decoding's sampling noise).
 
-    Per TTT step i < k the draft's acceptance over the valid eval positions: T=0, its argmax equals the target's;
-    T=1, sum_j min(p_j, q_j) with p the target's full-vocab distribution (from the stored last hidden state) and
-    q the draft's.  τ = 1 + sum_i prod_{j<=i} acceptance_j, as for chain drafting.
+    Per TTT step i < k the draft's acceptance over the valid eval positions: T=0, its argmax equals the
+    target's; T=1, sum_j min(p_j, q_j) with p the target's full-vocab distribution (from the stored last
+    hidden state) and q the draft's.  τ = 1 + sum_i prod_{j<=i} acceptance_j, as for chain drafting.
     """
     from data.store.batch import collate_store
     from models.draft.ttt import run_ttt_steps, valid_positions
@@ -97,7 +100,8 @@ def expected_tau(draft_dir: Path, store: Path, target_cfg, k: int = 3) -> dict:
     count = torch.zeros(k, dtype=torch.float64)
     for start in range(0, len(samples), 4):
         batch = collate_store(samples[start:start + 4], packed=False, max_tokens=10 ** 9)
-        logits, argmax = head.teacher_from_hidden(batch["last_hidden_state"], torch.arange(reader.manifest["vocab_size"]))
+        logits, argmax = head.teacher_from_hidden(batch["last_hidden_state"],
+                                                  torch.arange(reader.manifest["vocab_size"]))
         p = logits.log_softmax(-1)[..., draft_ids].exp()
         selected = [valid_positions(batch["loss_mask"], batch["document_ids"], i).nonzero(as_tuple=True)
                     for i in range(k)]
@@ -146,7 +150,8 @@ def main() -> None:
     temperatures = [float(t) for t in args.temperatures.split(",")]
     root = Path(args.work or tempfile.mkdtemp(prefix="aerie-bench-store-"))
     common = ["experiment=quickstart", f"data.cache_dir={root / 'cache'}", f"data.max_samples={args.samples}",
-              f"trainer.max_steps={args.steps}", "trainer.eval_every=0", "trainer.ckpt_every=0", "logger.progress=false"]
+              f"trainer.max_steps={args.steps}", "trainer.eval_every=0", "trainer.ckpt_every=0",
+              "logger.progress=false"]
     results = {}
     for name in names:
         overrides, source = VARIANTS[name]
@@ -186,18 +191,19 @@ def main() -> None:
         results[name] = {"hidden": hidden, "measured": measured, "taus": taus, "expected": expected,
                          "at_4096": layout_bytes(name, manifest, 4096, 128256) / 4096}
         print(f"  done {name}: {json.dumps(taus)}", file=sys.stderr, flush=True)
-    print(f"offline training from each store variant: {args.samples} conversations, {args.steps} steps, seeds {seeds}; "
-          f"eval MT-Bench {args.prompts} prompts x {args.max_new_tokens} tokens, k=3  (work dir {root})")
+    print(f"offline training from each store variant: {args.samples} conversations, {args.steps} steps, "
+          f"seeds {seeds}; eval MT-Bench {args.prompts} prompts x {args.max_new_tokens} tokens, k=3  "
+          f"(work dir {root})")
     full = results["full"]
     for name, r in results.items():
-        print(f"  {name:14} {r['measured']:6.0f} B/token = {r['measured'] / r['hidden']:.2f}*H (H={r['hidden']}), "
-              f"{r['at_4096']:.2f}*H at H=4096")
+        print(f"  {name:14} {r['measured']:6.0f} B/token = {r['measured'] / r['hidden']:.2f}*H "
+              f"(H={r['hidden']}), {r['at_4096']:.2f}*H at H=4096")
         for metric, label in (("taus", "decoding tau"), ("expected", "teacher-forced tau")):
             cells = []
             for t, values in r[metric].items():
                 ratios = [v / f for v, f in zip(values, full[metric][t])]  # paired by seed
-                spread = (f" [{' '.join(f'{v:.3f}' for v in values)}], ratio sd {statistics.stdev(ratios):.3f}"
-                          if len(values) > 1 else "")
+                spread = (f" [{' '.join(f'{v:.3f}' for v in values)}], "
+                          f"ratio sd {statistics.stdev(ratios):.3f}" if len(values) > 1 else "")
                 cells.append(f"T={t:g} {statistics.mean(values):.3f} x{statistics.mean(ratios):.3f}{spread}")
             print(f"      {label:18}: " + " | ".join(cells))
     print("goal: compact within 2% of full (ratio >= 0.98) at <= 3.5*H bytes/token")

@@ -27,7 +27,8 @@ def bench_forward(repeats: int = 3) -> None:
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(3, 8192, (n,), generator=g) for n in lengths]
     length = max(lengths)
-    batch = {"input_ids": torch.zeros(8, length, dtype=torch.long), "position_ids": torch.zeros(8, length, dtype=torch.long),
+    batch = {"input_ids": torch.zeros(8, length, dtype=torch.long),
+             "position_ids": torch.zeros(8, length, dtype=torch.long),
              "document_ids": torch.full((8, length), -1)}
     for r, s in enumerate(seqs):
         batch["input_ids"][r, :len(s)], batch["position_ids"][r, :len(s)] = s, torch.arange(len(s))
@@ -75,7 +76,8 @@ def peak_logits_memory(mode: str) -> None:
 def bench_memory() -> None:
     results = {}
     for mode in ("full", "chunked"):
-        proc = subprocess.run([sys.executable, __file__, "--memory", mode], capture_output=True, text=True, check=True)
+        proc = subprocess.run([sys.executable, __file__, "--memory", mode], capture_output=True, text=True,
+                              check=True)
         results[mode] = float(proc.stdout.split()[-2])
     print(f"teacher logits, V={VOCAB}, H={HIDDEN}, {POSITIONS} positions, draft vocab 32000, fp32 "
           f"(peak RSS increase)")

@@ -24,8 +24,9 @@ sys.path.insert(0, str(REPO))
 
 
 def overrides(args, run_dir: str, mode: str) -> list:
-    return [f"run_dir={run_dir}", f"data.cache_dir={args.cache}", "data.max_samples=200", "data.max_length=512",
-            f"trainer.max_tokens_per_batch={args.tokens}", "draft.draft_vocab_size=2048", "draft.ttt_steps=7",
+    return [f"run_dir={run_dir}", f"data.cache_dir={args.cache}", "data.max_samples=200",
+            "data.max_length=512", f"trainer.max_tokens_per_batch={args.tokens}",
+            "draft.draft_vocab_size=2048", "draft.ttt_steps=7",
             f"trainer.mode={mode}", "trainer.eval_every=0", "trainer.ckpt_every=0", "logger.progress=false",
             "trainer.resume=never", f"trainer.max_steps={args.steps + 2}", "store.layout=compact"]
 
@@ -86,8 +87,9 @@ def _port() -> str:
 
 def launch(args, mode: str, world: int, run_dir: str) -> dict:
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(world), "--no_local_rank",
-           "--master_port", _port(), str(Path(__file__).resolve()), "--worker", "--mode", mode, "--run-dir", run_dir,
-           "--steps", str(args.steps), "--tokens", str(args.tokens), "--cache", args.cache]
+           "--master_port", _port(), str(Path(__file__).resolve()), "--worker", "--mode", mode,
+           "--run-dir", run_dir, "--steps", str(args.steps), "--tokens", str(args.tokens),
+           "--cache", args.cache]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // world))}
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("BENCH ")]
@@ -109,8 +111,8 @@ def main() -> None:
         return worker(args)
     root = Path(tempfile.mkdtemp(prefix="aerie-bench-train-"))
     store_run = str(root / "offline")
-    subprocess.run([str(Path(sys.executable).parent / "aerie"), "dump", *overrides(args, store_run, "online")],
-                   cwd=REPO, check=True, capture_output=True)
+    subprocess.run([str(Path(sys.executable).parent / "aerie"), "dump",
+                    *overrides(args, store_run, "online")], cwd=REPO, check=True, capture_output=True)
     results = {}
     for mode in ("online", "offline"):
         for world in (1, 2):

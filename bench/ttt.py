@@ -1,9 +1,9 @@
 """One TTT training step (forward + backward, k=7) with lean vs naive dense-mask attention.
 
 Each (variant, L) runs in its own subprocess, which reports the step time and its peak-RSS growth during the
-step (ru_maxrss after - before).  Tiny config like the tiny target: hidden 256, 8 heads / 4 kv heads, vocab 8192,
-draft vocab 2048, B=1.  Prints lean/naive ratios.  The naive run is skipped when its memory, extrapolated
-quadratically from the previous length, would not fit in the available memory.
+step (ru_maxrss after - before).  Tiny config like the tiny target: hidden 256, 8 heads / 4 kv heads, vocab
+8192, draft vocab 2048, B=1.  Prints lean/naive ratios.  The naive run is skipped when its memory,
+extrapolated quadratically from the previous length, would not fit in the available memory.
 
     .venv/bin/python bench/ttt.py [--lengths 512 2048 4096] [--steps 7]
 """
@@ -95,8 +95,9 @@ def main() -> None:
         if naive_previous is not None:
             expected = naive_previous[1] * (length / naive_previous[0]) ** 2
             if expected > 0.8 * available_mib():
-                print(f"{length:>6} {lean['seconds']:>8.2f} {'skipped':>8} {'-':>10} {lean['peak_mib']:>9.0f} "
-                      f"{'~%.0f?' % expected:>10} {'-':>9}  (naive would need ~{expected:.0f} MiB)")
+                print(f"{length:>6} {lean['seconds']:>8.2f} {'skipped':>8} {'-':>10} "
+                      f"{lean['peak_mib']:>9.0f} {'~%.0f?' % expected:>10} {'-':>9}  "
+                      f"(naive would need ~{expected:.0f} MiB)")
                 continue
         naive = measure("dense", length, args.steps)
         naive_previous = (length, naive["peak_mib"])

@@ -3,12 +3,12 @@
     python bench/vllm_probe.py DRAFT_DIR [--max-prompts 16] [--max-new-tokens 64] [--k 3] [--temperature 1]
 
 Serves the draft's vllm export in real vLLM (bench/vllm_probe_worker.py: one worker, one LLM per run) with
-draft_sample_method greedy and probabilistic, each as vLLM ships and with the worker's fix of its CPU temperature
-expansion.  Per draft position, over the draft tokens vLLM verified (so given the earlier ones were accepted):
-vLLM's acceptance rate; the mean min(1, p(x)/q(x)) of the p and q its sampler was handed (the rate that sampler
-must give); the mean Σ_v min(p, q) (what exact speculative sampling accepts when x ~ q); the mean q(x); and the
-sampler calls without draft probabilities.  Then Aerie's decoder on the same export, prompts, k and T with
-eval.verify=exact and target_only.
+draft_sample_method greedy and probabilistic, each as vLLM ships and with the worker's fix of its CPU
+temperature expansion.  Per draft position, over the draft tokens vLLM verified (so given the earlier ones
+were accepted): vLLM's acceptance rate; the mean min(1, p(x)/q(x)) of the p and q its sampler was handed (the
+rate that sampler must give); the mean Σ_v min(p, q) (what exact speculative sampling accepts when x ~ q); the
+mean q(x); and the sampler calls without draft probabilities.  Then Aerie's decoder on the same export,
+prompts, k and T with eval.verify=exact and target_only.
 """
 from __future__ import annotations
 

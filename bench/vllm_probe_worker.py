@@ -1,15 +1,16 @@
-"""What reaches vLLM's rejection sampler in a real Eagle3 run: `python vllm_probe_worker.py JOB.json OUT.json`.
+"""What reaches vLLM's rejection sampler in a real Eagle3 run: `python vllm_probe_worker.py JOB.json
+OUT.json`.
 
 Runs in vLLM's own environment (vllm, torch, stdlib), for bench/vllm_probe.py.  It wraps
-`vllm.v1.sample.rejection_sampler.rejection_sample` (what RejectionSampler.forward calls) and records, for every
-draft token vLLM verifies, from the very tensors it is handed: whether draft probabilities came at all, q(x) (the
-draft's probability of its token x), p(x) (the target's, after vLLM's temperature), Σ_v min(p(v), q(v)) (the
-exact acceptance probability of x ~ q), and whether vLLM accepted x; tokens after a rejection are not verified
-and not counted.  A job is the standard worker's (tools/vllm/worker.py, imported from the job's "worker_dir")
-plus, per run, "fix_cpu_expand" (apply that worker's fix of vLLM's CPU expand_kernel when it is broken); each
-run's result adds "cpu_expand_kernel_fixed" and "probe": {"num_calls", "num_calls_without_draft_probs",
-"samples", "positions": [{"num_tokens", "num_with_q", "sum_accepted", "sum_min_ratio", "sum_overlap", "sum_q_of_x",
-"num_q_zero"}]}.
+`vllm.v1.sample.rejection_sampler.rejection_sample` (what RejectionSampler.forward calls) and records, for
+every draft token vLLM verifies, from the very tensors it is handed: whether draft probabilities came at all,
+q(x) (the draft's probability of its token x), p(x) (the target's, after vLLM's temperature),
+Σ_v min(p(v), q(v)) (the exact acceptance probability of x ~ q), and whether vLLM accepted x; tokens after a
+rejection are not verified and not counted.  A job is the standard worker's (tools/vllm/worker.py, imported
+from the job's "worker_dir") plus, per run, "fix_cpu_expand" (apply that worker's fix of vLLM's CPU
+expand_kernel when it is broken); each run's result adds "cpu_expand_kernel_fixed" and "probe": {"num_calls",
+"num_calls_without_draft_probs", "samples", "positions": [{"num_tokens", "num_with_q", "sum_accepted",
+"sum_min_ratio", "sum_overlap", "sum_q_of_x", "num_q_zero"}]}.
 """
 import json
 import os
@@ -29,7 +30,8 @@ class Probe:
                    target_logits, bonus_token_ids, sampling_metadata, *args, **kwargs):
             # copies first: the sampler may work in place on what it is handed
             seen = (draft_token_ids.clone(), list(num_draft_tokens),
-                    None if draft_probs is None else draft_probs.float().clone(), target_logits.float().clone())
+                    None if draft_probs is None else draft_probs.float().clone(),
+                    target_logits.float().clone())
             out = rejection_sample(draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens,
                                    draft_probs, target_logits, bonus_token_ids, sampling_metadata, *args,
                                    **kwargs)
@@ -78,7 +80,8 @@ def main(argv) -> int:
     with open(argv[1]) as handle:
         job = json.load(handle)
     sys.path.insert(0, job["worker_dir"])
-    import worker as vllm_worker  # the standard worker (tools/vllm/worker.py): one LLM per run, vLLM's own counters
+    # the standard worker (tools/vllm/worker.py): one LLM per run, vLLM's own counters
+    import worker as vllm_worker
     from vllm.utils import cpu_triton_utils
 
     shipped = cpu_triton_utils._expand_kernel_impl

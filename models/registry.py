@@ -14,7 +14,8 @@ from __future__ import annotations
 from data.registry import MODALITIES, Registry  # noqa: F401  (MODALITIES: one import for every registry)
 
 TARGETS = Registry("target backend", {"hf": "models.targets.hf"})
-DRAFTS = Registry("draft architecture", {"eagle3_llama": "models.draft.eagle3", "dflash": "models.draft.dflash"})
+DRAFTS = Registry("draft architecture",
+                  {"eagle3_llama": "models.draft.eagle3", "dflash": "models.draft.dflash"})
 OBJECTIVES = Registry("training objective",
                       {"ttt": "models.objectives.ttt", "dflash": "models.objectives.dflash"})
 LOSSES = Registry("objective loss",

@@ -1,8 +1,8 @@
 """Attention of one unrolled training-time-test (TTT) step of an Eagle3 draft.
 
 At step i the query at position t attends to the step-0 keys at positions <= t of its own document and to
-the keys of steps 1..i at position t only.  The lean path never builds a (L, L*k) score tensor: the causal part
-runs through a fused kernel that also returns its log-sum-exp, the per-position extra keys are (L, i) dot
+the keys of steps 1..i at position t only.  The lean path never builds a (L, L*k) score tensor: the causal
+part runs through a fused kernel that also returns its log-sum-exp, the per-position extra keys are (L, i) dot
 products, and both are merged exactly in log space.  The dense path builds the full mask and is the reference
 for small L.
 
@@ -16,15 +16,16 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-# (row, start, end) of each document; None means every row holds one document starting at 0 (padding after it),
-# so one causal call over the whole batch is exact for all non-padding queries.
+# (row, start, end) of each document; None means every row holds one document starting at 0 (padding after
+# it), so one causal call over the whole batch is exact for all non-padding queries.
 Segments = Optional[List[Tuple[int, int, int]]]
 
 QUERY_CHUNK = 256  # queries per chunk of the portable (non-CPU) causal path
 
 
 def document_segments(document_ids: Tensor) -> Segments:
-    """Contiguous (row, start, end) runs of each document, padding (-1) excluded; None when no row is packed."""
+    """Contiguous (row, start, end) runs of each document, padding (-1) excluded; None when no row is
+    packed."""
     ids = document_ids.detach().cpu()
     if bool(((ids == 0) | (ids == -1)).all()):
         return None
@@ -50,7 +51,8 @@ class _CpuCausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, segments):
         if segments is None:
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True,
+                                                                                  scale=scale)
         else:
             out = q.new_zeros(q.shape)
             lse = q.new_zeros(q.shape[:-1], dtype=torch.float32 if q.dtype != torch.float64 else q.dtype)
@@ -131,7 +133,8 @@ def _portable_causal_attention(q, k, v, scale, document_ids):
 def causal_attention_with_lse(
     q: Tensor, k: Tensor, v: Tensor, scale: float, document_ids: Tensor, segments: Segments
 ) -> Tuple[Tensor, Tensor]:
-    """Causal attention within documents; returns out (like q) and the log-sum-exp of the scores (B, heads, L).
+    """Causal attention within documents; returns out (like q) and the log-sum-exp of the scores
+    (B, heads, L).
 
     Values at padding positions are finite but meaningless.
     """
@@ -148,7 +151,8 @@ def lean_ttt_attention(
     document_ids: Tensor,
     segments: Segments,
 ) -> Tensor:
-    """Attention of TTT step i = len(keys) - 1; keys[0]/values[0] are step 0's, keys[j] step j's (same positions)."""
+    """Attention of TTT step i = len(keys) - 1; keys[0]/values[0] are step 0's, keys[j] step j's (same
+    positions)."""
     out, lse = causal_attention_with_lse(q, keys[0], values[0], scale, document_ids, segments)
     if len(keys) == 1:
         return out
@@ -183,7 +187,8 @@ def dense_ttt_attention(
     k = torch.cat(list(keys), 2).repeat_interleave(groups, 1)
     v = torch.cat(list(values), 2).repeat_interleave(groups, 1)
     positions = torch.arange(length, device=q.device)
-    causal = (positions[:, None] >= positions[None, :]) & (document_ids[:, :, None] == document_ids[:, None, :])
+    causal = ((positions[:, None] >= positions[None, :])
+              & (document_ids[:, :, None] == document_ids[:, None, :]))
     same_position = (positions[:, None] == positions[None, :]).expand_as(causal)
     mask = torch.cat([causal] + [same_position] * (steps - 1), -1)  # (B, L, L * steps)
     scores = (q @ k.transpose(-1, -2)).to(_compute_dtype(q)) * scale

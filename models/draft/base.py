@@ -6,7 +6,8 @@ models/draft/ names a concrete draft class: they build drafts with `DRAFTS.get(a
 read them back with models/draft/io.py, and export them with the formats in tools/export/ that list the
 architecture in their `archs`.
 
-    config_class        the Hydra schema of conf/draft/<name>.yaml (has `arch`, `num_layers`, `draft_vocab_size`)
+    config_class        the Hydra schema of conf/draft/<name>.yaml (has `arch`, `num_layers`,
+                        `draft_vocab_size`)
     model_config_class  the serialised model config (to_dict / from_dict), config.json of an Aerie draft dir
     architecture        the registered name
     drafting            "chain" (new_cache / step / extend, one token per step) or "block" (new_context /
@@ -21,7 +22,8 @@ from torch import Tensor, nn
 
 
 class DraftModel(nn.Module):
-    """Base of every draft: a frozen target embedding, a draft vocabulary (d2t / t2d buffers) and an lm_head."""
+    """Base of every draft: a frozen target embedding, a draft vocabulary (d2t / t2d buffers) and an
+    lm_head."""
 
     config_class: ClassVar[type]
     model_config_class: ClassVar[type]
@@ -35,7 +37,8 @@ class DraftModel(nn.Module):
 
     @classmethod
     def from_target(cls, draft_cfg, spec) -> "DraftModel":
-        """The draft sized from its conf/draft/ settings and the target's TargetSpec (models/targets/base.py)."""
+        """The draft sized from its conf/draft/ settings and the target's TargetSpec
+        (models/targets/base.py)."""
         raise NotImplementedError(f"{cls.__name__} must define from_target")
 
     def load_embedding(self, weight: Tensor) -> None:
@@ -54,8 +57,10 @@ class DraftModel(nn.Module):
             raise ValueError(f"draft vocab shapes {shapes}; expected ({vd},), ({v},)")
         target_ids = torch.arange(vd) + d2t.long().cpu()
         t2d_cpu = t2d.bool().cpu()
-        if int(t2d_cpu.sum()) != vd or not bool(t2d_cpu[target_ids.clamp(0, v - 1)].all()) or target_ids.max() >= v:
-            raise ValueError("draft vocab: d2t and t2d disagree (t2d must be True exactly at the ids i + d2t[i])")
+        if (int(t2d_cpu.sum()) != vd or not bool(t2d_cpu[target_ids.clamp(0, v - 1)].all())
+                or target_ids.max() >= v):
+            raise ValueError("draft vocab: d2t and t2d disagree "
+                             "(t2d must be True exactly at the ids i + d2t[i])")
         self.d2t.copy_(d2t.long())
         self.t2d.copy_(t2d.bool())
 

@@ -1,20 +1,21 @@
 """DFlash block drafter, laid out the way vLLM serves it (`method: "dflash"`: qwen3_dflash.py and
 v1/spec_decode/dflash.py).
 
-One forward pass drafts a whole block.  With the target's positions 0..n-1 verified and x_n the token the target
-just produced (the "bonus" token, not yet seen by the target):
+One forward pass drafts a whole block.  With the target's positions 0..n-1 verified and x_n the token the
+target just produced (the "bonus" token, not yet seen by the target):
 
-    ctx_t   = hidden_norm(fc(cat(aux hidden states of the target at t)))        t = 0..n-1 (the context)
-    K_ctx^l = rope(k_norm(k_proj^l(ctx_t)), t), V_ctx^l = v_proj^l(ctx_t)        per layer l, from the same ctx
-    h       = embed([x_n, MASK, ..., MASK]) at positions n, n+1, ..., n+k       (mask_embedding at the MASKs)
+    ctx_t   = hidden_norm(fc(cat(aux hidden states of the target at t)))     t = 0..n-1 (the context)
+    K_ctx^l = rope(k_norm(k_proj^l(ctx_t)), t), V_ctx^l = v_proj^l(ctx_t)     per layer l, from the same ctx
+    h       = embed([x_n, MASK, ..., MASK]) at positions n, n+1, ..., n+k    (mask_embedding at the MASKs)
     layer   = Qwen3 decoder layer (q_norm/k_norm, RoPE) whose queries attend, without a causal mask, to the
               context keys and to the keys of the whole block
-    logits  = lm_head(norm(h)) at positions n+1..n+k                            -> draft tokens for x_{n+1..n+k}
+    logits  = lm_head(norm(h)) at positions n+1..n+k                         -> draft tokens for x_{n+1..n+k}
 
-The context is never run through the layers: it only gives keys and values.  The token embedding is the target's
-(frozen); the mask token's embedding is trained (vLLM reads it from mask_embedding.pt).  Training goes through
-models.draft.dflash_objective (registered as objective=dflash) (many blocks per sequence in one pass); `new_context`/`extend_context`/`draft_block`
-is the inference API (context key/value cache) used by evaluation and export checks.
+The context is never run through the layers: it only gives keys and values.  The token embedding is the
+target's (frozen); the mask token's embedding is trained (vLLM reads it from mask_embedding.pt).  Training
+goes through models.draft.dflash_objective (registered as objective=dflash) (many blocks per sequence in one
+pass); `new_context`/`extend_context`/`draft_block` is the inference API (context key/value cache) used by
+evaluation and export checks.
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ class DFlashConfig:
     head_dim: Optional[int] = None
     rms_norm_eps: Optional[float] = None
     draft_vocab_size: int = 32000  # clipped to the target vocab size
-    block_size: int = 8  # anchor + block_size - 1 drafted tokens: serve with num_speculative_tokens < block_size
+    # anchor + block_size - 1 drafted tokens: serve with num_speculative_tokens < block_size
+    block_size: int = 8
     num_anchors: int = 64  # blocks trained per row of a micro-batch (sampled among the valid anchors)
     loss_decay: float = 7.0  # weight of block position j: exp(-(j - 1) / loss_decay); 0 -> equal weights
     mask_token_id: Optional[int] = None  # target id fed at the masked slots; None -> vocab_size - 1
@@ -150,8 +152,9 @@ class DFlashDraft(DraftModel):
     """DFlash draft.  Training: models.draft.dflash_objective.dflash_forward.  Inference:
 
         context = draft.new_context()
-        draft.extend_context(aux[:, :n], positions[:, :n], context)    # target aux states of verified positions
-        logits = draft.draft_block(bonus_ids, positions[:, n - 1] + 1, k, context)   # (B, k, Vd) for x_{n+1..n+k}
+        draft.extend_context(aux[:, :n], positions[:, :n], context)  # target aux states of verified positions
+        logits = draft.draft_block(bonus_ids, positions[:, n - 1] + 1, k,
+                                   context)  # (B, k, Vd) for x_{n+1..n+k}
         # after verification: extend_context with the newly verified positions (or crop(n) to drop some)
     """
 
@@ -182,14 +185,17 @@ class DFlashDraft(DraftModel):
         if draft_cfg.arch != "dflash":
             raise ValueError(f"draft.arch is {draft_cfg.arch!r}, DFlashDraft builds 'dflash'")
         if (spec.rope_scaling or {}).get("mrope_section"):
-            raise ValueError("draft=dflash: vLLM's DFlash draft applies 1-D RoPE; M-RoPE targets are not supported")
+            raise ValueError("draft=dflash: vLLM's DFlash draft applies 1-D RoPE; "
+                             "M-RoPE targets are not supported")
         if draft_cfg.num_layers < 1 or draft_cfg.block_size < 2 or draft_cfg.num_anchors < 1:
-            raise ValueError("draft.num_layers >= 1, draft.block_size >= 2 and draft.num_anchors >= 1 are required")
+            raise ValueError("draft.num_layers >= 1, draft.block_size >= 2 and draft.num_anchors >= 1 "
+                             "are required")
         if draft_cfg.loss_decay < 0:
             raise ValueError(f"draft.loss_decay must be >= 0, got {draft_cfg.loss_decay}")
         mask_token_id = _resolve(draft_cfg.mask_token_id, spec.vocab_size - 1)
         if not 0 <= mask_token_id < spec.vocab_size:
-            raise ValueError(f"draft.mask_token_id={mask_token_id} is not a target id in [0, {spec.vocab_size})")
+            raise ValueError(f"draft.mask_token_id={mask_token_id} is not a target id "
+                             f"in [0, {spec.vocab_size})")
         config = DFlashModelConfig(
             **layer_fields(draft_cfg, spec),
             block_size=draft_cfg.block_size,
@@ -199,14 +205,14 @@ class DFlashDraft(DraftModel):
         draft.gradient_checkpointing = draft_cfg.gradient_checkpointing
         return draft
 
-    # ---- what every draft offers the trainer, export and eval -------------------------------------------------
+    # ---- what every draft offers the trainer, export and eval ----------------------------------------------
     def load_embedding(self, weight: Tensor) -> None:
         """The target's (V, H) embedding; the mask embedding starts from the mask token's row."""
         super().load_embedding(weight)
         with torch.no_grad():
             self.mask_embedding.copy_(weight[self.config.mask_token_id])
 
-    # ---- the served forward ----------------------------------------------------------------------------------
+    # ---- the served forward --------------------------------------------------------------------------------
     def embed_block(self, ids: Tensor, is_mask: Tensor) -> Tensor:
         """Embeddings of block ids (B, Q); the trained mask embedding where is_mask."""
         embeds = self.embed_tokens(ids).to(self.mask_embedding.dtype)
@@ -236,7 +242,7 @@ class DFlashDraft(DraftModel):
                 hidden = layer(hidden, kv, cos, sin, visible)
         return hidden
 
-    # ---- inference with a context cache ----------------------------------------------------------------------
+    # ---- inference with a context cache --------------------------------------------------------------------
     def new_context(self) -> DraftKVCache:
         """Per-layer rotated context keys and values of the verified positions (crop(n) drops later ones)."""
         return DraftKVCache(len(self.layers))
@@ -254,7 +260,8 @@ class DFlashDraft(DraftModel):
             raise ValueError(f"num_tokens={num_tokens}: this DFlash draft was trained with block_size="
                              f"{self.config.block_size}, so it drafts 1..{self.config.block_size - 1} tokens")
         offsets = torch.arange(num_tokens + 1, device=bonus_ids.device)
-        ids = torch.full((bonus_ids.shape[0], num_tokens + 1), self.config.mask_token_id, device=bonus_ids.device)
+        ids = torch.full((bonus_ids.shape[0], num_tokens + 1), self.config.mask_token_id,
+                         device=bonus_ids.device)
         ids[:, 0] = bonus_ids
         embeds = self.embed_block(ids, offsets[None].expand_as(ids) > 0)
         positions = bonus_positions[:, None] + offsets

@@ -1,19 +1,21 @@
-"""DFlash training objective: many drafted blocks per sequence in one pass, each seeing what vLLM would give it.
+"""DFlash training objective: many drafted blocks per sequence in one pass, each seeing what vLLM would give
+it.
 
 Anchors: position a of a row is an anchor when a is not its document's first token and x_{a+1} is in the same
-document and loss-masked (the block's first drafted token is trained).  Up to `num_anchors` anchors per row are
-drawn without replacement, from a generator seeded by the batch's content (so an exact resume redraws them).
+document and loss-masked (the block's first drafted token is trained).  Up to `num_anchors` anchors per row
+are drawn without replacement, from a generator seeded by the batch's content (so an exact resume redraws
+them).
 
-Block at anchor a (block size S): ids [x_a, MASK, ..., MASK] at positions pos[a], pos[a] + 1, ..., pos[a] + S - 1.
-Its queries see the context keys of positions t < a of a's document (exactly the verified prefix when x_a is the
-bonus token) and every key of their own block, nothing else.  Block position j >= 1 predicts x_{a+j}: the
-teacher is the target's distribution at a + j - 1 (teacher_logits, already over the draft vocabulary), valid when
-a + j is in a's document and loss-masked.
+Block at anchor a (block size S): ids [x_a, MASK, ..., MASK] at positions pos[a], pos[a] + 1, ...,
+pos[a] + S - 1.  Its queries see the context keys of positions t < a of a's document (exactly the verified
+prefix when x_a is the bonus token) and every key of their own block, nothing else.  Block position j >= 1
+predicts x_{a+j}: the teacher is the target's distribution at a + j - 1 (teacher_logits, already over the
+draft vocabulary), valid when a + j is in a's document and loss-masked.
 
 loss_j = mean over valid blocks of the soft cross-entropy against softmax(teacher); loss = sum_j w_j loss_j /
 sum_j w_j with w_j = exp(-(j - 1) / loss_decay) (the later positions only count when the earlier ones are
-accepted); loss_decay = 0 gives equal weights.  Accuracy j compares the draft's argmax (as a target id) with the
-target's argmax at a + j - 1.  The output has the TTT objective's fields, one "step" per drafted position.
+accepted); loss_decay = 0 gives equal weights.  Accuracy j compares the draft's argmax (as a target id) with
+the target's argmax at a + j - 1.  The output has the TTT objective's fields, one "step" per drafted position.
 """
 from __future__ import annotations
 
@@ -73,7 +75,8 @@ def block_layout(anchors: Tensor, position_ids: Tensor, document_ids: Tensor, bl
 
 def block_hidden(draft, input_ids: Tensor, aux_hidden_states: Tensor, position_ids: Tensor,
                  document_ids: Tensor, anchors: Tensor) -> Tensor:
-    """Out states (B, N, S - 1, H), before the final norm, of the drafted positions of the blocks at anchors."""
+    """Out states (B, N, S - 1, H), before the final norm, of the drafted positions of the blocks at
+    anchors."""
     block_size = draft.config.block_size
     batch, num = anchors.shape
     positions, visible = block_layout(anchors, position_ids, document_ids, block_size)
@@ -94,7 +97,8 @@ def dflash_forward(draft, input_ids: Tensor, aux_hidden_states: Tensor, teacher_
     if teacher_logits.shape[-1] != vd:
         raise ValueError(f"teacher_logits last dim {teacher_logits.shape[-1]} != draft_vocab_size {vd}")
     if position_ids.dim() != 2:
-        raise ValueError("draft=dflash takes (B, L) position ids; M-RoPE (3, B, L) positions are not supported")
+        raise ValueError("draft=dflash takes (B, L) position ids; "
+                         "M-RoPE (3, B, L) positions are not supported")
     if anchors is None:
         valid = valid_anchors(loss_mask, document_ids)
         anchors, keep = sample_anchors(valid, num_anchors, batch_generator(input_ids))
@@ -118,8 +122,8 @@ def dflash_forward(draft, input_ids: Tensor, aux_hidden_states: Tensor, teacher_
         accept = torch.minimum(teacher_probs, logits.softmax(-1)).sum(-1)
 
     num_steps = block_size - 1
-    counts = torch.zeros(num_steps, dtype=logits.dtype, device=logits.device).index_add_(0, steps, torch.ones_like(
-        per_token))
+    counts = torch.zeros(num_steps, dtype=logits.dtype, device=logits.device).index_add_(
+        0, steps, torch.ones_like(per_token))
     loss_sums = torch.zeros_like(counts).index_add_(0, steps, per_token)
     correct = torch.zeros_like(counts).index_add_(0, steps, hits)
     accepted = torch.zeros_like(counts).index_add_(0, steps, accept)

@@ -6,13 +6,13 @@
     out    = r + mlp(post_attention_layernorm(r))
     logits = lm_head(norm(out))                                    # over the draft vocabulary
 
-EAGLE 3.1 switches (vLLM llama_eagle3.py): `norm_before_fc` applies one RMSNorm (input_norm) to the concatenated
-aux states before fc, `fc_norm` one RMSNorm per aux layer (fc_norm.i), and `norm_output` feeds the next draft
-step norm(out) instead of out (logits are lm_head(norm(out)) either way).
+EAGLE 3.1 switches (vLLM llama_eagle3.py): `norm_before_fc` applies one RMSNorm (input_norm) to the
+concatenated aux states before fc, `fc_norm` one RMSNorm per aux layer (fc_norm.i), and `norm_output` feeds
+the next draft step norm(out) instead of out (logits are lm_head(norm(out)) either way).
 
-Further layers (num_layers > 1) are plain Llama layers on H.  Rotary embeddings use the target's rope_theta and
-rope_scaling.  The token embedding is the target's, frozen.  Training goes through models.draft.ttt; `step` is
-the inference API (KV cache) used by evaluation and export checks.
+Further layers (num_layers > 1) are plain Llama layers on H.  Rotary embeddings use the target's rope_theta
+and rope_scaling.  The token embedding is the target's, frozen.  Training goes through models.draft.ttt;
+`step` is the inference API (KV cache) used by evaluation and export checks.
 """
 from __future__ import annotations
 
@@ -99,16 +99,19 @@ def rope_inv_freq(config: Eagle3ModelConfig) -> Tuple[Tensor, float]:
     """Inverse frequencies and cos/sin scaling from the target's rope_theta / rope_scaling."""
     scaling = dict(config.rope_scaling or {})
     rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
-    if rope_type in ("default", "mrope"):  # M-RoPE: default frequencies, split over (t, h, w) by RotaryEmbedding
+    # M-RoPE: default frequencies, split over (t, h, w) by RotaryEmbedding
+    if rope_type in ("default", "mrope"):
         exponents = torch.arange(0, config.head_dim, 2, dtype=torch.int64).float() / config.head_dim
         return 1.0 / (config.rope_theta**exponents), 1.0
     if rope_type in ("dynamic", "longrope"):
-        raise ValueError(f"rope_scaling type {rope_type!r} depends on the sequence length; not supported by the draft")
+        raise ValueError(f"rope_scaling type {rope_type!r} depends on the sequence length; "
+                         "not supported by the draft")
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     if rope_type not in ROPE_INIT_FUNCTIONS:
-        raise ValueError(f"unknown rope_scaling type {rope_type!r}; known: default, {', '.join(ROPE_INIT_FUNCTIONS)}")
+        raise ValueError(f"unknown rope_scaling type {rope_type!r}; "
+                         f"known: default, {', '.join(ROPE_INIT_FUNCTIONS)}")
     llama_config = LlamaConfig(
         hidden_size=config.hidden_size,
         num_attention_heads=config.num_attention_heads,
@@ -129,7 +132,8 @@ def mrope_components(section: List[int], interleaved: bool) -> Tensor:
     if not interleaved:
         return torch.repeat_interleave(torch.arange(len(section)), torch.tensor(section, dtype=torch.long))
     if len(section) != 3:
-        raise ValueError(f"rope_scaling.mrope_interleaved needs a 3-part mrope_section (t, h, w), got {section}")
+        raise ValueError(f"rope_scaling.mrope_interleaved needs a 3-part mrope_section (t, h, w), "
+                         f"got {section}")
     j = torch.arange(sum(section))
     component = torch.zeros_like(j)
     component[(j % 3 == 1) & (j < 3 * section[1])] = 1
@@ -151,7 +155,8 @@ class RotaryEmbedding(nn.Module):
         scaling = config.rope_scaling or {}
         section = [int(n) for n in scaling.get("mrope_section") or []]
         if section and sum(section) != inv_freq.numel():
-            raise ValueError(f"rope_scaling.mrope_section {section} must sum to head_dim/2 = {inv_freq.numel()}")
+            raise ValueError(f"rope_scaling.mrope_section {section} must sum to "
+                             f"head_dim/2 = {inv_freq.numel()}")
         component = mrope_components(section, bool(scaling.get("mrope_interleaved")))
         self.register_buffer("mrope_component", component, persistent=False)
 
@@ -159,11 +164,13 @@ class RotaryEmbedding(nn.Module):
         freqs = position_ids.float()[..., None] * self.inv_freq
         if position_ids.dim() == 3:  # (3, B, T) -> pick each frequency's component
             if self.mrope_component.numel() == 0:
-                raise ValueError("3D (M-RoPE) position ids given to a draft whose rope_scaling has no mrope_section")
+                raise ValueError("3D (M-RoPE) position ids given to a draft whose rope_scaling "
+                                 "has no mrope_section")
             index = self.mrope_component.expand(1, *freqs.shape[1:])
             freqs = freqs.gather(0, index).squeeze(0)
         angles = torch.cat([freqs, freqs], -1)  # (B, T, head_dim)
-        return (angles.cos() * self.attention_scaling).to(dtype), (angles.sin() * self.attention_scaling).to(dtype)
+        return ((angles.cos() * self.attention_scaling).to(dtype),
+                (angles.sin() * self.attention_scaling).to(dtype))
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -276,13 +283,15 @@ def attention_sizes(draft_cfg, spec) -> Tuple[int, int, int, int]:
     same_heads = heads == spec.num_attention_heads
     kv_heads = _resolve(draft_cfg.num_key_value_heads, spec.num_key_value_heads if same_heads else heads)
     if heads % kv_heads:
-        raise ValueError(f"draft.num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
-    return hidden, heads, kv_heads, _resolve(draft_cfg.head_dim, spec.head_dim if same_heads else hidden // heads)
+        raise ValueError(f"draft.num_attention_heads={heads} is not a multiple of "
+                         f"num_key_value_heads={kv_heads}")
+    return hidden, heads, kv_heads, _resolve(draft_cfg.head_dim,
+                                             spec.head_dim if same_heads else hidden // heads)
 
 
 def layer_fields(draft_cfg, spec) -> dict:
-    """The decoder-layer, rotary and vocabulary fields every draft's model config shares, from the draft config
-    (None: the target's) and the target spec."""
+    """The decoder-layer, rotary and vocabulary fields every draft's model config shares, from the draft
+    config (None: the target's) and the target spec."""
     hidden, heads, kv_heads, head_dim = attention_sizes(draft_cfg, spec)
     return dict(
         hidden_size=hidden,
@@ -312,7 +321,7 @@ class Eagle3LlamaDraft(DraftModel):
         logits, hidden = draft.step(aux[:, :T], ids[:, 1:T + 1], pos[:, :T], cache)
         token = draft.to_target_ids(logits[:, -1].argmax(-1))     # drafts x_{T+1}
         hidden = hidden[:, -1:]
-        for j in range(1, k):                                      # draft step j at rotary position pos[T-1] + j
+        for j in range(1, k):  # draft step j at rotary position pos[T-1] + j
             logits, hidden = draft.step(hidden, token[:, None], pos[:, T - 1:T] + j, cache)
             token = draft.to_target_ids(logits[:, -1].argmax(-1))
         cache.crop(T)                                              # forget the draft tokens
@@ -346,7 +355,8 @@ class Eagle3LlamaDraft(DraftModel):
             self.fc_norm = nn.ModuleList(RMSNorm(config.target_hidden_size, config.rms_norm_eps)
                                          for _ in range(config.num_aux_layers))
         self.fc = nn.Linear(aux_size, hidden, bias=False)
-        self.layers = nn.ModuleList(Eagle3DecoderLayer(config, is_first=i == 0) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(Eagle3DecoderLayer(config, is_first=i == 0)
+                                    for i in range(config.num_layers))
         self.norm = RMSNorm(hidden, config.rms_norm_eps)
         self.lm_head = nn.Linear(hidden, config.draft_vocab_size, bias=False)
         self.rotary_emb = RotaryEmbedding(config)
@@ -384,11 +394,13 @@ class Eagle3LlamaDraft(DraftModel):
         if self.config.norm_before_fc:
             x = self.input_norm(x)
         if self.config.fc_norm:
-            x = torch.cat([norm(chunk) for norm, chunk in zip(self.fc_norm, x.chunk(len(self.fc_norm), -1))], -1)
+            x = torch.cat([norm(chunk) for norm, chunk
+                           in zip(self.fc_norm, x.chunk(len(self.fc_norm), -1))], -1)
         return self.fc(x)
 
     def next_step_hidden(self, out_hidden: Tensor) -> Tensor:
-        """What the next draft step reads: the out hidden, or norm(out) with norm_output (vLLM's aux_output)."""
+        """What the next draft step reads: the out hidden, or norm(out) with norm_output (vLLM's
+        aux_output)."""
         return self.norm(out_hidden) if self.config.norm_output else out_hidden
 
     def new_cache(self) -> DraftKVCache:
@@ -407,7 +419,8 @@ class Eagle3LlamaDraft(DraftModel):
             if aux_size == size:
                 raise ValueError("step: aux and draft hidden sizes are equal; pass is_aux explicitly")
             if hidden.shape[-1] not in (aux_size, size):
-                raise ValueError(f"step: hidden last dim {hidden.shape[-1]} is neither {aux_size} (aux) nor {size}")
+                raise ValueError(f"step: hidden last dim {hidden.shape[-1]} is neither {aux_size} (aux) "
+                                 f"nor {size}")
             is_aux = hidden.shape[-1] == aux_size
         if is_aux:
             hidden = self.fuse_aux(hidden)
@@ -425,6 +438,8 @@ class Eagle3LlamaDraft(DraftModel):
             hidden = layer.finish(attended, residual)
         return self.compute_logits(hidden), self.next_step_hidden(hidden)
 
-    def extend(self, aux_hidden_states: Tensor, ids_or_embeds: Tensor, position_ids: Tensor, cache: DraftKVCache):
-        """Append target positions (their aux states and next-token ids) to the cache; same returns as step."""
+    def extend(self, aux_hidden_states: Tensor, ids_or_embeds: Tensor, position_ids: Tensor,
+               cache: DraftKVCache):
+        """Append target positions (their aux states and next-token ids) to the cache; same returns as
+        step."""
         return self.step(aux_hidden_states, ids_or_embeds, position_ids, cache, is_aux=True)

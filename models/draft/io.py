@@ -24,7 +24,8 @@ def draft_state(draft: DraftModel) -> Dict[str, Tensor]:
     return {n: t.detach() for n, t in draft.state_dict().items() if not n.startswith("embed_tokens.")}
 
 
-def save_aerie_draft(draft: DraftModel, out_dir: Union[str, Path], state_dict: Optional[Dict[str, Tensor]] = None,
+def save_aerie_draft(draft: DraftModel, out_dir: Union[str, Path],
+                     state_dict: Optional[Dict[str, Tensor]] = None,
                      metadata: Optional[dict] = None, extra_files: Optional[Dict[str, bytes]] = None) -> Path:
     """Write config.json + model.safetensors (draft weights, d2t, t2d; no embed_tokens) and `extra_files`
     atomically to out_dir."""
@@ -33,27 +34,32 @@ def save_aerie_draft(draft: DraftModel, out_dir: Union[str, Path], state_dict: O
     expected = set(draft_state(draft))
     if set(state) != expected:
         raise ValueError(f"save_aerie_draft: state_dict names differ from the draft's: missing "
-                         f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}")
+                         f"{sorted(expected - set(state))[:5]}, "
+                         f"unexpected {sorted(set(state) - expected)[:5]}")
     config = {**draft.config.to_dict(), "aerie_format": AERIE_FORMAT, "architecture": draft.architecture,
               "metadata": dict(metadata or {})}
-    files = {CONFIG_NAME: json.dumps(config, indent=2, sort_keys=True).encode(), WEIGHTS_NAME: safetensors_bytes(state),
-             **(extra_files or {})}
+    files = {CONFIG_NAME: json.dumps(config, indent=2, sort_keys=True).encode(),
+             WEIGHTS_NAME: safetensors_bytes(state), **(extra_files or {})}
     return write_dir_atomically(out_dir, files)
 
 
-def load_draft_tensors(draft: DraftModel, state: Dict[str, Tensor], embed_weight: Optional[Tensor], source: str):
-    """`draft` (freshly built from its config) with `state`'s tensors, its d2t/t2d and the target's embedding, in
-    fp32 eval mode; tensors that load_embedding initialises from the embedding (DFlash's mask) keep their values."""
+def load_draft_tensors(draft: DraftModel, state: Dict[str, Tensor], embed_weight: Optional[Tensor],
+                       source: str):
+    """`draft` (freshly built from its config) with `state`'s tensors, its d2t/t2d and the target's embedding,
+    in fp32 eval mode; tensors that load_embedding initialises from the embedding (DFlash's mask) keep their
+    values."""
     vocab = {k: state[k] for k in ("d2t", "t2d") if k in state}
     weights = {k: v for k, v in state.items() if k not in ("d2t", "t2d")}
     missing, unexpected = draft.load_state_dict(weights, strict=False)
     missing = [n for n in missing if not n.startswith("embed_tokens.") and n not in ("d2t", "t2d")]
     if missing or unexpected or len(vocab) != 2:
         raise ValueError(f"{source}: tensors do not match the {draft.architecture} config: missing "
-                         f"{(missing + sorted({'d2t', 't2d'} - set(vocab)))[:5]}, unexpected {unexpected[:5]}")
+                         f"{(missing + sorted({'d2t', 't2d'} - set(vocab)))[:5]}, "
+                         f"unexpected {unexpected[:5]}")
     draft.set_draft_vocab(vocab["d2t"], vocab["t2d"])
     if embed_weight is not None:
-        loaded = {n: p.detach().clone() for n, p in draft.named_parameters() if not n.startswith("embed_tokens.")}
+        loaded = {n: p.detach().clone() for n, p in draft.named_parameters()
+                  if not n.startswith("embed_tokens.")}
         draft.load_embedding(embed_weight.to(draft.embed_tokens.weight.dtype))
         draft.load_state_dict(loaded, strict=False)
     return draft.float().eval()
@@ -80,7 +86,8 @@ def load_aerie_draft(path: Union[str, Path], embed_weight: Optional[Tensor] = No
     raw = read_json(path / CONFIG_NAME)
     arch = raw.get("architecture")
     if raw.get("aerie_format") != AERIE_FORMAT or arch not in DRAFTS:
-        raise ValueError(f"{path / CONFIG_NAME}: not an Aerie draft (aerie_format {raw.get('aerie_format')!r}, "
+        raise ValueError(f"{path / CONFIG_NAME}: not an Aerie draft "
+                         f"(aerie_format {raw.get('aerie_format')!r}, "
                          f"architecture {arch!r}; architectures: {', '.join(DRAFTS.names())})")
     return build_draft(arch, model_config_from_dict(arch, raw), load_file(str(path / WEIGHTS_NAME)),
                        embed_weight, str(path))

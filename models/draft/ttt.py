@@ -1,9 +1,9 @@
 """Training-time test (TTT): the Eagle3 draft unrolled for k steps on its own hidden states.
 
 Step 0 at position t reads aux_t and embed(x_{t+1}) and predicts x_{t+2} (teacher: the target at t+1).  Step i
-reads step i-1's out hidden at t and embed(x_{t+1+i}) at rotary position position_ids[t] + i, predicts x_{t+2+i}
-(teacher at t+1+i) and attends to step-0 keys at positions <= t of its document plus the keys of steps 1..i at t.
-A position is valid at step i when x_{t+2+i} is in t's document and loss_mask[t+2+i] == 1.
+reads step i-1's out hidden at t and embed(x_{t+1+i}) at rotary position position_ids[t] + i, predicts
+x_{t+2+i} (teacher at t+1+i) and attends to step-0 keys at positions <= t of its document plus the keys of
+steps 1..i at t.  A position is valid at step i when x_{t+2+i} is in t's document and loss_mask[t+2+i] == 1.
 
 loss_i is a per-position loss from models.objectives.losses (default: the soft cross-entropy against
 softmax(teacher_logits), already restricted to the draft vocabulary, so renormalised over it), plus
@@ -125,7 +125,8 @@ def run_ttt_steps(
                 if compact:
                     q, k, v = (_scatter_rows(x, flat, batch, length) for x in (q, k, v))
                 attended = attention(
-                    q, past_keys[index] + (k,), past_values[index] + (v,), layer.self_attn.scale, document_ids, segments
+                    q, past_keys[index] + (k,), past_values[index] + (v,), layer.self_attn.scale,
+                    document_ids, segments
                 )
                 hidden = layer.finish(_gather_rows(attended, flat) if compact else attended, residual)
                 new_kv += [k, v]
@@ -173,11 +174,12 @@ def ttt_forward(
     loss_fn = LOSSES.get(loss)
     draft_vocab_size = draft.config.draft_vocab_size
     if teacher_logits.shape[-1] != draft_vocab_size:
-        raise ValueError(f"teacher_logits last dim {teacher_logits.shape[-1]} != draft_vocab_size {draft_vocab_size}")
+        raise ValueError(f"teacher_logits last dim {teacher_logits.shape[-1]} != "
+                         f"draft_vocab_size {draft_vocab_size}")
     if aux_hidden_states.shape[:2] != input_ids.shape or teacher_logits.shape[:2] != input_ids.shape:
         raise ValueError(
-            f"batch shapes disagree: input_ids {tuple(input_ids.shape)}, aux {tuple(aux_hidden_states.shape)}, "
-            f"teacher_logits {tuple(teacher_logits.shape)}"
+            f"batch shapes disagree: input_ids {tuple(input_ids.shape)}, "
+            f"aux {tuple(aux_hidden_states.shape)}, teacher_logits {tuple(teacher_logits.shape)}"
         )
     token_embeds = draft.embed(input_ids) if inputs_embeds is None else inputs_embeds
     valid = [valid_positions(loss_mask, document_ids, step) for step in range(ttt_steps)]

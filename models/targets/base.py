@@ -57,18 +57,21 @@ class TargetOutput:
 
 def default_aux_layer_ids(num_layers: int) -> List[int]:
     if num_layers < 4:
-        raise ValueError(f"target has {num_layers} decoder layers; default aux layers need >= 4, set aux_layer_ids")
+        raise ValueError(f"target has {num_layers} decoder layers; default aux layers need >= 4, "
+                         "set aux_layer_ids")
     return [2, num_layers // 2, num_layers - 3]
 
 
 def validate_aux_layer_ids(aux_layer_ids: List[int], num_layers: int) -> List[int]:
-    """Allowed (vLLM convention): 1 <= id <= N-1, so that the SGLang id (id-1) is a real layer; repeats allowed."""
+    """Allowed (vLLM convention): 1 <= id <= N-1, so that the SGLang id (id-1) is a real layer; repeats
+    allowed."""
     ids = [int(i) for i in aux_layer_ids]
     if not ids:
         raise ValueError("aux_layer_ids is empty; give at least one layer id")
     bad = [i for i in ids if not 1 <= i <= num_layers - 1]
     if bad:
-        raise ValueError(f"aux_layer_ids {bad} out of range: with {num_layers} layers ids must be in [1, {num_layers - 1}] "
+        raise ValueError(f"aux_layer_ids {bad} out of range: with {num_layers} layers ids must be in "
+                         f"[1, {num_layers - 1}] "
                          "(vLLM convention: input to decoder layer id)")
     return ids
 
@@ -93,7 +96,8 @@ def from_sglang_layer_ids(ids: List[int]) -> List[int]:
     return [int(i) + 1 for i in ids]
 
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # config name -> dtype
+# config name -> dtype
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def resolve_dtype(name: str) -> Optional[torch.dtype]:
@@ -119,15 +123,19 @@ class TargetModel(abc.ABC):
 
     @abc.abstractmethod
     def forward(self, batch: dict, draft_token_ids: Tensor, return_last_hidden: bool = False) -> TargetOutput:
-        """batch: input_ids/position_ids/document_ids (+ modality tensors); draft_token_ids (Vd,) target ids."""
+        """batch: input_ids/position_ids/document_ids (+ modality tensors); draft_token_ids (Vd,) target
+        ids."""
 
     @abc.abstractmethod
-    def teacher_from_hidden(self, last_hidden_state: Tensor, draft_token_ids: Tensor) -> Tuple[Tensor, Tensor]:
-        """Final norm + lm_head over chunks of positions -> (teacher_logits (.., Vd) f32, teacher_argmax (..))."""
+    def teacher_from_hidden(self, last_hidden_state: Tensor,
+                            draft_token_ids: Tensor) -> Tuple[Tensor, Tensor]:
+        """Final norm + lm_head over chunks of positions -> (teacher_logits (.., Vd) f32,
+        teacher_argmax (..))."""
 
     @abc.abstractmethod
     def embed_tokens_weight(self) -> Tensor:
         """The full (V, H) input embedding table (gathered if ZeRO-3 partitioned)."""
 
-    def __call__(self, batch: dict, draft_token_ids: Tensor, return_last_hidden: bool = False) -> TargetOutput:
+    def __call__(self, batch: dict, draft_token_ids: Tensor,
+                 return_last_hidden: bool = False) -> TargetOutput:
         return self.forward(batch, draft_token_ids, return_last_hidden=return_last_hidden)

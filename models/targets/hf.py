@@ -48,8 +48,8 @@ def gathered(params: List[Tensor]):
 
 def check_attn_implementation(cfg: TargetConfig) -> None:
     if cfg.attn_implementation not in ("sdpa", "eager"):
-        raise ValueError(f"target attn_implementation {cfg.attn_implementation!r} unsupported: the packed-document "
-                         "4D mask needs 'sdpa' or 'eager'")
+        raise ValueError(f"target attn_implementation {cfg.attn_implementation!r} unsupported: "
+                         "the packed-document 4D mask needs 'sdpa' or 'eager'")
 
 
 def document_attention_mask(document_ids: Tensor, dtype: torch.dtype, boolean: bool,
@@ -65,16 +65,19 @@ def document_attention_mask(document_ids: Tensor, dtype: torch.dtype, boolean: b
         causal = causal & (pos[:, None] - pos[None, :] < sliding_window)
     same_doc = document_ids[:, :, None] == document_ids[:, None, :]
     valid = (document_ids >= 0)[:, :, None]
-    allowed = (causal[None] & same_doc & valid) | torch.eye(length, dtype=torch.bool, device=document_ids.device)[None]
+    allowed = ((causal[None] & same_doc & valid)
+               | torch.eye(length, dtype=torch.bool, device=document_ids.device)[None])
     allowed = allowed[:, None]
     if boolean:
         return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)
 
 
 @TARGETS.register("hf")
 class HFTargetModel(TargetModel):
-    def __init__(self, module: nn.Module, cfg: TargetConfig, tokenizer=None, processor=None, name_or_path: str = ""):
+    def __init__(self, module: nn.Module, cfg: TargetConfig, tokenizer=None, processor=None,
+                 name_or_path: str = ""):
         self.cfg = cfg
         self.module = module
         self.tokenizer = tokenizer
@@ -97,7 +100,8 @@ class HFTargetModel(TargetModel):
         rope = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
         rope_theta = float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
         rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-        if c.model_type in ("qwen3_vl_text", "qwen3_vl_moe_text"):  # HF always interleaves; [24, 20, 20] default
+        # HF always interleaves; [24, 20, 20] default
+        if c.model_type in ("qwen3_vl_text", "qwen3_vl_moe_text"):
             rope_scaling = {"mrope_section": [24, 20, 20], **rope_scaling, "mrope_interleaved": True}
         if rope_scaling.get("rope_type", "default") == "default" and set(rope_scaling) <= {"rope_type"}:
             rope_scaling = None
@@ -108,9 +112,10 @@ class HFTargetModel(TargetModel):
             num_layers=num_layers, hidden_size=c.hidden_size,
             intermediate_size=getattr(c, "intermediate_size", None) or getattr(c, "moe_intermediate_size", 0),
             vocab_size=c.vocab_size, num_attention_heads=c.num_attention_heads,
-            num_key_value_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads, head_dim=head_dim,
-            rms_norm_eps=float(getattr(c, "rms_norm_eps", 1e-6)), rope_theta=rope_theta, rope_scaling=rope_scaling,
-            max_position_embeddings=getattr(c, "max_position_embeddings", 0), aux_layer_ids=list(self.aux_layer_ids))
+            num_key_value_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+            head_dim=head_dim, rms_norm_eps=float(getattr(c, "rms_norm_eps", 1e-6)), rope_theta=rope_theta,
+            rope_scaling=rope_scaling, max_position_embeddings=getattr(c, "max_position_embeddings", 0),
+            aux_layer_ids=list(self.aux_layer_ids))
 
     @classmethod
     def load(cls, cfg: TargetConfig, ds_config: Optional[dict] = None) -> "HFTargetModel":
@@ -134,7 +139,8 @@ class HFTargetModel(TargetModel):
         module = model_cls.from_pretrained(cfg.path, **kwargs)
         tokenizer, processor = load_tokenizer_and_processor(cfg, adapter_cls.is_multimodal)
         target = cls(module, cfg, tokenizer=tokenizer, processor=processor, name_or_path=cfg.path)
-        target._hf_ds_config = hf_ds_config  # HfDeepSpeedConfig is held by weakref in transformers: keep it alive
+        # HfDeepSpeedConfig is held by weakref in transformers: keep it alive
+        target._hf_ds_config = hf_ds_config
         return target
 
     # ---- forward -------------------------------------------------------------------------------
@@ -173,7 +179,8 @@ class HFTargetModel(TargetModel):
         handle = self.decoder.register_forward_pre_hook(hook, with_kwargs=True)
         try:
             model_inputs = self.adapter_cls.model_inputs(self, batch)
-            self.module.model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False, **model_inputs)
+            self.module.model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False,
+                              **model_inputs)
         finally:
             handle.remove()
         return seen["inputs_embeds"], seen["position_ids"], True
@@ -192,11 +199,13 @@ class HFTargetModel(TargetModel):
         return TargetOutput(
             aux_hidden_states=aux_hidden_states, teacher_logits=teacher_logits, teacher_argmax=teacher_argmax,
             last_hidden_state=last_hidden_state if return_last_hidden else None,
-            inputs_embeds=inputs_embeds if multimodal and self.adapter_cls.draft_reads_media_embeddings else None,
+            inputs_embeds=(inputs_embeds if multimodal and self.adapter_cls.draft_reads_media_embeddings
+                           else None),
             position_ids=position_ids if position_ids.dim() == 3 else None)
 
     @torch.no_grad()
-    def teacher_from_hidden(self, last_hidden_state: Tensor, draft_token_ids: Tensor) -> Tuple[Tensor, Tensor]:
+    def teacher_from_hidden(self, last_hidden_state: Tensor,
+                            draft_token_ids: Tensor) -> Tuple[Tensor, Tensor]:
         norm = self.decoder.norm
         with gathered(list(norm.parameters()) + list(self.lm_head.parameters())):
             return chunked_teacher_logits(last_hidden_state, norm, self.lm_head.weight, self.lm_head.bias,

@@ -19,8 +19,8 @@ from models.targets.base import TargetConfig
 
 def decoder_of(model: nn.Module) -> nn.Module:
     """The text decoder (the module holding embed_tokens, layers and the final norm)."""
-    candidates = [getattr(getattr(model, "model", None), "language_model", None), getattr(model, "language_model", None),
-                  getattr(model, "model", None)]
+    candidates = [getattr(getattr(model, "model", None), "language_model", None),
+                  getattr(model, "language_model", None), getattr(model, "model", None)]
     if hasattr(model, "get_decoder"):
         candidates.append(model.get_decoder())
     for module in candidates:
@@ -50,7 +50,8 @@ def load_config(tcfg: TargetConfig):
     """The target's transformers config (AutoConfig)."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(tcfg.path, trust_remote_code=bool(getattr(tcfg, "trust_remote_code", False)))
+    return AutoConfig.from_pretrained(tcfg.path,
+                                      trust_remote_code=bool(getattr(tcfg, "trust_remote_code", False)))
 
 
 def meta_model(config, tcfg: TargetConfig) -> nn.Module:
@@ -104,7 +105,7 @@ def read_tensor(key: str, key_files: Dict[str, str]) -> Tensor:
 
 
 def load_target_embedding(target_path: Union[str, Path]) -> Tensor:
-    """The target's input embedding (V, H) read alone from its safetensors files (local dir): the text decoder's
-    table, not a vision/audio tower's."""
+    """The target's input embedding (V, H) read alone from its safetensors files (local dir): the text
+    decoder's table, not a vision/audio tower's."""
     key_files = checkpoint_key_files(str(target_path))
     return read_tensor(pick_key(list(key_files), "embed_tokens.weight", str(target_path)), key_files)

@@ -26,7 +26,8 @@ def chunked_teacher_logits(last_hidden_state: Tensor, norm: nn.Module, lm_head_w
     hidden = last_hidden_state.reshape(-1, last_hidden_state.shape[-1])
     draft_token_ids = draft_token_ids.to(hidden.device)
     num_positions = hidden.shape[0]
-    teacher_logits = torch.empty(num_positions, draft_token_ids.numel(), dtype=torch.float32, device=hidden.device)
+    teacher_logits = torch.empty(num_positions, draft_token_ids.numel(), dtype=torch.float32,
+                                 device=hidden.device)
     teacher_argmax = torch.empty(num_positions, dtype=torch.long, device=hidden.device)
     for start in range(0, num_positions, chunk_size):
         end = min(start + chunk_size, num_positions)
@@ -48,7 +49,8 @@ def final_logit_softcap(config) -> Optional[float]:
 class TeacherHead(nn.Module):
     """Final norm + lm_head of a target, for training from stored hidden states."""
 
-    def __init__(self, norm: nn.Module, lm_head: nn.Linear, logits_chunk_size: int, softcap: Optional[float] = None):
+    def __init__(self, norm: nn.Module, lm_head: nn.Linear, logits_chunk_size: int,
+                 softcap: Optional[float] = None):
         super().__init__()
         self.norm = norm
         self.lm_head = lm_head
@@ -58,7 +60,8 @@ class TeacherHead(nn.Module):
         self.eval()
 
     @torch.no_grad()
-    def teacher_from_hidden(self, last_hidden_state: Tensor, draft_token_ids: Tensor) -> Tuple[Tensor, Tensor]:
+    def teacher_from_hidden(self, last_hidden_state: Tensor,
+                            draft_token_ids: Tensor) -> Tuple[Tensor, Tensor]:
         return chunked_teacher_logits(last_hidden_state, self.norm, self.lm_head.weight, self.lm_head.bias,
                                       draft_token_ids, self.logits_chunk_size, self.softcap)
 
@@ -77,10 +80,12 @@ def load_lm_head_only(cfg: TargetConfig) -> TeacherHead:
     if not os.path.isdir(cfg.path):
         raise ValueError(f"load_lm_head_only needs a local checkpoint dir, got {cfg.path!r}")
     config = load_config(cfg)
-    meta_norm = decoder_of(meta_model(config, cfg)).norm  # only to learn the norm's class; nothing is allocated
+    # only to learn the norm's class; nothing is allocated
+    meta_norm = decoder_of(meta_model(config, cfg)).norm
     key_files = checkpoint_key_files(cfg.path)
     keys = list(key_files)
-    tied = getattr(config.get_text_config(), "tie_word_embeddings", getattr(config, "tie_word_embeddings", False))
+    tied = getattr(config.get_text_config(), "tie_word_embeddings",
+                   getattr(config, "tie_word_embeddings", False))
     has_head = any(k == "lm_head.weight" or k.endswith(".lm_head.weight") for k in keys)
     head_key = pick_key(keys, "embed_tokens.weight" if tied or not has_head else "lm_head.weight", cfg.path)
     head_weight = read_tensor(head_key, key_files)

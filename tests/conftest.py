@@ -117,11 +117,12 @@ def qwen3_vl_target_dir(tmp_path_factory):
         text_config=tc, vision_start_token_id=ids[0], image_token_id=ids[1], vision_end_token_id=ids[2],
         tie_word_embeddings=False,
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
-                           deepstack_visual_indexes=[0, 1]))
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                           num_position_embeddings=64, deepstack_visual_indexes=[0, 1]))
     torch.manual_seed(0)
     model = Qwen3VLForConditionalGeneration(config)
-    with torch.no_grad():  # logits std ~4 instead of ~0.16: a peaked teacher whose greedy answers can be learnt
+    # logits std ~4 instead of ~0.16: a peaked teacher whose greedy answers can be learnt
+    with torch.no_grad():
         model.lm_head.weight.mul_(25)
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
@@ -146,7 +147,8 @@ def qwen3_asr_target_dir(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("tiny_qwen3_asr")
     named = dict(zip(("audio_bos_token", "audio_token", "audio_eos_token"), QWEN3_ASR_TOKENS))
-    tokenizer = AutoTokenizer.from_pretrained(str(TINY_CHAT), extra_special_tokens=named)  # as Qwen3ASRProcessor reads
+    # as Qwen3ASRProcessor reads
+    tokenizer = AutoTokenizer.from_pretrained(str(TINY_CHAT), extra_special_tokens=named)
     config = Qwen3ASRConfig(
         text_config=dict(model_type="qwen3", head_dim=16, **text_config(len(tokenizer))),
         audio_config=dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,

@@ -29,14 +29,17 @@ def aerie_env() -> dict:
 
 
 def run_aerie(*args, cwd=None, timeout=900, check=True, launcher=None):
-    """Run the real `aerie` console script (optionally under the deepspeed launcher) and return the process."""
+    """Run the real `aerie` console script (optionally under the deepspeed launcher) and return the
+    process."""
     if launcher is None:
         cmd = [str(Path(sys.executable).parent / "aerie"), *args]
     else:
         cmd = [str(Path(sys.executable).parent / "deepspeed"), *launcher, "--module", "tools.cli", *args]
-    proc = subprocess.run(cmd, cwd=cwd or REPO, env=aerie_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd or REPO, env=aerie_env(), capture_output=True, text=True,
+                          timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-6000:]}")
     return proc
 
 
@@ -58,15 +61,17 @@ def train_args(run_dir, cache, *extra):
 def save_tiny(path, model_type: str, tie: bool = False) -> str:
     import transformers
 
-    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tie, rms_norm_eps=1e-6)
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=tie, rms_norm_eps=1e-6)
     if model_type == "llama":
         config, cls = transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
     elif model_type == "qwen2":
         config, cls = transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
     else:
-        config = transformers.Qwen2MoeConfig(**common, moe_intermediate_size=32, shared_expert_intermediate_size=64,
-                                             num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
+        config = transformers.Qwen2MoeConfig(**common, moe_intermediate_size=32,
+                                             shared_expert_intermediate_size=64, num_experts=4,
+                                             num_experts_per_tok=2, decoder_sparse_step=1)
         cls = transformers.Qwen2MoeForCausalLM
     torch.manual_seed(0)
     model = cls(config).eval()
@@ -81,9 +86,9 @@ VOCAB, HIDDEN, DRAFT_VOCAB = 512, 64, 128
 def make_spec(**overrides):
     fields = dict(
         name_or_path="tiny", model_type="llama", architectures=["LlamaForCausalLM"], num_layers=8,
-        hidden_size=HIDDEN, intermediate_size=128, vocab_size=VOCAB, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None, max_position_embeddings=256,
-        aux_layer_ids=[2, 4, 5],
+        hidden_size=HIDDEN, intermediate_size=128, vocab_size=VOCAB, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None,
+        max_position_embeddings=256, aux_layer_ids=[2, 4, 5],
     )
     fields.update(overrides)
     return SimpleNamespace(**fields)
@@ -108,7 +113,8 @@ def make_draft(seed=0, spec=None, **draft_overrides):
 
 
 def make_batch(doc_lengths_per_row, length, seed=0, num_aux=3):
-    """Rows packed with documents of the given lengths, right-padded to `length`; random aux/teacher tensors."""
+    """Rows packed with documents of the given lengths, right-padded to `length`; random aux/teacher
+    tensors."""
     g = torch.Generator().manual_seed(seed)
     batch = len(doc_lengths_per_row)
     document_ids = torch.full((batch, length), -1)

@@ -12,7 +12,8 @@ from typing import Dict, List, Set, Tuple
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("data", "models", "trainer", "tools")
 # package -> the packages it must not import
-FORBIDDEN = {"data": {"models", "trainer", "tools"}, "models": {"trainer", "tools"}, "trainer": {"tools"}, "tools": set()}
+FORBIDDEN = {"data": {"models", "trainer", "tools"}, "models": {"trainer", "tools"},
+             "trainer": {"tools"}, "tools": set()}
 
 
 def _module_name(path: Path) -> str:
@@ -36,7 +37,8 @@ def _imports(path: Path) -> List[Tuple[int, str, bool]]:
             if node.level:
                 base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
             # `from pkg import mod` imports pkg.mod when it is a module
-            names = [f"{base}.{alias.name}" if _is_module(f"{base}.{alias.name}") else base for alias in node.names]
+            names = [f"{base}.{alias.name}" if _is_module(f"{base}.{alias.name}") else base
+                     for alias in node.names]
         else:
             continue
         found += [(node.lineno, name, id(node) in top_level) for name in names if name]
@@ -64,7 +66,8 @@ def test_imports_run_one_way():
             if name.split(".")[0] in FORBIDDEN[layer]:
                 problems.append(f"{path.relative_to(ROOT)}:{line}: {layer} imports {name}")
     problems = list(dict.fromkeys(problems))  # one line per offending import statement
-    assert not problems, "imports against the layering (data <- models <- trainer <- tools):\n" + "\n".join(problems)
+    assert not problems, ("imports against the layering (data <- models <- trainer <- tools):\n"
+                          + "\n".join(problems))
 
 
 def _module_graph() -> Tuple[Dict[str, Set[str]], Dict[Tuple[str, str], str]]:
@@ -117,7 +120,8 @@ def test_no_module_level_import_cycle():
 
 
 def test_the_checks_catch_a_bad_import(tmp_path):
-    """The cycle finder and the layering rule see what they must (guards the test against passing vacuously)."""
+    """The cycle finder and the layering rule see what they must (guards the test against passing
+    vacuously)."""
     assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _find_cycle({"a": {"b"}, "b": set()}) == []
     assert "trainer" in FORBIDDEN["models"] and "tools" in FORBIDDEN["trainer"]

@@ -25,7 +25,8 @@ def test_counts_all_reduced_across_ranks(tmp_path):
 
     path = str(tmp_path / "v.safetensors")
     mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), path, str(tmp_path / "counts")), nprocs=2)
-    expected = torch.tensor([0, 0, 2, 2, 2, 0, 0, 0])  # each rank counted half the rows, sums agree everywhere
+    # each rank counted half the rows, sums agree everywhere
+    expected = torch.tensor([0, 0, 2, 2, 2, 0, 0, 0])
     for rank in range(2):
         assert torch.equal(torch.load(tmp_path / f"counts.{rank}"), expected)
     assert torch.equal(load_vocab(path, "fp")[2], expected)

@@ -1,5 +1,5 @@
-"""What a checkpoint may contain: parse failures are skipped like other corruption, nothing in it can run code,
-and Aerie's own RNG files load with torch's weights-only unpickler."""
+"""What a checkpoint may contain: parse failures are skipped like other corruption, nothing in it can run
+code, and Aerie's own RNG files load with torch's weights-only unpickler."""
 import json
 import os
 
@@ -59,7 +59,8 @@ def test_checkpoint_cannot_run_code_on_resume_or_export(run_copy, tmp_path):
     states["payload"] = _RunsCode(marker)
     torch.save(states, step / "mp_rank_00_model_states.pt")
     _reseal(step)
-    assert "does not load as weights only" in checkpoint_problem(step) and "system" in checkpoint_problem(step)
+    assert ("does not load as weights only" in checkpoint_problem(step)
+            and "system" in checkpoint_problem(step))
     with pytest.raises(ValueError, match="refusing to load this checkpoint"):
         load_draft_from_checkpoint(step)  # what `aerie export export.draft=<step dir>` runs
     assert not marker.exists()

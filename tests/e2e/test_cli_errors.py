@@ -1,4 +1,5 @@
-"""Every command fails with one line naming what is wrong (traceback only with --debug), and exits non-zero."""
+"""Every command fails with one line naming what is wrong (traceback only with --debug), and exits
+non-zero."""
 import json
 import signal
 
@@ -31,13 +32,15 @@ def test_every_command_fails_in_one_line(command, capsys, hydra_restore, keep_si
 def test_debug_flag_shows_the_traceback(capsys, hydra_restore):
     assert main(["regen", "--debug", "data.source=json"]) == 1
     err = capsys.readouterr().err
-    assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1].startswith("aerie regen:")
+    assert ("Traceback (most recent call last)" in err
+            and err.strip().splitlines()[-1].startswith("aerie regen:"))
 
 
 @pytest.mark.slow
 def test_strict_data_error_is_one_line_from_the_real_script(tmp_path, data_cache):
     data = tmp_path / "rows.jsonl"
-    good = {"id": "a", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    good = {"id": "a",
+            "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
     data.write_text(json.dumps(good) + "\n{not json\n")
     proc = run_aerie("train", f"run_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
                      *TINY_TRAIN_OVERRIDES, "data.source=openai", f"data.path={data}", "data.strict=true",

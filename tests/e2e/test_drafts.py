@@ -1,9 +1,10 @@
-"""`aerie train draft=dflash|eagle3_1` on the tiny target, then every export vLLM loads served by real vLLM in one
-worker: the dflash and eagle3_1 `vllm` exports and the eagle3_1 `speculators` export give, at T=0, the drafts and
-per-position accepted counts of Aerie's own hf decoder on the exported weights; three corruptions of the eagle3_1
-export (a renamed tensor, wrong aux layer ids, wrong rope_theta) are refused by Aerie's validation in one line, and
-vLLM refuses each or serves it at a lower τ.  At T=1, Aerie's eval.verify=target_only and exact agree with vLLM's
-draft_sample_method greedy (its default) and probabilistic within a band from the per-step variance."""
+"""`aerie train draft=dflash|eagle3_1` on the tiny target, then every export vLLM loads served by real vLLM in
+one worker: the dflash and eagle3_1 `vllm` exports and the eagle3_1 `speculators` export give, at T=0, the
+drafts and per-position accepted counts of Aerie's own hf decoder on the exported weights; three corruptions
+of the eagle3_1 export (a renamed tensor, wrong aux layer ids, wrong rope_theta) are refused by Aerie's
+validation in one line, and vLLM refuses each or serves it at a lower τ.  At T=1, Aerie's
+eval.verify=target_only and exact agree with vLLM's draft_sample_method greedy (its default) and probabilistic
+within a band from the per-step variance."""
 import fcntl
 import json
 import os
@@ -17,7 +18,8 @@ from tests.helpers import TINY_CHAT, TINY_TRAIN_OVERRIDES, read_metrics, run_aer
 pytestmark = pytest.mark.slow
 K, MAX_NEW = 3, 24
 NUM_T1_PROMPTS, T1_NEW = 24, 32  # T=1 parity: more prompts, for a tight band
-VERIFY_OF_VLLM = {"greedy": "target_only", "probabilistic": "exact"}  # vLLM draft_sample_method -> eval.verify
+# vLLM draft_sample_method -> eval.verify
+VERIFY_OF_VLLM = {"greedy": "target_only", "probabilistic": "exact"}
 
 
 def _train(tmp_path_factory, data_cache, option, *extra, formats=("vllm",)):
@@ -122,14 +124,16 @@ def served(trained, tmp_path_factory):
          "seed": 0, "speculative_config": {"method": "eagle3", "model": str(eagle / "vllm"),
                                            "num_speculative_tokens": K, "draft_sample_method": mode}}
         for mode in VERIFY_OF_VLLM] + job["runs"][3:]
-    with open(os.environ.get("AERIE_VLLM_LOCK") or os.devnull, "a") as lock:  # one vLLM at a time on shared hosts
+    # one vLLM at a time on shared hosts
+    with open(os.environ.get("AERIE_VLLM_LOCK") or os.devnull, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         result = run_vllm(job, EngineConfig(name="vllm", max_model_len=512))
     return {"prompts": prompts, "dirs": {name: path for name, (_, path) in served_dirs.items()},
             "runs": {run["name"]: run for run in result["runs"]}, "fixed": result["cpu_expand_kernel_fixed"]}
 
 
-@pytest.mark.timeout(2400)  # setup: trains eagle3_1, may wait for the vLLM lock, then one start and eight LLMs
+# setup: trains eagle3_1, may wait for the vLLM lock, then one start and eight LLMs
+@pytest.mark.timeout(2400)
 def test_vllm_serves_each_export_as_aerie_decodes_it(served):
     eagle3_1 = served["runs"]["eagle3_1"]
     exported = json.loads((served["dirs"]["eagle3_1"] / "config.json").read_text())
@@ -150,8 +154,9 @@ def test_vllm_serves_each_export_as_aerie_decodes_it(served):
 
 def test_each_corruption_refused_by_aerie_and_by_vllm_or_in_tau(served):
     """Wrong aux ids: vLLM reads eagle_aux_hidden_state_layer_ids from the draft config
-    (gpu_model_runner._get_eagle3_aux_layers_from_config), yet on this 12-step draft it served [0, 1, 3] at the
-    intact τ (11 accepted in 82 drafts both, 2026-12-02); not yet explained, so only Aerie's refusal is asserted."""
+    (gpu_model_runner._get_eagle3_aux_layers_from_config), yet on this 12-step draft it served [0, 1, 3] at
+    the intact τ (11 accepted in 82 drafts both, 2026-12-02); not yet explained, so only Aerie's refusal is
+    asserted."""
     from tools.export.base import validate_export
 
     intact = served["runs"]["eagle3_1"]
@@ -165,19 +170,21 @@ def test_each_corruption_refused_by_aerie_and_by_vllm_or_in_tau(served):
         run = served["runs"][f"corrupt_{name}"]
         if "error" in run or name == "aux":  # vLLM refused to load it; aux: see below
             continue
-        assert run["num_drafts"] > 0 and 1 + run["num_accepted_tokens"] / run["num_drafts"] < intact_tau, (name, run)
+        assert (run["num_drafts"] > 0
+                and 1 + run["num_accepted_tokens"] / run["num_drafts"] < intact_tau), (name, run)
 
 
 @pytest.mark.parametrize("mode", list(VERIFY_OF_VLLM))
 def test_t1_acceptance_agrees_with_vllm(served, mode):
-    """Aerie's eval.verify (target_only | exact) and vLLM's draft_sample_method (greedy | probabilistic) at T=1, k=3,
-    on the same float32 export and NUM_T1_PROMPTS MT-Bench prompts x T1_NEW tokens.  Each engine's τ is a mean over
-    its n verify steps of (accepted + 1), with standard deviation s (tau_std, from the per-position counts), so the
-    two estimates differ by less than 4·sqrt(s_hf²/n_hf + s_vllm²/n_vllm) unless the engines accept differently
-    (4 standard errors: a false alarm about 1 run in 16,000 under the normal approximation; steps of one sequence
-    are treated as independent).  The same band, with s² = a(1 - a), holds the first position's acceptance a.  vLLM
-    runs with the worker's fix of its CPU temperature expansion (without it, the target's logits at draft positions
-    are divided by uninitialised memory: tests/trainer/test_vllm_eval.py)."""
+    """Aerie's eval.verify (target_only | exact) and vLLM's draft_sample_method (greedy | probabilistic) at
+    T=1, k=3, on the same float32 export and NUM_T1_PROMPTS MT-Bench prompts x T1_NEW tokens.  Each engine's τ
+    is a mean over its n verify steps of (accepted + 1), with standard deviation s (tau_std, from the
+    per-position counts), so the two estimates differ by less than 4·sqrt(s_hf²/n_hf + s_vllm²/n_vllm) unless
+    the engines accept differently (4 standard errors: a false alarm about 1 run in 16,000 under the normal
+    approximation; steps of one sequence are treated as independent).  The same band, with s² = a(1 - a),
+    holds the first position's acceptance a.  vLLM runs with the worker's fix of its CPU temperature expansion
+    (without it, the target's logits at draft positions are divided by uninitialised memory:
+    tests/trainer/test_vllm_eval.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tools.eval.decode import EvalConfig, evaluate_draft
@@ -185,7 +192,8 @@ def test_t1_acceptance_agrees_with_vllm(served, mode):
     from tools.export.base import load_export
 
     target = AutoModelForCausalLM.from_pretrained(TINY_CHAT, dtype=torch.float32).eval()
-    draft = load_export(served["dirs"]["eagle3_1"], "vllm", target.get_input_embeddings().weight.detach().float())
+    draft = load_export(served["dirs"]["eagle3_1"], "vllm",
+                        target.get_input_embeddings().weight.detach().float())
     cfg = EvalConfig(draft="", max_prompts=NUM_T1_PROMPTS, max_new_tokens=T1_NEW, num_speculative_tokens=K,
                      temperature=1.0, verify=VERIFY_OF_VLLM[mode])
     hf = evaluate_draft(target, draft, AutoTokenizer.from_pretrained(TINY_CHAT), cfg)["results"][0]

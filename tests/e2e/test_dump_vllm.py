@@ -1,5 +1,6 @@
-"""`aerie dump engine=vllm`: the target's states from vLLM's hidden-state extraction (tools/vllm/dump_worker.py)
-fill the same store as the HF forward, and a draft trained offline from either store has the same losses."""
+"""`aerie dump engine=vllm`: the target's states from vLLM's hidden-state extraction
+(tools/vllm/dump_worker.py) fill the same store as the HF forward, and a draft trained offline from either
+store has the same losses."""
 import json
 
 import pytest
@@ -14,7 +15,8 @@ from tools.dump import dump_from_hidden_states, run_dump
 
 @pytest.mark.slow  # loads the tiny target (about 20 s on a busy 2-core machine)
 def test_a_store_from_extracted_states_equals_the_forward_dump(tmp_path):
-    """What the vLLM path writes, given the states the HF forward computes (aux layers + last layer's output)."""
+    """What the vLLM path writes, given the states the HF forward computes (aux layers + last layer's
+    output)."""
     from models.targets.base import TargetConfig
     from models.targets.hf import HFTargetModel
     from models.targets.teacher import load_lm_head_only
@@ -38,7 +40,8 @@ def test_a_store_from_extracted_states_equals_the_forward_dump(tmp_path):
             for key in a:
                 if key != "id":
                     assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), (layout, key)
-    assert json.load(open(tmp_path / "x-full" / "manifest.json"))["aux_layer_ids"] == target.spec.aux_layer_ids
+    assert (json.load(open(tmp_path / "x-full" / "manifest.json"))["aux_layer_ids"]
+            == target.spec.aux_layer_ids)
 
 
 @pytest.mark.slow
@@ -49,8 +52,8 @@ def test_aerie_dump_engine_vllm_matches_the_hf_dump_and_trains_the_same(tmp_path
         vllm_python()
     except ValueError as e:
         pytest.skip(str(e))
-    common = [f"data.cache_dir={data_cache}", *TINY_TRAIN_OVERRIDES, "data.max_samples=16", "trainer.max_steps=3",
-              "store.layout=full"]
+    common = [f"data.cache_dir={data_cache}", *TINY_TRAIN_OVERRIDES, "data.max_samples=16",
+              "trainer.max_steps=3", "store.layout=full"]
     hf, vllm = tmp_path / "hf", tmp_path / "vllm"
     run_aerie("dump", f"run_dir={hf}", *common)
     out = run_aerie("dump", f"run_dir={vllm}", *common, "engine=vllm")

@@ -1,5 +1,6 @@
-"""Multimodal speculative eval: exact on a tiny Qwen3-VL, bad media rows named, and a learnable fixture where a
-draft trained on the target's own greedy answers for a small image set drafts well above an untrained one."""
+"""Multimodal speculative eval: exact on a tiny Qwen3-VL, bad media rows named, and a learnable fixture where
+a draft trained on the target's own greedy answers for a small image set drafts well above an untrained
+one."""
 import json
 
 import numpy as np
@@ -59,8 +60,9 @@ def test_speculative_output_is_the_targets_greedy_output(vl, image_prompts):
     decoder = MediaSpeculativeDecoder(target.module, untrained_draft(target), adapter)
     result = decoder.generate(prompt, max_new_tokens=10, num_speculative_tokens=3)
     ids = torch.tensor([prompt["input_ids"] + result.tokens])
-    positions = mrope_position_ids(target.module.model, {"input_ids": ids, "document_ids": torch.zeros_like(ids),
-                                                         "image_grid_thw": prompt["image_grid_thw"]})
+    positions = mrope_position_ids(target.module.model,
+                                   {"input_ids": ids, "document_ids": torch.zeros_like(ids),
+                                    "image_grid_thw": prompt["image_grid_thw"]})
     with torch.no_grad():
         logits = target.module(input_ids=ids, pixel_values=prompt["pixel_values"], position_ids=positions,
                                image_grid_thw=prompt["image_grid_thw"]).logits
@@ -78,7 +80,8 @@ def test_bad_media_rows_are_named(vl, tmp_path, png_path):
         "unreadable": ({"id": "u", "images": ["bad.png"], "messages": [{"role": "user", "content": "x"}]},
                        r"prompts.jsonl:2: sample u: cannot read image .*bad\.png"),
         "placeholders": ({"id": "p", "images": [png_path], "messages": [
-            {"role": "user", "content": "<image> and <image>"}]}, r"prompts.jsonl:2: sample p: 2 <image> markers but 1"),
+            {"role": "user", "content": "<image> and <image>"}]},
+            r"prompts.jsonl:2: sample p: 2 <image> markers but 1"),
     }
     good = {"images": [png_path], "messages": [{"role": "user", "content": "fine"}]}
     for row, pattern in cases.values():
@@ -118,9 +121,9 @@ def audio_prompts(root):
 def test_trained_draft_drafts_media_well_above_an_untrained_one(modality, image_prompts, qwen3_vl_target_dir,
                                                                 qwen3_asr_target_dir, tmp_path, monkeypatch,
                                                                 hydra_restore):
-    """Regenerate a tiny random target's greedy answers for a small image / audio set, train a draft on them with
-    `aerie train`, then run `aerie eval`'s entry point (T=0) through the multimodal target, and the same for an
-    untrained draft of the same shape."""
+    """Regenerate a tiny random target's greedy answers for a small image / audio set, train a draft on them
+    with `aerie train`, then run `aerie eval`'s entry point (T=0) through the multimodal target, and the same
+    for an untrained draft of the same shape."""
     from tools.eval.run import run_eval
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -142,7 +145,8 @@ def test_trained_draft_drafts_media_well_above_an_untrained_one(modality, image_
             answer = decoder.generate(prompt, max_new_tokens=24, num_speculative_tokens=1).tokens
             text = tokenizer.decode(answer, skip_special_tokens=True)
             if modality == "vision":
-                train_rows.append({**row, "messages": row["messages"] + [{"role": "assistant", "content": text}]})
+                train_rows.append({**row,
+                                   "messages": row["messages"] + [{"role": "assistant", "content": text}]})
             else:
                 train_rows.append({**row, "transcript": text})
         data = prompts_path.parent / "regen.jsonl"
@@ -150,16 +154,18 @@ def test_trained_draft_drafts_media_well_above_an_untrained_one(modality, image_
         run_dir = tmp_path / "run"
         common = [f"target.path={path}", f"target.modality={modality}", f"modality={modality}",
                   "target.dtype=float32", f"run_dir={run_dir}"]
-        run_aerie("train", *common, "data.source=json", f"data.path={data}", f"data.cache_dir={tmp_path / 'cache'}",
-                  "data.max_length=160", "trainer.max_tokens_per_batch=320", "draft.draft_vocab_size=1024",
-                  "draft.ttt_steps=3", "trainer.warmup_steps=2", "trainer.lr=3e-3", "trainer.eval_every=0",
+        run_aerie("train", *common, "data.source=json", f"data.path={data}",
+                  f"data.cache_dir={tmp_path / 'cache'}", "data.max_length=160",
+                  "trainer.max_tokens_per_batch=320", "draft.draft_vocab_size=1024", "draft.ttt_steps=3",
+                  "trainer.warmup_steps=2", "trainer.lr=3e-3", "trainer.eval_every=0",
                   "logger.progress=false", "trainer.max_steps=80")
         assert read_metrics(run_dir)[-1]["step"] == 80
         evals = [f"eval.prompts={prompts_path}", "eval.num_speculative_tokens=3", "eval.max_new_tokens=24"]
         trained = run_eval(compose([*common, *evals]))["results"][0]
         assert (run_dir / "eval" / "acceptance.png").is_file()
         save_aerie_draft(untrained_draft(target, seed=1), tmp_path / "untrained")
-        untrained = run_eval(compose([*common, *evals, f"eval.draft={tmp_path / 'untrained'}", "eval.out_dir="]))
+        untrained = run_eval(compose([*common, *evals, f"eval.draft={tmp_path / 'untrained'}",
+                                      "eval.out_dir="]))
     finally:
         torch.set_num_threads(threads)
     untrained = untrained["results"][0]

@@ -47,5 +47,5 @@ def test_export_names_the_verifier_without_machine_paths(base_run, tmp_path, hyd
     verifier = json.loads(text)["speculators_config"]["verifier"]
     assert verifier["name_or_path"] == "tiny-chat-llama" and verifier["architectures"] == ["LlamaForCausalLM"]
     out = _export(base_run, tmp_path / "spec2", "export.format=speculators", "export.verifier=acme/chat-8b")
-    assert json.loads((out / "config.json").read_text())["speculators_config"]["verifier"]["name_or_path"] == \
-        "acme/chat-8b"
+    assert (json.loads((out / "config.json").read_text())["speculators_config"]["verifier"]["name_or_path"]
+            == "acme/chat-8b")

@@ -1,5 +1,6 @@
-"""End-to-end launch tests: the DeepSpeed launcher (2 local ranks), Slurm (2 tasks, preempted and requeued) and
-two network-namespace "nodes", all running the real trainer on the tiny target and agreeing on every loss."""
+"""End-to-end launch tests: the DeepSpeed launcher (2 local ranks), Slurm (2 tasks, preempted and requeued)
+and two network-namespace "nodes", all running the real trainer on the tiny target and agreeing on every
+loss."""
 import json
 import os
 import random
@@ -19,10 +20,10 @@ pytestmark = pytest.mark.slow
 
 
 def overrides(data_file, run_dir):
-    return ["target=tiny_chat", f"trainer.max_steps={MAX_STEPS}", "trainer.warmup_steps=0", "trainer.eval_every=0",
-            f"trainer.ckpt_every={MAX_STEPS}", "trainer.max_tokens_per_batch=256", "draft.ttt_steps=2",
-            "data.source=json", f"data.path={data_file}", "data.heldout_ids_path=", "data.max_length=128",
-            "logger.progress=false", f"run_dir={run_dir}"]
+    return ["target=tiny_chat", f"trainer.max_steps={MAX_STEPS}", "trainer.warmup_steps=0",
+            "trainer.eval_every=0", f"trainer.ckpt_every={MAX_STEPS}", "trainer.max_tokens_per_batch=256",
+            "draft.ttt_steps=2", "data.source=json", f"data.path={data_file}", "data.heldout_ids_path=",
+            "data.max_length=128", "logger.progress=false", f"run_dir={run_dir}"]
 
 
 def free_port():
@@ -74,12 +75,13 @@ def data_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_file):
-    """Uninterrupted 2-rank run through launch/deepspeed/train.sh; its losses are what every other path must match."""
+    """Uninterrupted 2-rank run through launch/deepspeed/train.sh; its losses are what every other path must
+    match."""
     run_dir = tmp_path_factory.mktemp("deepspeed") / "run"
     cmd = [str(ROOT / "launch/deepspeed/train.sh"), "--num_gpus", "2", "--master_port", str(free_port()),
            *overrides(data_file, run_dir)]
-    proc = subprocess.run(cmd, env={**os.environ, "AERIE_PYTHON": PYTHON}, cwd="/", capture_output=True, text=True,
-                          timeout=400)
+    proc = subprocess.run(cmd, env={**os.environ, "AERIE_PYTHON": PYTHON}, cwd="/",
+                          capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir
 
@@ -104,7 +106,8 @@ def sh(*cmd, check=True):
 def slurm():
     """The one-host cluster of launch/slurm/local_cluster.sh (started here when it is not up)."""
     script = ROOT / "launch/slurm/local_cluster.sh"
-    if shutil.which("sbatch") is None or subprocess.run([script, "status"], capture_output=True).returncode != 0:
+    if shutil.which("sbatch") is None or subprocess.run([script, "status"],
+                                                        capture_output=True).returncode != 0:
         proc = subprocess.run([script, "start"], capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             reason = f"no usable Slurm: local_cluster.sh start failed: {proc.stderr.strip()[-500:]}"
@@ -135,8 +138,8 @@ def test_slurm_two_tasks_preempted_requeued_resumes_exactly(slurm, reference, da
     job_name = f"aerie-test-{os.getpid()}"
     logs, run_dir = tmp_path / "logs", tmp_path / "outputs" / job_name
     logs.mkdir()  # Slurm opens --output before the script runs
-    env = {**os.environ, "AERIE_PYTHON": PYTHON, "AERIE_LOG_DIR": str(logs), "AERIE_RUN_ROOT": str(tmp_path / "outputs"),
-           "MASTER_PORT": str(free_port())}
+    env = {**os.environ, "AERIE_PYTHON": PYTHON, "AERIE_LOG_DIR": str(logs),
+           "AERIE_RUN_ROOT": str(tmp_path / "outputs"), "MASTER_PORT": str(free_port())}
     # run_dir comes from the job name: drop the explicit one
     args = [a for a in overrides(data_file, run_dir) if not a.startswith("run_dir=")]
     submit = subprocess.run(["sbatch", "--parsable", "-J", job_name, f"--output={logs}/%x-%j.out",
@@ -146,7 +149,8 @@ def test_slurm_two_tasks_preempted_requeued_resumes_exactly(slurm, reference, da
     assert submit.returncode == 0, submit.stderr
     job_id = submit.stdout.strip().split(";")[0]
     try:
-        wait_for(lambda: len(read_metrics(run_dir)) >= 1 or job_field(job_id, "JobState") not in ("PENDING", "CONFIGURING", "RUNNING"),
+        wait_for(lambda: len(read_metrics(run_dir)) >= 1
+                 or job_field(job_id, "JobState") not in ("PENDING", "CONFIGURING", "RUNNING"),
                  300, "the first training step")
         assert job_field(job_id, "JobState") == "RUNNING", (logs / f"{job_name}-{job_id}.out").read_text()
         sh("scancel", "--batch", "--signal=USR1", job_id)
@@ -157,7 +161,8 @@ def test_slurm_two_tasks_preempted_requeued_resumes_exactly(slurm, reference, da
         # ("Job credential revoked"): let a second pass before skipping the delay
         time.sleep(2)
         sh("scontrol", "update", f"JobId={job_id}", "StartTime=now")
-        wait_for(lambda: job_field(job_id, "JobState") not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING"),
+        wait_for(lambda: job_field(job_id, "JobState") not in ("PENDING", "RUNNING",
+                                                               "REQUEUED", "COMPLETING"),
                  300, "the requeued job to finish")
     finally:
         sh("scancel", job_id, check=False)
@@ -201,7 +206,8 @@ def two_namespaces():
 
 @pytest.mark.timeout(600)
 def test_two_nodes_in_network_namespaces(two_namespaces, reference, data_file, tmp_path):
-    """One rank per "node" through launch/deepspeed/train.sh's multi-node path (hostfile, --no_ssh, --node_rank)."""
+    """One rank per "node" through launch/deepspeed/train.sh's multi-node path (hostfile, --no_ssh,
+    --node_rank)."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("10.200.0.1 slots=1\n10.200.0.2 slots=1\n")
     run_dir = tmp_path / "run"
@@ -209,9 +215,9 @@ def test_two_nodes_in_network_namespaces(two_namespaces, reference, data_file, t
     procs = []
     for node_rank, ns in enumerate(two_namespaces):
         log = open(tmp_path / f"node{node_rank}.log", "w")
-        cmd = ["ip", "netns", "exec", ns, str(ROOT / "launch/deepspeed/train.sh"), "--hostfile", str(hostfile),
-               "--master_addr", "10.200.0.1", "--master_port", "29500", "--no_ssh", "--node_rank", str(node_rank),
-               "--num_gpus", "1", *overrides(data_file, run_dir)]
+        cmd = ["ip", "netns", "exec", ns, str(ROOT / "launch/deepspeed/train.sh"),
+               "--hostfile", str(hostfile), "--master_addr", "10.200.0.1", "--master_port", "29500",
+               "--no_ssh", "--node_rank", str(node_rank), "--num_gpus", "1", *overrides(data_file, run_dir)]
         procs.append(subprocess.Popen(cmd, env=env, cwd="/", stdout=log, stderr=subprocess.STDOUT))
     try:
         codes = [p.wait(timeout=400) for p in procs]
@@ -221,7 +227,8 @@ def test_two_nodes_in_network_namespaces(two_namespaces, reference, data_file, t
                 p.kill()
     node_logs = [(tmp_path / f"node{r}.log").read_text() for r in range(2)]
     assert codes == [0, 0], "\n".join(log[-3000:] for log in node_logs)
-    assert "--master_addr=10.200.0.1" in node_logs[1] and "--node_rank=1" in node_logs[1], node_logs[1][-3000:]
+    assert ("--master_addr=10.200.0.1" in node_logs[1]
+            and "--node_rank=1" in node_logs[1]), node_logs[1][-3000:]
     assert "'10.200.0.2': [1]" in node_logs[1], node_logs[1][-3000:]  # global rank 1 lives on the second node
     check_run(run_dir, world_size=2)
     values = losses(run_dir)

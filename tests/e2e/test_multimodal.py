@@ -1,4 +1,5 @@
-"""`aerie train` through the modality adapters: Qwen2.5-VL images, Qwen2-Audio ASR and a speech-token TTS LM."""
+"""`aerie train` through the modality adapters: Qwen2.5-VL images, Qwen2-Audio ASR and a speech-token TTS
+LM."""
 import json
 from types import SimpleNamespace
 
@@ -12,9 +13,9 @@ from tools.config import register_configs
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["data.max_length=160", "trainer.max_tokens_per_batch=320", "draft.draft_vocab_size=512", "draft.ttt_steps=3",
-         "trainer.warmup_steps=1", "trainer.lr=1e-3", "trainer.eval_every=0", "logger.progress=false",
-         "target.dtype=float32"]
+SMALL = ["data.max_length=160", "trainer.max_tokens_per_batch=320", "draft.draft_vocab_size=512",
+         "draft.ttt_steps=3", "trainer.warmup_steps=1", "trainer.lr=1e-3", "trainer.eval_every=0",
+         "logger.progress=false", "target.dtype=float32"]
 ONE_RANK = SimpleNamespace(rank=0, world_size=1, is_main=True)
 
 
@@ -44,8 +45,9 @@ def vl_data(tmp_path_factory):
 
 
 def _vision_overrides(vl_target_dir, vl_data, run_dir, cache):
-    return [f"target.path={vl_target_dir[0]}", "target.modality=vision", "modality=vision", "data.source=json",
-            f"data.path={vl_data}", f"run_dir={run_dir}", f"data.cache_dir={cache}", *SMALL]
+    return [f"target.path={vl_target_dir[0]}", "target.modality=vision", "modality=vision",
+            "data.source=json", f"data.path={vl_data}", f"run_dir={run_dir}",
+            f"data.cache_dir={cache}", *SMALL]
 
 
 def _compose(overrides):
@@ -72,9 +74,11 @@ def test_vision_batches_give_the_draft_mrope_positions(vl_target_dir, vl_data, t
             assert batch["image_grid_thw"].shape[0] == num_images
             out = target(batch, torch.arange(8))
             assert out.position_ids.shape == (3, *batch["input_ids"].shape)
-            assert out.inputs_embeds is None  # vLLM's Eagle3 proposer embeds the placeholder ids for the draft
+            # vLLM's Eagle3 proposer embeds the placeholder ids for the draft
+            assert out.inputs_embeds is None
     assert seen_image
-    assert data.spec.rope_scaling["mrope_section"] == [2, 3, 3]  # so the draft applies M-RoPE to those positions
+    # so the draft applies M-RoPE to those positions
+    assert data.spec.rope_scaling["mrope_section"] == [2, 3, 3]
 
 
 def test_vision_trains_and_exports_for_vllm(vl_target_dir, vl_data, tmp_path):
@@ -97,14 +101,14 @@ def test_audio_trains_on_transcripts(audio_target_dir, tmp_path):
     rows = []
     for i in range(6):
         t = np.arange(16000 * (1 + i % 2)) / 16000.0
-        soundfile.write(str(data_dir / f"{i}.wav"), (0.2 * np.sin(2 * np.pi * (200 + 50 * i) * t)).astype(np.float32),
-                        16000)
+        soundfile.write(str(data_dir / f"{i}.wav"),
+                        (0.2 * np.sin(2 * np.pi * (200 + 50 * i) * t)).astype(np.float32), 16000)
         rows.append({"id": f"u{i}", "audio": f"{i}.wav", "transcript": f"this is utterance number {i}"})
     path = write_jsonl(data_dir / "asr.jsonl", rows)
     run_dir = tmp_path / "run"
     run_aerie("train", f"target.path={audio_target_dir[0]}", "target.modality=audio", "modality=audio",
-              "data.source=json", f"data.path={path}", f"run_dir={run_dir}", f"data.cache_dir={tmp_path / 'cache'}",
-              *SMALL, "trainer.max_steps=3")
+              "data.source=json", f"data.path={path}", f"run_dir={run_dir}",
+              f"data.cache_dir={tmp_path / 'cache'}", *SMALL, "trainer.max_steps=3")
     metrics = read_metrics(run_dir)
     assert len(metrics) == 3 and all(np.isfinite(m["loss"]) for m in metrics)
     assert (run_dir / "final").is_dir()
@@ -115,14 +119,15 @@ def test_speech_tokens_train_over_the_speech_vocabulary(tmp_path):
 
     offset, num_codes, start, end = 7000, 600, 6998, 6999
     rng = np.random.default_rng(0)
-    rows = [{"id": f"t{i}", "text": f"say sentence {i}", "speech_tokens": rng.integers(0, num_codes, 40).tolist()}
+    rows = [{"id": f"t{i}", "text": f"say sentence {i}",
+             "speech_tokens": rng.integers(0, num_codes, 40).tolist()}
             for i in range(16)]
     path = write_jsonl(tmp_path / "tts.jsonl", rows)
     common = [f"target.path={TINY_CHAT}", "target.modality=speech_tokens", "modality=speech_tokens",
               f"modality.speech_token_offset={offset}", f"modality.num_speech_tokens={num_codes}",
               f"modality.speech_start_id={start}", f"modality.speech_end_id={end}", "data.source=json",
-              f"data.path={path}", f"data.cache_dir={tmp_path / 'cache'}", *SMALL, "draft.draft_vocab_size=1024",
-              "trainer.max_steps=3"]
+              f"data.path={path}", f"data.cache_dir={tmp_path / 'cache'}", *SMALL,
+              "draft.draft_vocab_size=1024", "trainer.max_steps=3"]
     for mode in ("online", "offline"):
         run_dir = tmp_path / mode
         if mode == "offline":

@@ -13,7 +13,8 @@ def _common(run_dir, cache):
 
 
 def test_offline_full_store_matches_online(tmp_path, data_cache):
-    """Same data, same batches: offline losses from the lossless store equal the online ones (bf16 storage)."""
+    """Same data, same batches: offline losses from the lossless store equal the online ones (bf16
+    storage)."""
     online, offline = tmp_path / "online", tmp_path / "offline"
     run_aerie("train", *_common(online, data_cache))
     run_aerie("dump", *_common(offline, data_cache), "store.layout=full")

@@ -1,4 +1,5 @@
-"""`aerie quickstart` (what `make train` runs), shrunk: train with in-loop speculative eval, eval, export, summary."""
+"""`aerie quickstart` (what `make train` runs), shrunk: train with in-loop speculative eval, eval, export,
+summary."""
 import json
 
 import pytest
@@ -11,20 +12,22 @@ pytestmark = pytest.mark.slow
 def test_quickstart_end_to_end_then_done(tmp_path, data_cache):
     run_dir = tmp_path / "qs"
     args = ["quickstart", "experiment=quickstart", f"run_dir={run_dir}", f"data.cache_dir={data_cache}",
-            *TINY_TRAIN_OVERRIDES, "trainer.max_steps=40", "trainer.lr=2e-3", "trainer.max_tokens_per_batch=512",
-            "trainer.ckpt_every=0", "trainer.spec_eval_every=40", "trainer.spec_eval_max_prompts=1",
-            "eval.max_prompts=6", "eval.max_new_tokens=32"]
+            *TINY_TRAIN_OVERRIDES, "trainer.max_steps=40", "trainer.lr=2e-3",
+            "trainer.max_tokens_per_batch=512", "trainer.ckpt_every=0", "trainer.spec_eval_every=40",
+            "trainer.spec_eval_max_prompts=1", "eval.max_prompts=6", "eval.max_new_tokens=32"]
     out = run_aerie(*args).stdout
     assert "Aerie quickstart" in out and "k=3" in out and "k=7" in out
     summary = json.loads((run_dir / "quickstart_summary.json").read_text())
     assert [r["num_speculative_tokens"] for r in summary["acceptance"]] == [3, 7]
     for r in summary["acceptance"]:
         assert 1.0 <= r["tau"] <= r["num_speculative_tokens"] + 1
-    # an untrained draft is never accepted at T=0 on this target (tau 1.00, bench/accept.py); 40 short steps are
+    # an untrained draft is never accepted at T=0 on this target (tau 1.00, bench/accept.py); 40 short
+    # steps are
     assert summary["acceptance"][0]["tau"] > 1.1
     for fmt in ("vllm", "sglang"):
         config = json.loads((run_dir / "export" / fmt / "config.json").read_text())
-        assert config["architectures"] == [{"vllm": "Eagle3LlamaForCausalLM", "sglang": "LlamaForCausalLMEagle3"}[fmt]]
+        assert config["architectures"] == [{"vllm": "Eagle3LlamaForCausalLM",
+                                            "sglang": "LlamaForCausalLMEagle3"}[fmt]]
     assert (run_dir / "eval" / "acceptance.png").is_file()
     from tools.vllm.engine import vllm_python
 

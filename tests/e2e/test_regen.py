@@ -34,7 +34,8 @@ def echo(body):
 
 
 class ChatServer:
-    """Loopback chat server; respond(body, k) gives (status, reply) for the k-th request, or None to drop it."""
+    """Loopback chat server; respond(body, k) gives (status, reply) for the k-th request, or None to drop
+    it."""
 
     def __init__(self, respond=lambda body, k: echo(body), delay_s=0.0):
         self.count = self.in_flight = self.max_in_flight = 0
@@ -113,14 +114,17 @@ def test_regen_retries_flaky_servers_round_robin_and_retries_do_not_change_the_d
 
 
 def bad_answers(body, k):
-    """Answers by the conversation's first user turn: "empty", "cut" (finish_reason=length), "huge" (HTTP 400)."""
+    """Answers by the conversation's first user turn: "empty", "cut" (finish_reason=length), "huge" (HTTP
+    400)."""
     first = body["messages"][0]["content"]
     if first == "huge":
         return 400, {"error": {"message": "maximum context length is 1024 tokens", "code": 400}}
     if first == "empty" and len(body["messages"]) == 3:  # the second turn
-        return 200, {"choices": [{"message": {"role": "assistant", "content": "  "}, "finish_reason": "stop"}]}
+        return 200, {"choices": [{"message": {"role": "assistant", "content": "  "},
+                                  "finish_reason": "stop"}]}
     if first == "cut":
-        return 200, {"choices": [{"message": {"role": "assistant", "content": "partial"}, "finish_reason": "length"}]}
+        return 200, {"choices": [{"message": {"role": "assistant", "content": "partial"},
+                                  "finish_reason": "length"}]}
     return echo(body)
 
 
@@ -137,8 +141,8 @@ def test_bad_answers_are_counted_per_reason_never_written_and_not_asked_again(tm
     assert (stats["rejected_http_400"], stats["rejected_empty"], stats["rejected_length"]) == (1, 1, 2)
     assert [r["id"] for r in read_output(tmp_path / "out")] == ["c0", "c2", "c5"]
     rejected = [json.loads(line) for p in sorted((tmp_path / "out").glob("*.rejected")) for line in open(p)]
-    assert [(r["id"], r["reason"]) for r in rejected] == [("c1", "http_400"), ("c3", "empty"), ("c4", "length"),
-                                                          ("c6", "length")]
+    assert [(r["id"], r["reason"]) for r in rejected] == [("c1", "http_400"), ("c3", "empty"),
+                                                          ("c4", "length"), ("c6", "length")]
     assert "maximum context length" in rejected[0]["detail"]
     assert again["skipped"] == 7 and again["done"] == 0 and server.count == num_requests
     assert not list((tmp_path / "out").glob("*.partial"))
@@ -153,11 +157,13 @@ def test_keep_length_cut_writes_replies_cut_by_max_tokens_and_counts_them(tmp_pa
             regen([server.url], tmp_path, data_cfg)
     finally:
         server.close()
-    assert (stats["done"], stats["kept_length"], stats["rejected_http_400"], stats["rejected_empty"]) == (5, 4, 1, 1)
+    assert (stats["done"], stats["kept_length"], stats["rejected_http_400"],
+            stats["rejected_empty"]) == (5, 4, 1, 1)
     assert "rejected_length" not in stats
     records = {r["id"]: r for r in read_output(tmp_path / "out")}
     assert sorted(records) == ["c0", "c2", "c4", "c5", "c6"]
-    assert [m["content"] for m in records["c4"]["messages"] if m["role"] == "assistant"] == ["partial", "partial"]
+    assert ([m["content"] for m in records["c4"]["messages"] if m["role"] == "assistant"]
+            == ["partial", "partial"])
     raw = [json.loads(line) for p in sorted((tmp_path / "out").glob("*.jsonl")) for line in open(p)]
     assert {r["id"]: r["finish_reasons"] for r in raw}["c4"] == ["length", "length"]
     assert {r["id"]: r["finish_reasons"] for r in raw}["c0"] == ["stop", "stop"]
@@ -199,7 +205,8 @@ def test_regen_resumes_after_kill(tmp_path):
     cfg = RegenConfig(base_urls=[server.url], model="m", output_dir=str(out), concurrency=2, backoff_s=0.01,
                       shard_size=5)
     code = ("import sys; from data.regen import RegenConfig, run_regen; from data.sources import DataConfig; "
-            f"run_regen(RegenConfig(**{cfg.__dict__!r}), DataConfig(source='sharegpt', path={data_cfg.path!r}))")
+            f"run_regen(RegenConfig(**{cfg.__dict__!r}), "
+            f"DataConfig(source='sharegpt', path={data_cfg.path!r}))")
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL)
     try:
@@ -232,16 +239,20 @@ def test_a_run_that_writes_too_little_is_an_error(tmp_path):
     assert (stats["done"], stats["rejected_length"]) == (1, 3)
     assert done_share_error(stats, 0.25) is None
     assert done_share_error(stats, 0.5) == ("aerie regen: wrote 1 of the 4 conversations tried "
-                                            "(regen.min_done_share=0.5); most replies reached regen.max_tokens: "
-                                            "raise it, or keep them with regen.keep_length_cut=true")
-    assert done_share_error({**stats, "rejected_length": 1, "failed": 2}, 0.5).endswith("see the counts above")
-    assert done_share_error({**stats, "done": 0, "skipped": 4, "rejected_length": 0}, 0.5) is None  # nothing to do
+                                            "(regen.min_done_share=0.5); most replies reached "
+                                            "regen.max_tokens: raise it, or keep them with "
+                                            "regen.keep_length_cut=true")
+    assert done_share_error({**stats, "rejected_length": 1, "failed": 2}, 0.5).endswith(
+        "see the counts above")
+    # nothing to do
+    assert done_share_error({**stats, "done": 0, "skipped": 4, "rejected_length": 0}, 0.5) is None
     # the CLI: nothing listens at the URL, every conversation fails: exit 1 with one line, not a traceback
     proc = run_aerie("regen", f"regen.base_urls=[{server.url}]", "regen.model=m", "regen.max_retries=0",
-                     "data.source=sharegpt", f"data.path={data_cfg.path}", f"regen.output_dir={tmp_path / 'c'}",
-                     check=False)
+                     "data.source=sharegpt", f"data.path={data_cfg.path}",
+                     f"regen.output_dir={tmp_path / 'c'}", check=False)
     assert proc.returncode == 1 and "done=0 failed=4" in proc.stdout and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("aerie regen: wrote 0 of the 4 conversations tried")
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "aerie regen: wrote 0 of the 4 conversations tried")
 
 
 def test_an_http_400_naming_a_setting_stops_the_run(tmp_path):

@@ -1,6 +1,7 @@
-"""`aerie regen` against a real `vllm serve` of the tiny target on loopback (launch/vllm/serve.sh, vLLM's CPU build):
-multi-turn replay with a temperature mixture, bad answers counted per reason, and no lost or duplicated
-conversation after a `kill -9` of regen and a kill and restart of the server mid-run.  One server per module."""
+"""`aerie regen` against a real `vllm serve` of the tiny target on loopback (launch/vllm/serve.sh, vLLM's CPU
+build): multi-turn replay with a temperature mixture, bad answers counted per reason, and no lost or
+duplicated conversation after a `kill -9` of regen and a kill and restart of the server mid-run.  One server
+per module."""
 import json
 import os
 import signal
@@ -64,7 +65,8 @@ def test_multi_turn_replay_with_a_temperature_mixture_and_bad_rows_per_reason(se
     assert {r["reason"] for r in rejected} <= {"http_400", "length", "empty"}
     written = raw_lines(tmp_path / "out", "*.jsonl")
     assert stats["done"] == len(written) >= 4
-    assert sorted(r["id"] for r in written + rejected) == sorted(f"c{i}" for i in range(9))  # each exactly once
+    # each exactly once
+    assert sorted(r["id"] for r in written + rejected) == sorted(f"c{i}" for i in range(9))
     for record, parsed in zip(written, read_output(tmp_path / "out")):
         i = int(record["id"][1:])
         assert [m["content"] for m in record["messages"] if m["role"] == "user"] == turns[i]
@@ -81,11 +83,12 @@ def test_empty_and_length_cut_answers_of_vllm_are_rejected_and_the_command_fails
                                 temperatures=[0.0], temperature_weights=[1.0]), data_cfg)
     assert (cut["done"], cut["rejected_length"]) == (0, 2)  # the greedy first tokens are not <|im_end|>
     # every reply is empty (<|im_end|> forced): nothing is written and `aerie regen` exits 1 with one line
-    proc = run_aerie("regen", f"regen.base_urls=[{server.url}]", "data.source=sharegpt", f"data.path={data_cfg.path}",
-                     f"regen.output_dir={tmp_path / 'empty'}", f"+regen.extra_body.logit_bias={{{EOS}:100}}",
-                     check=False)
+    proc = run_aerie("regen", f"regen.base_urls=[{server.url}]", "data.source=sharegpt",
+                     f"data.path={data_cfg.path}", f"regen.output_dir={tmp_path / 'empty'}",
+                     f"+regen.extra_body.logit_bias={{{EOS}:100}}", check=False)
     assert proc.returncode == 1 and "done=0" in proc.stdout and "rejected_empty=2" in proc.stdout
-    assert proc.stderr.strip().splitlines()[-1].startswith("aerie regen: wrote 0 of the 2 conversations tried")
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "aerie regen: wrote 0 of the 2 conversations tried")
     assert not list((tmp_path / "empty").glob("*.jsonl"))
 
 
@@ -102,9 +105,11 @@ def test_no_conversation_lost_or_duplicated_after_kill_9_and_a_server_restart(se
     data_cfg = write_source(tmp_path / "src.json", [[f"hello {i}", "Tell me more."] for i in range(num)])
     out = tmp_path / "out"
     cfg = RegenConfig(base_urls=[server.url], output_dir=str(out), concurrency=2, max_tokens=32, shard_size=6,
-                      temperatures=[0.0, 1.0], temperature_weights=[0.5, 0.5], extra_body=SHORT, max_retries=400,
-                      backoff_s=0.2, max_backoff_s=3.0)  # retries for 10+ minutes: a restart on a loaded machine
-    code = ("import json, sys; from data.regen import RegenConfig, run_regen; from data.sources import DataConfig; "
+                      temperatures=[0.0, 1.0], temperature_weights=[0.5, 0.5], extra_body=SHORT,
+                      # retries for 10+ minutes: a restart on a loaded machine
+                      max_retries=400, backoff_s=0.2, max_backoff_s=3.0)
+    code = ("import json, sys; from data.regen import RegenConfig, run_regen; "
+            "from data.sources import DataConfig; "
             f"print(json.dumps(run_regen(RegenConfig(**{cfg.__dict__!r}), DataConfig(source='sharegpt', "
             f"path={data_cfg.path!r}))))")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -114,7 +119,8 @@ def test_no_conversation_lost_or_duplicated_after_kill_9_and_a_server_restart(se
 
     first = start()
     try:
-        wait_for(lambda: len(settled_ids(out)) >= 5 if out.exists() else False, 120, "the first regen's progress")
+        wait_for(lambda: len(settled_ids(out)) >= 5 if out.exists() else False, 120,
+                 "the first regen's progress")
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
@@ -134,27 +140,31 @@ def test_no_conversation_lost_or_duplicated_after_kill_9_and_a_server_restart(se
     assert second.returncode == 0
     stats = json.loads(stdout.strip().splitlines()[-1])
     assert killed_at < num and stats["retries"] > 0 and stats["skipped"] >= before_restart
-    if stats["failed"]:  # retries ran out before the server was back: the next run does those (and only those)
+    # retries ran out before the server was back: the next run does those (and only those)
+    if stats["failed"]:
         again = run_regen(cfg, data_cfg)
-        assert again["done"] + sum(n for k, n in again.items() if k.startswith("rejected_")) == stats["failed"]
+        assert (again["done"] + sum(n for k, n in again.items() if k.startswith("rejected_"))
+                == stats["failed"])
     ids = [r["id"] for r in raw_lines(out, "*.jsonl") + raw_lines(out, "*.rejected")]
     assert len(ids) == num and len(set(ids)) == num  # zero lost, zero duplicated
     assert not list(out.glob("*.partial"))
 
 
 def test_the_vllm_pipeline_recipe_end_to_end(server, tmp_path, data_cache):
-    """conf/experiment/vllm_pipeline.yaml as the README runs it (short settings): regen through the served target,
-    train on its answers, export, and vLLM's own acceptance counters for the export."""
+    """conf/experiment/vllm_pipeline.yaml as the README runs it (short settings): regen through the served
+    target, train on its answers, export, and vLLM's own acceptance counters for the export."""
     run_dir = tmp_path / "run"
-    common = ["experiment=vllm_pipeline", f"run_dir={run_dir}", f"data.cache_dir={data_cache}", "data.max_samples=6",
-              "draft.draft_vocab_size=1024", "draft.ttt_steps=3", "logger.progress=false"]
+    common = ["experiment=vllm_pipeline", f"run_dir={run_dir}", f"data.cache_dir={data_cache}",
+              "data.max_samples=6", "draft.draft_vocab_size=1024", "draft.ttt_steps=3",
+              "logger.progress=false"]
     regen = run_aerie("regen", *common, f"regen.base_urls=[{server.url}]", "regen.max_tokens=24")
     counts = dict(kv.split("=") for kv in regen.stdout.strip().splitlines()[-1].split())
-    written = [json.loads(line) for p in sorted((run_dir / "regen").glob("regen-*.jsonl")) for line in open(p)]
+    written = [json.loads(line) for p in sorted((run_dir / "regen").glob("regen-*.jsonl"))
+               for line in open(p)]
     assert int(counts["done"]) == len(written) >= 4 and int(counts["kept_length"]) > 0  # cut replies kept
     assert "length" in {r for record in written for r in record["finish_reasons"]}
-    train = ["data.source=openai", f"data.path={run_dir / 'regen'}", "trainer.max_steps=3", "data.max_length=256",
-             "trainer.max_tokens_per_batch=256", "trainer.ckpt_every=3"]
+    train = ["data.source=openai", f"data.path={run_dir / 'regen'}", "trainer.max_steps=3",
+             "data.max_length=256", "trainer.max_tokens_per_batch=256", "trainer.ckpt_every=3"]
     run_aerie("train", *common, *train)
     assert (run_dir / "final").is_dir()
     run_aerie("export", *common, "export.format=vllm")

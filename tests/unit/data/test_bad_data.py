@@ -1,5 +1,5 @@
-"""Bad data files: each a one-line ValueError naming file and line under data.strict=true, counted per reason and
-skipped otherwise; and a data cache that survives a kill during tokenisation."""
+"""Bad data files: each a one-line ValueError naming file and line under data.strict=true, counted per reason
+and skipped otherwise; and a data cache that survives a kill during tokenisation."""
 import json
 import os
 import subprocess
@@ -47,7 +47,8 @@ def test_utf8_bom_is_accepted(tmp_path, name, text):
 def test_json_object_file_is_named_as_such(tmp_path):
     path = tmp_path / "rows.json"
     path.write_text(json.dumps({"data": _rows(5)}, indent=2))
-    with pytest.raises(ValueError, match="line 1: the file is one JSON object; its key 'data' holds a list of 5"):
+    with pytest.raises(ValueError,
+                       match="line 1: the file is one JSON object; its key 'data' holds a list of 5"):
         load_conversations(_cfg(path, strict=True))
     records, report = load_conversations(_cfg(path))
     assert records == [] and report.counts == {"json_object_file": 1}  # not 5 x 88 lines of invalid_json
@@ -88,7 +89,8 @@ def test_stale_tokenisation_dir_of_a_killed_run_is_removed(tmp_path, tokenizer):
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in _rows(4)))
     cfg = _cfg(path, cache_dir=str(tmp_path / "cache"))
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True)
     cache = os.path.join(default_cache_dir(cfg), dataset_fingerprint(cfg, tokenizer))
     stale = os.path.join(cache, f"train.tmp{dead.stdout.strip()}")  # what a kill during tokenisation leaves
     os.makedirs(stale)

@@ -35,7 +35,8 @@ def test_ranks_equal_and_disjoint():
     assert len({len(b) for b in per_rank}) == 1
     seen = [i for batches in per_rank for b in batches for i in b]
     assert set(seen) == set(range(len(LENGTHS)))
-    assert len(seen) - len(LENGTHS) < 3 * max(len(b) for batches in per_rank for b in batches)  # wrap padding only
+    # wrap padding only
+    assert len(seen) - len(LENGTHS) < 3 * max(len(b) for batches in per_rank for b in batches)
 
 
 @pytest.mark.parametrize("packed", [False, True])

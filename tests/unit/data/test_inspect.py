@@ -24,7 +24,8 @@ def test_stats_and_run_inspect(tokenizer, tmp_path):
     stats = dataset_stats(ds)
     assert stats["num_samples"] == 3 and stats["num_tokens"] == 16 and stats["num_masked_tokens"] == 13
     assert stats["p50"] == 4 and stats["max_length"] == 10
-    rows = [{"id": f"r{i}", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a b"}]}
+    rows = [{"id": f"r{i}",
+             "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a b"}]}
             for i in range(3)]
     (tmp_path / "r.jsonl").write_text("\n".join(map(json.dumps, rows)))
     out = io.StringIO()

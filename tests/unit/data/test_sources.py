@@ -26,7 +26,8 @@ def test_sharegpt_json_skips_and_counts(tmp_path):
             sharegpt(2, ("human", "q"), ("gpt", "  ")),                        # empty turn
             sharegpt(3, ("human", "q"), ("human", "q2"), ("gpt", "a")),        # non alternating
             sharegpt(4, ("human", "x" * 50), ("gpt", "a")),                    # too long
-            sharegpt(5, ("gpt", "leftover"), ("human", "q"), ("gpt", "a"), ("human", "bye")),  # trimmed both ends
+            # trimmed both ends
+            sharegpt(5, ("gpt", "leftover"), ("human", "q"), ("gpt", "a"), ("human", "bye")),
             sharegpt(6, ("human", "q")),                                       # nothing to train on
             sharegpt(7, ("human", "\ud800bad"), ("gpt", "a"))]                 # lone surrogate -> not UTF-8
     path = write(tmp_path / "c.json", json.dumps(rows, indent=2))
@@ -45,7 +46,8 @@ def test_truncated_json_array_keeps_complete_records(tmp_path):
     text = json.dumps([sharegpt(i, ("human", f"q{i}"), ("gpt", f"a{i}")) for i in range(5)], indent=2)
     path = write(tmp_path / "cut.json", text[: text.rindex('"a4"') - 3])  # cut inside the last record
     report = SkipReport()
-    values = [v for v, _, _ in iter_json_array(path, report, chunk_chars=64)]  # tiny chunks: refills mid-record
+    # tiny chunks: refills mid-record
+    values = [v for v, _, _ in iter_json_array(path, report, chunk_chars=64)]
     assert [v["id"] for v in values] == ["s0", "s1", "s2", "s3"]
     assert "cut off inside record 4" in report.notes[0]
     records, report = load_conversations(DataConfig(source="sharegpt", path=path))
@@ -66,9 +68,11 @@ def test_non_utf8_bytes_in_json_array_and_jsonl(tmp_path):
 
 
 def test_openai_ultrachat_and_auto_json(tmp_path):
-    openai = [{"id": "o1", "messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]},
+    openai = [{"id": "o1",
+               "messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]},
               {"messages": [{"role": "assistant", "content": "only"}]}]
-    ultra = [{"id": "u1", "data": ["q1", "a1", "q2", "a2"]}, {"prompt_id": "u2", "messages": openai[0]["messages"]}]
+    ultra = [{"id": "u1", "data": ["q1", "a1", "q2", "a2"]},
+             {"prompt_id": "u2", "messages": openai[0]["messages"]}]
     p1 = write(tmp_path / "o.jsonl", "\n".join(map(json.dumps, openai)))
     p2 = write(tmp_path / "u.jsonl", "\n".join(map(json.dumps, ultra)))
     records, report = load_conversations(DataConfig(source="openai", path=p1))
@@ -102,7 +106,8 @@ def test_splits(tmp_path):
     records = [{"id": f"r{i}", "messages": []} for i in range(20)]
     ids = write(tmp_path / "heldout.json", json.dumps(["r3", "r7"]))
     train, evals = split_train_eval(records, DataConfig(heldout_ids_path=ids, max_samples=5))
-    assert [r["id"] for r in evals] == ["r3", "r7"] and [r["id"] for r in train] == ["r0", "r1", "r2", "r4", "r5"]
+    assert ([r["id"] for r in evals] == ["r3", "r7"]
+            and [r["id"] for r in train] == ["r0", "r1", "r2", "r4", "r5"])
     train, evals = split_train_eval(records, DataConfig(eval_fraction=0.25, seed=1))
     assert len(evals) == 5 and len(train) == 15 and not {r["id"] for r in train} & {r["id"] for r in evals}
     assert split_train_eval(records, DataConfig(eval_fraction=0.25, seed=1))[1] == evals
@@ -111,7 +116,8 @@ def test_splits(tmp_path):
 @pytest.mark.slow
 def test_builtin_sharegpt_package():
     records, report = load_conversations(DataConfig(max_chars=10 ** 9))
-    assert len(records) > 15000 and report.num_read == 17671  # the package file decodes 17,671 complete records
+    # the package file decodes 17,671 complete records
+    assert len(records) > 15000 and report.num_read == 17671
     assert any("cut off inside record 17671" in n for n in report.notes)
     heldout = json.load(open(f"{TINY_CHAT}/heldout_ids.json"))
     train, evals = split_train_eval(records, DataConfig(
@@ -123,18 +129,22 @@ def test_media_records_keep_paths_resolved(tmp_path):
     sub = tmp_path / "set"
     sub.mkdir()
     rows = [{"id": "v1", "images": ["img/a.png", "/abs/b.png"],
-             "messages": [{"role": "user", "content": "<image> what?"}, {"role": "assistant", "content": "a cat"}]},
-            {"id": "v2", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+             "messages": [{"role": "user", "content": "<image> what?"},
+                          {"role": "assistant", "content": "a cat"}]},
+            {"id": "v2",
+             "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
     path = write(sub / "vl.jsonl", "\n".join(json.dumps(r) for r in rows))
     records, _ = load_conversations(DataConfig(source="json", path=path, allow_media_outside_root=True),
                                     media_path_keys=("images",))
     assert records[0]["images"] == [str(sub / "img" / "a.png"), "/abs/b.png"]
     assert "images" not in records[1] and records[1]["messages"][1]["content"] == "yo"
-    rooted, _ = load_conversations(DataConfig(source="json", path=path, media_root="/data", allow_media_outside_root=True),
+    rooted, _ = load_conversations(DataConfig(source="json", path=path, media_root="/data",
+                                              allow_media_outside_root=True),
                                    media_path_keys=("images",))
     assert rooted[0]["images"][0] == "/data/img/a.png"
 
-    raw_rows = [{"id": "u1", "audio": "a.wav", "transcript": "hello"}, [1, 2], {"text": "hi", "speech_tokens": [1]}]
+    raw_rows = [{"id": "u1", "audio": "a.wav", "transcript": "hello"}, [1, 2],
+                {"text": "hi", "speech_tokens": [1]}]
     raw_path = write(sub / "asr.jsonl", "\n".join(json.dumps(r) for r in raw_rows))
     raw, report = load_conversations(DataConfig(source="json", path=raw_path), "raw", ("audio",))
     assert raw[0] == {"id": "u1", "audio": str(sub / "a.wav"), "transcript": "hello"}

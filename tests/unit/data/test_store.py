@@ -34,8 +34,8 @@ def samples(n, seed=0):
 
 
 def write(path, layout, items, shard_bytes=600, tail_samples=S):
-    w = HiddenStateStoreWriter(str(path), layout, H, A, [1, 2, 3], V, "target-x", topk=K, shard_bytes=shard_bytes,
-                               tail_samples=tail_samples)
+    w = HiddenStateStoreWriter(str(path), layout, H, A, [1, 2, 3], V, "target-x", topk=K,
+                               shard_bytes=shard_bytes, tail_samples=tail_samples)
     for i, s in enumerate(items):
         kept = dict(s) if layout == "compact" else {k: v for k, v in s.items() if not k.startswith("teacher")}
         if layout == "compact":
@@ -98,7 +98,8 @@ def test_resume_skips_complete_shards(tmp_path):
     write(tmp_path, "compact", items[:7], shard_bytes=10 ** 9)  # one shard of 7 samples
     mtime = os.path.getmtime(tmp_path / "shard-00000.safetensors")
     (tmp_path / "shard-00001.safetensors.tmp123").write_bytes(b"partial")  # an interrupted write
-    w = HiddenStateStoreWriter(str(tmp_path), "compact", H, A, [1, 2, 3], V, "target-x", topk=K, tail_samples=S)
+    w = HiddenStateStoreWriter(str(tmp_path), "compact", H, A, [1, 2, 3], V, "target-x",
+                               topk=K, tail_samples=S)
     assert w.num_samples == 7 and not (tmp_path / "shard-00001.safetensors.tmp123").exists()
     for i, s in enumerate(items[7:], 7):
         w.add(sample_id=f"s{i}", **{k: v for k, v in s.items() if k != "last_hidden_state"})
@@ -106,7 +107,8 @@ def test_resume_skips_complete_shards(tmp_path):
     assert os.path.getmtime(tmp_path / "shard-00000.safetensors") == mtime
     assert [g["id"] for g in HiddenStateStoreReader(str(tmp_path))] == [f"s{i}" for i in range(10)]
     with pytest.raises(ValueError, match="differs in"):
-        HiddenStateStoreWriter(str(tmp_path), "compact", H, A, [1, 2, 3], V, "target-y", topk=K, tail_samples=S)
+        HiddenStateStoreWriter(str(tmp_path), "compact", H, A, [1, 2, 3], V, "target-y",
+                               topk=K, tail_samples=S)
 
 
 def test_truncated_and_corrupt_shards_detected(tmp_path):
@@ -140,7 +142,8 @@ class Spec:
 
 
 class ToyTarget:
-    """Deterministic stand-in with the TargetModel forward contract (embedding -> 3 aux projections -> head)."""
+    """Deterministic stand-in with the TargetModel forward contract (embedding -> 3 aux projections ->
+    head)."""
 
     def __init__(self):
         torch.manual_seed(0)
@@ -153,14 +156,17 @@ class ToyTarget:
         self.calls += 1
         h = self.module["emb"](batch["input_ids"])
         logits = self.module["head"](h)
-        return SimpleNamespace(aux_hidden_states=self.module["aux"](h), teacher_logits=logits[..., draft_token_ids],
-                               teacher_argmax=logits.argmax(-1), last_hidden_state=h if return_last_hidden else None)
+        return SimpleNamespace(aux_hidden_states=self.module["aux"](h),
+                               teacher_logits=logits[..., draft_token_ids], teacher_argmax=logits.argmax(-1),
+                               last_hidden_state=h if return_last_hidden else None)
 
 
 def test_run_dump_compact_and_full(tmp_path):
     target = ToyTarget()
-    rows = [{"id": f"r{i}", "input_ids": list(range(i, i + 4 + i)), "loss_mask": [1] * (4 + i)} for i in range(5)]
-    cfg = StoreConfig(path=str(tmp_path / "c"), layout="compact", topk=K, shard_bytes=2000, batch_max_tokens=24)
+    rows = [{"id": f"r{i}", "input_ids": list(range(i, i + 4 + i)), "loss_mask": [1] * (4 + i)}
+            for i in range(5)]
+    cfg = StoreConfig(path=str(tmp_path / "c"), layout="compact", topk=K, shard_bytes=2000,
+                      batch_max_tokens=24)
     run_dump(target, rows, cfg, rank=0, world_size=2)
     run_dump(target, rows, cfg, rank=1, world_size=2)
     got = {g["id"]: g for g in HiddenStateStoreReader(cfg.path)}
@@ -173,7 +179,8 @@ def test_run_dump_compact_and_full(tmp_path):
     assert torch.equal(got["r3"]["teacher_topk_ids"], ids)
     assert torch.allclose(got["r3"]["teacher_topk_logprobs"], values, atol=2e-3)
     tail = got["r3"]["teacher_tail_ids"]
-    assert tail.shape == (len(rows[3]["input_ids"]), cfg.tail_samples) and not (tail[..., None] == ids[:, None]).any()
+    assert (tail.shape == (len(rows[3]["input_ids"]), cfg.tail_samples)
+            and not (tail[..., None] == ids[:, None]).any())
     assert torch.equal(tail, sample_tail(logprobs, ids, cfg.tail_samples, torch.Generator().manual_seed(3)))
     single = StoreConfig(path=str(tmp_path / "c1"), layout="compact", topk=K)
     run_dump(target, rows, single)  # one rank, other batches: the same tail samples
@@ -210,14 +217,16 @@ def _teacher_batch(p, draft_ids, rows, seed=0):
     logprobs = p.log().expand(rows, -1)
     values, topk = logprobs.topk(K, -1)
     tail = sample_tail(logprobs, topk, S, torch.Generator().manual_seed(seed))
-    batch = {"teacher_topk_logprobs": values.half().float(), "teacher_topk_ids": topk, "teacher_tail_ids": tail,
-             "teacher_argmax": topk[:, 0]}
+    batch = {"teacher_topk_logprobs": values.half().float(), "teacher_topk_ids": topk,
+             "teacher_tail_ids": tail, "teacher_argmax": topk[:, 0]}
     return batch, teacher_from_store_batch(batch, None, draft_ids)[0].softmax(-1)
 
 
 def test_compact_teacher_estimates_distribution():
-    """Top-k entries exact, the tail an unbiased estimate, summing to 1; restricted to a draft vocab it renormalises."""
-    p = torch.softmax(torch.randn(64, generator=torch.Generator().manual_seed(1)), -1)  # high entropy: heavy tail
+    """Top-k entries exact, the tail an unbiased estimate, summing to 1; restricted to a draft vocab it
+    renormalises."""
+    # high entropy: heavy tail
+    p = torch.softmax(torch.randn(64, generator=torch.Generator().manual_seed(1)), -1)
     full = torch.arange(64)
     batch, q = _teacher_batch(p, full, 3000)
     topk = batch["teacher_topk_ids"][0]
@@ -244,7 +253,8 @@ def test_collate_store_lays_out_tail_ids(tmp_path):
     batch = collate_store(got, packed=True, max_tokens=64)
     lengths = [len(s["input_ids"]) for s in items]
     assert batch["teacher_tail_ids"].shape == (1, sum(lengths), S)
-    assert torch.equal(batch["teacher_tail_ids"][0, lengths[0]: lengths[0] + lengths[1]], items[1]["teacher_tail_ids"])
+    assert torch.equal(batch["teacher_tail_ids"][0, lengths[0]: lengths[0] + lengths[1]],
+                       items[1]["teacher_tail_ids"])
 
 
 def test_version_1_store_still_read(tmp_path):
@@ -258,7 +268,8 @@ def test_version_1_store_still_read(tmp_path):
     got = list(HiddenStateStoreReader(str(tmp_path)))
     assert len(got) == 4 and "teacher_tail_ids" not in got[0]
     assert torch.equal(got[2]["teacher_topk_ids"], items[2]["teacher_topk_ids"])
-    w = HiddenStateStoreWriter(str(tmp_path), "compact", H, A, [1, 2, 3], V, "target-x", topk=K, tail_samples=0)
+    w = HiddenStateStoreWriter(str(tmp_path), "compact", H, A, [1, 2, 3], V, "target-x",
+                               topk=K, tail_samples=0)
     assert w.num_samples == 4  # resumable by this writer
     manifest["version"] = 3
     manifest_path.write_text(json.dumps(manifest))

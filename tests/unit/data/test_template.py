@@ -1,4 +1,5 @@
-"""Loss masks token by token for Llama-3-, ChatML- and Gemma-style templates (diff method) and {% generation %}."""
+"""Loss masks token by token for Llama-3-, ChatML- and Gemma-style templates (diff method) and
+{% generation %}."""
 import copy
 
 import pytest
@@ -76,8 +77,8 @@ def expected(tok, pieces):
 @pytest.mark.parametrize("name", ["llama3", "chatml", "gemma"])
 def test_diff_mask_token_by_token(tokenizer, name):
     if name == "llama3":
-        tok = with_template(tokenizer, LLAMA3, ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                                                "<|eot_id|>"])
+        tok = with_template(tokenizer, LLAMA3, ["<|begin_of_text|>", "<|start_header_id|>",
+                                                "<|end_header_id|>", "<|eot_id|>"])
         messages, pieces = MESSAGES, pieces_llama3(MESSAGES)
     elif name == "chatml":
         tok = tokenizer  # the fixture's own template
@@ -115,7 +116,8 @@ def test_system_prompt_and_template_kwargs(tokenizer):
     assert tokenizer.decode(with_system["input_ids"]).startswith("<|im_start|>system\nBe brief.<|im_end|>")
     assert sum(with_system["loss_mask"]) == sum(plain["loss_mask"])
     tok = copy.deepcopy(tokenizer)
-    tok.chat_template = "{% if enable_thinking %}<|im_start|>think<|im_end|>\n{% endif %}" + tokenizer.chat_template
+    tok.chat_template = ("{% if enable_thinking %}<|im_start|>think<|im_end|>\n{% endif %}"
+                         + tokenizer.chat_template)
     on = tokenize_conversation(tok, MESSAGES[1:], 4096, chat_template_kwargs={"enable_thinking": True})
     off = tokenize_conversation(tok, MESSAGES[1:], 4096, chat_template_kwargs={"enable_thinking": False})
     assert tok.decode(on["input_ids"]).startswith("<|im_start|>think") and off == plain

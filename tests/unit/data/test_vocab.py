@@ -20,7 +20,8 @@ def test_counts_only_masked_tokens():
 def test_build_save_load_and_stale(tmp_path):
     ds = datasets.Dataset.from_dict(ROWS)
     path = str(tmp_path / "vocab" / "draft_vocab.safetensors")
-    d2t, t2d, counts = build_and_save_vocab(ds, vocab_size=8, draft_vocab_size=3, path=path, fingerprint="abc")
+    d2t, t2d, counts = build_and_save_vocab(ds, vocab_size=8, draft_vocab_size=3, path=path,
+                                            fingerprint="abc")
     assert (torch.arange(3) + d2t).tolist() == [2, 3, 4] and t2d.sum() == 3
     d2t2, t2d2, counts2, meta = load_vocab(path, fingerprint="abc")
     assert torch.equal(d2t, d2t2) and torch.equal(t2d, t2d2) and torch.equal(counts, counts2)

@@ -40,8 +40,9 @@ def draft_for(target, draft_vocab, seed=1, perm=None, aux=(1, 2, 3)):
     torch.manual_seed(seed)
     config = Eagle3ModelConfig(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
                                num_attention_heads=4, num_key_value_heads=2, head_dim=c.hidden_size // 4,
-                               rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None, max_position_embeddings=256,
-                               vocab_size=c.vocab_size, draft_vocab_size=draft_vocab, target_hidden_size=c.hidden_size,
+                               rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None,
+                               max_position_embeddings=256, vocab_size=c.vocab_size,
+                               draft_vocab_size=draft_vocab, target_hidden_size=c.hidden_size,
                                num_aux_layers=3, aux_layer_ids=list(aux))
     draft = Eagle3LlamaDraft(config)
     ids = torch.randperm(c.vocab_size)[:draft_vocab] if perm is None else perm
@@ -108,7 +109,8 @@ def test_sampling_follows_the_target_distribution():
     with torch.no_grad():
         p_first = torch.softmax(target(torch.tensor([prompt])).logits[0, -1].double(), -1)
         # marginal of the second generated token (the first one that goes through accept / reject)
-        p_second = sum(p_first[a] * torch.softmax(target(torch.tensor([prompt + [a]])).logits[0, -1].double(), -1)
+        p_second = sum(p_first[a]
+                       * torch.softmax(target(torch.tensor([prompt + [a]])).logits[0, -1].double(), -1)
                        for a in range(vocab))
     q_second = torch.full((vocab,), 1.0 / vocab, dtype=torch.float64)
     decoder = ev.SpeculativeDecoder(target, draft)
@@ -124,7 +126,8 @@ def test_sampling_follows_the_target_distribution():
     assert counts[~keep].sum() <= 3
     p_kept = p_second[keep] / p_second[keep].sum()
     assert chi_square_p_value(counts[keep], p_kept) > 1e-3
-    assert chi_square_p_value(counts, q_second) < 1e-6  # the same counts are far from the draft's distribution
+    # the same counts are far from the draft's distribution
+    assert chi_square_p_value(counts, q_second) < 1e-6
     assert (p_second - q_second).abs().max() > 0.2
 
 
@@ -167,7 +170,8 @@ def test_prompt_sets(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "hi"}\n\n{"messages": [{"role": "user", "content": "a"}, '
                     '{"role": "assistant", "content": "b"}]}\n')
-    assert ev.load_prompts(str(path)) == [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "a"}]]
+    assert ev.load_prompts(str(path)) == [[{"role": "user", "content": "hi"}],
+                                          [{"role": "user", "content": "a"}]]
     path.write_text('{"text": "x"}\n')
     with pytest.raises(ValueError, match="p.jsonl:1"):
         ev.load_prompts(str(path))
@@ -181,11 +185,11 @@ def test_evaluate_on_the_tiny_chat_target(tmp_path):
     prompt = ev.render_prompt(tokenizer, [{"role": "user", "content": "Hello"}])
     assert tokenizer.decode(prompt).rstrip().endswith("assistant")
     c = target.config
-    config = Eagle3ModelConfig(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_attention_heads=8,
-                               num_key_value_heads=4, head_dim=32, rms_norm_eps=1e-6, rope_theta=10000.0,
-                               rope_scaling=None, max_position_embeddings=2048, vocab_size=c.vocab_size,
-                               draft_vocab_size=1024, target_hidden_size=c.hidden_size, num_aux_layers=3,
-                               aux_layer_ids=[2, 4, 5])
+    config = Eagle3ModelConfig(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                               num_attention_heads=8, num_key_value_heads=4, head_dim=32, rms_norm_eps=1e-6,
+                               rope_theta=10000.0, rope_scaling=None, max_position_embeddings=2048,
+                               vocab_size=c.vocab_size, draft_vocab_size=1024,
+                               target_hidden_size=c.hidden_size, num_aux_layers=3, aux_layer_ids=[2, 4, 5])
     torch.manual_seed(0)
     draft = Eagle3LlamaDraft(config)
     draft.set_draft_vocab(torch.zeros(1024, dtype=torch.long), torch.arange(c.vocab_size) < 1024)
@@ -203,7 +207,8 @@ def test_evaluate_on_the_tiny_chat_target(tmp_path):
         assert run["num_prompts"] == 2 and run["estimated_speedup"] > 0
         assert run["oracle_tau"] == k + 1 and run["tau_of_oracle"] == pytest.approx(run["tau"] / (k + 1))
     first = ev.render_prompt(tokenizer, ev.load_prompts("mtbench", 1)[0])
-    result = ev.SpeculativeDecoder(target, draft).generate(first, 12, 3, eos_token_ids=ev.eos_ids(tokenizer, target))
+    result = ev.SpeculativeDecoder(target, draft).generate(first, 12, 3,
+                                                           eos_token_ids=ev.eos_ids(tokenizer, target))
     assert result.tokens == greedy_reference(target, first, 12)
     assert (tmp_path / "out" / "acceptance.png").is_file() and (tmp_path / "out" / "acceptance.csv").is_file()
 
@@ -220,7 +225,8 @@ def test_run_eval_from_composed_config(tmp_path, capsys):
     draft = Eagle3LlamaDraft.from_target(DraftConfig(draft_vocab_size=512), spec)
     draft.set_draft_vocab(torch.zeros(512, dtype=torch.long), torch.arange(spec.vocab_size) < 512)
     save_aerie_draft(draft, tmp_path / "final")
-    cfg = OmegaConf.create({"eval": {**ev.EvalConfig(draft=str(tmp_path / "final"), prompts="humaneval", max_prompts=1,
+    cfg = OmegaConf.create({"eval": {**ev.EvalConfig(draft=str(tmp_path / "final"),
+                                                      prompts="humaneval", max_prompts=1,
                                                       max_new_tokens=5, num_speculative_tokens=[2],
                                                       temperature=1.0, verify="exact",
                                                       out_dir=str(tmp_path / "eval")).__dict__},

@@ -19,11 +19,12 @@ TARGET = {"name_or_path": "tiny/llama-8l", "model_type": "llama", "architectures
 
 
 def make_config(num_layers=1, norm_before_residual=False, aux=(2, 4, 5)):
-    return Eagle3ModelConfig(hidden_size=H, intermediate_size=INTER, num_attention_heads=HEADS, num_key_value_heads=KV,
-                             head_dim=HEAD_DIM, rms_norm_eps=1e-6, rope_theta=5e5, rope_scaling=None,
-                             max_position_embeddings=256, vocab_size=V, draft_vocab_size=VD, target_hidden_size=H,
-                             num_aux_layers=len(aux), num_layers=num_layers,
-                             norm_before_residual=norm_before_residual, aux_layer_ids=list(aux))
+    return Eagle3ModelConfig(hidden_size=H, intermediate_size=INTER, num_attention_heads=HEADS,
+                             num_key_value_heads=KV, head_dim=HEAD_DIM, rms_norm_eps=1e-6, rope_theta=5e5,
+                             rope_scaling=None, max_position_embeddings=256, vocab_size=V,
+                             draft_vocab_size=VD, target_hidden_size=H, num_aux_layers=len(aux),
+                             num_layers=num_layers, norm_before_residual=norm_before_residual,
+                             aux_layer_ids=list(aux))
 
 
 def make_draft(seed=0, **kwargs):
@@ -41,12 +42,14 @@ def make_draft(seed=0, **kwargs):
     return draft.eval()
 
 
-# ---- engine expectations, written independently of tools/export/base.py -----------------------------------------
+# ---- engine expectations, written independently of tools/export/base.py ------------------------------------
 def engine_layer(prefix, first):
     size_in = 2 * H if first else H
-    names = {"self_attn.q_proj.weight": (HEADS * HEAD_DIM, size_in), "self_attn.k_proj.weight": (KV * HEAD_DIM, size_in),
-             "self_attn.v_proj.weight": (KV * HEAD_DIM, size_in), "self_attn.o_proj.weight": (H, HEADS * HEAD_DIM),
-             "mlp.gate_proj.weight": (INTER, H), "mlp.up_proj.weight": (INTER, H), "mlp.down_proj.weight": (H, INTER),
+    names = {"self_attn.q_proj.weight": (HEADS * HEAD_DIM, size_in),
+             "self_attn.k_proj.weight": (KV * HEAD_DIM, size_in),
+             "self_attn.v_proj.weight": (KV * HEAD_DIM, size_in),
+             "self_attn.o_proj.weight": (H, HEADS * HEAD_DIM), "mlp.gate_proj.weight": (INTER, H),
+             "mlp.up_proj.weight": (INTER, H), "mlp.down_proj.weight": (H, INTER),
              "input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,)}
     if first:
         names["hidden_norm.weight"] = (H,)
@@ -63,7 +66,8 @@ def engine_expects(fmt, num_layers=1, embed=False):
     out = {}
     for i, prefix in enumerate(prefixes):
         out.update(engine_layer(prefix, i == 0))
-    out.update({"fc.weight": (H, 3 * H), "norm.weight": (H,), "lm_head.weight": (VD, H), "d2t": (VD,), "t2d": (V,)})
+    out.update({"fc.weight": (H, 3 * H), "norm.weight": (H,), "lm_head.weight": (VD, H),
+                "d2t": (VD,), "t2d": (V,)})
     if embed:
         out["embed_tokens.weight"] = (V, H)
     return out
@@ -94,14 +98,17 @@ def test_export_round_trip(tmp_path, fmt, num_layers):
     if fmt == "vllm":
         assert config["architectures"] == ["Eagle3LlamaForCausalLM"]
         assert config["eagle_aux_hidden_state_layer_ids"] == [2, 4, 5]
-        assert (config["num_hidden_layers"], config["vocab_size"], config["draft_vocab_size"]) == (num_layers, V, VD)
+        assert (config["num_hidden_layers"], config["vocab_size"],
+                config["draft_vocab_size"]) == (num_layers, V, VD)
         assert config["rope_theta"] == 5e5 and config["norm_before_residual"] is False
     elif fmt == "sglang":
         assert config["architectures"] == ["LlamaForCausalLMEagle3"]
-        assert config["eagle_config"] == {"eagle_aux_hidden_state_layer_ids": [1, 3, 4], "use_aux_hidden_state": True}
+        assert config["eagle_config"] == {"eagle_aux_hidden_state_layer_ids": [1, 3, 4],
+                                          "use_aux_hidden_state": True}
         assert "eagle_aux_hidden_state_layer_ids" not in config
     else:
-        assert config["architectures"] == ["Eagle3Speculator"] and config["speculators_model_type"] == "eagle3"
+        assert (config["architectures"] == ["Eagle3Speculator"]
+                and config["speculators_model_type"] == "eagle3")
         spec = config["speculators_config"]
         assert spec["algorithm"] == "eagle3" and spec["default_proposal_method"] == "greedy"
         assert spec["proposal_methods"] == [{"proposal_type": "greedy", "speculative_tokens": 5}]
@@ -123,7 +130,8 @@ def test_export_embed_and_bf16(tmp_path):
 
 def test_wrong_or_missing_tensor_is_refused(tmp_path, monkeypatch):
     cfg = make_config()
-    good = {k: torch.zeros(s, dtype=torch.int64 if k == "d2t" else torch.bool if k == "t2d" else torch.float32)
+    good = {k: torch.zeros(s, dtype=torch.int64 if k == "d2t" else torch.bool if k == "t2d"
+                           else torch.float32)
             for k, s in engine_expects("sglang").items()}
     eagle3.validate_export_tensors("sglang", cfg, good)
     for broken in ({k: v for k, v in good.items() if k != "midlayer.hidden_norm.weight"},
@@ -134,7 +142,8 @@ def test_wrong_or_missing_tensor_is_refused(tmp_path, monkeypatch):
     # the export itself runs the check before writing: a mapping that loses a tensor writes nothing
     original = eagle3.to_export_names
     monkeypatch.setattr(eagle3, "to_export_names",
-                        lambda fmt, c, s: {k: v for k, v in original(fmt, c, s).items() if k != "norm.weight"})
+                        lambda fmt, c, s: {k: v for k, v in original(fmt, c, s).items()
+                                           if k != "norm.weight"})
     with pytest.raises(ValueError, match="missing \\['norm.weight'\\]"):
         ex.export(make_draft(), tmp_path / "bad", "vllm", target=TARGET)
     assert not (tmp_path / "bad").exists()
@@ -180,7 +189,8 @@ def test_aerie_format_round_trip_and_replace(tmp_path):
     assert config["aerie_format"] == 1 and config["architecture"] == "eagle3_llama"
     assert config["metadata"] == {"step": 7, "target": "t"} and config["aux_layer_ids"] == [2, 4, 5]
     names = set(load_file(str(out / "model.safetensors")))
-    assert "embed_tokens.weight" not in names and {"d2t", "t2d", "fc.weight", "layers.1.mlp.up_proj.weight"} <= names
+    assert ("embed_tokens.weight" not in names
+            and {"d2t", "t2d", "fc.weight", "layers.1.mlp.up_proj.weight"} <= names)
     loaded = draft_io.load_aerie_draft(out, embed_weight=draft.embed_tokens.weight)
     assert loaded.config == draft.config and torch.equal(loaded.t2d, draft.t2d)
     assert torch.allclose(logits_of(loaded), logits_of(draft), atol=1e-6)
@@ -210,9 +220,9 @@ def test_load_draft_from_deepspeed_checkpoint(tmp_path, monkeypatch):
     from trainer.checkpoint import write_manifest
 
     target_dir = tmp_path / "target"
-    tconfig = transformers.LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=INTER, num_hidden_layers=8,
-                                       num_attention_heads=HEADS, num_key_value_heads=KV, head_dim=HEAD_DIM,
-                                       max_position_embeddings=256, rope_theta=5e5)
+    tconfig = transformers.LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=INTER,
+                                       num_hidden_layers=8, num_attention_heads=HEADS, num_key_value_heads=KV,
+                                       head_dim=HEAD_DIM, max_position_embeddings=256, rope_theta=5e5)
     transformers.LlamaForCausalLM(tconfig).save_pretrained(str(target_dir))
     cfg = {"target": {"backend": "hf", "path": str(target_dir), "aux_layer_ids": None},
            "draft": {"arch": "eagle3_llama", "num_layers": 1, "draft_vocab_size": VD}}
@@ -232,15 +242,16 @@ def test_load_draft_from_deepspeed_checkpoint(tmp_path, monkeypatch):
                  "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
     root = tmp_path / "run" / "ckpt"
     try:
-        engine, *_ = deepspeed.initialize(model=Container(draft), model_parameters=draft.trainable_parameters(),
-                                          config=ds_config)
+        engine, *_ = deepspeed.initialize(model=Container(draft),
+                                          model_parameters=draft.trainable_parameters(), config=ds_config)
         engine.save_checkpoint(str(root), tag="step-3", exclude_frozen_parameters=True)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     step_dir = root / "step-3"
     (step_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
-    save_file({"d2t": reference.d2t.contiguous(), "t2d": reference.t2d.contiguous()}, str(step_dir / "vocab.safetensors"))
+    save_file({"d2t": reference.d2t.contiguous(), "t2d": reference.t2d.contiguous()},
+              str(step_dir / "vocab.safetensors"))
     (step_dir / "trainer_state.json").write_text(json.dumps({"step": 3, "world_size": 1}))
     write_manifest(step_dir, 3)  # what CheckpointManager writes last; export refuses a step dir without it
 
@@ -263,8 +274,8 @@ def test_run_export_from_composed_config(tmp_path):
     (tmp_path / "target" / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": V,
                                                                   "hidden_size": H}))
     cfg = OmegaConf.create({"export": dataclasses.asdict(ex.ExportConfig(
-        format="sglang", draft=str(tmp_path / "final"), out_dir=str(tmp_path / "sgl"), num_speculative_tokens=4)),
-        "target": {"path": str(tmp_path / "target")}})
+        format="sglang", draft=str(tmp_path / "final"), out_dir=str(tmp_path / "sgl"),
+        num_speculative_tokens=4)), "target": {"path": str(tmp_path / "target")}})
     out = ex.run_export(cfg)
     config = json.loads((out / "config.json").read_text())
     assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 3, 4]

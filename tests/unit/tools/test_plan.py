@@ -1,4 +1,5 @@
-"""`aerie plan`: component formulas, ZeRO partitioning, setup search, presets, and prediction vs a measured peak."""
+"""`aerie plan`: component formulas, ZeRO partitioning, setup search, presets, and prediction vs a measured
+peak."""
 import json
 import shutil
 import subprocess
@@ -28,14 +29,14 @@ from tools.plan import (
 from trainer.engine import DeepSpeedConfig
 from trainer.train import TrainerConfig
 
-SMALL = TargetArch(num_layers=4, hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1,
-                   head_dim=4, vocab_size=32, num_params=10_000)
+SMALL = TargetArch(num_layers=4, hidden_size=8, intermediate_size=16, num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=4, vocab_size=32, num_params=10_000)
 
 
 def _spec(arch: TargetArch) -> TargetSpec:
-    return TargetSpec("t", "llama", ["LlamaForCausalLM"], arch.num_layers, arch.hidden_size, arch.intermediate_size,
-                      arch.vocab_size, arch.num_attention_heads, arch.num_key_value_heads, arch.head_dim, 1e-6, 1e4,
-                      None, 128, [2, 2, 1])
+    return TargetSpec("t", "llama", ["LlamaForCausalLM"], arch.num_layers, arch.hidden_size,
+                      arch.intermediate_size, arch.vocab_size, arch.num_attention_heads,
+                      arch.num_key_value_heads, arch.head_dim, 1e-6, 1e4, None, 128, [2, 2, 1])
 
 
 def test_component_formulas_on_a_hand_computed_case():
@@ -48,8 +49,8 @@ def test_component_formulas_on_a_hand_computed_case():
     assert sizes["embedding"] == draft.embed_tokens.weight.numel() == 256
 
     trainer_cfg = TrainerConfig(precision="fp32", max_tokens_per_batch=4)
-    plan = plan_memory(SMALL, draft_cfg, trainer_cfg, DeepSpeedConfig(zero_stage=2), 1, target_dtype="float32",
-                       device="cpu", overhead_gb=0.0, logits_chunk_size=2)
+    plan = plan_memory(SMALL, draft_cfg, trainer_cfg, DeepSpeedConfig(zero_stage=2), 1,
+                       target_dtype="float32", device="cpu", overhead_gb=0.0, logits_chunk_size=2)
     c = plan.components
     assert c["target params"] == 10_000 * 4
     assert c["draft weights"] == 1056 * 4 and c["fp32 master"] == 1056 * 4 and c["Adam moments"] == 1056 * 8
@@ -57,7 +58,8 @@ def test_component_formulas_on_a_hand_computed_case():
     assert c["reduce bucket"] == 1056 * 4 and c["draft grads"] == 1056 * 4
     # L * (Vd fp32 logits + argmax + 3 aux states of 8 fp32)
     assert c["teacher logits + aux states"] == 4 * (16 * 4 + 8 + 3 * 8 * 4)
-    # captured 5 x H, then max(layer: (3H + max(4q + 3kv, 3I)) * 4 + 2H * 4 per token, chunk 2 x (V*4 + H*4)), mask
+    # captured 5 x H, then max(layer: (3H + max(4q + 3kv, 3I)) * 4 + 2H * 4 per token,
+    # chunk 2 x (V*4 + H*4)), mask
     layer = (24 + max(4 * 8 + 3 * 4, 48)) * 4 + 64
     assert c["target activations"] == 4 * 5 * 8 * 4 + max(4 * layer, 2 * (32 * 4 + 8 * 4)) + 16 * 5
     resident = sum(v for k, v in c.items() if k not in plan.phases)
@@ -103,8 +105,8 @@ def test_smallest_setup_needs_more_gpus_for_405b_than_8b():
                            deepspeed_option(large.deepspeed, ds), large.world_size - 8).fits(80.0)
     offline = recommend(PRESET_ARCHS["meta-llama/Llama-3.1-405B-Instruct"], *args, mode="offline")
     assert offline["setups"]["offline"].world_size == 8 and "aerie dump" in offline["recommendation"]
-    assert smallest_setup(PRESET_ARCHS["meta-llama/Llama-3.1-8B-Instruct"], draft_cfg, trainer_cfg, ds, 1.0, 8, 64,
-                          mode="online") is None
+    assert smallest_setup(PRESET_ARCHS["meta-llama/Llama-3.1-8B-Instruct"], draft_cfg,
+                          trainer_cfg, ds, 1.0, 8, 64, mode="online") is None
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "conf" / "target").glob("*.yaml")
@@ -124,10 +126,10 @@ def test_presets_are_tabled_and_valid(preset):
         vocab_size=a.vocab_size, tie_word_embeddings=False, architectures=["LlamaForCausalLM"])),
     ("Qwen/Qwen3-235B-A22B", lambda a: __import__("transformers").Qwen3MoeConfig(
         num_hidden_layers=a.num_layers, hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
-        num_attention_heads=a.num_attention_heads, num_key_value_heads=a.num_key_value_heads, head_dim=a.head_dim,
-        vocab_size=a.vocab_size, num_experts=a.num_experts, num_experts_per_tok=a.num_experts_per_token,
-        moe_intermediate_size=a.moe_intermediate_size, tie_word_embeddings=False,
-        architectures=["Qwen3MoeForCausalLM"])),
+        num_attention_heads=a.num_attention_heads, num_key_value_heads=a.num_key_value_heads,
+        head_dim=a.head_dim, vocab_size=a.vocab_size, num_experts=a.num_experts,
+        num_experts_per_tok=a.num_experts_per_token, moe_intermediate_size=a.moe_intermediate_size,
+        tie_word_embeddings=False, architectures=["Qwen3MoeForCausalLM"])),
 ])
 def test_table_matches_a_meta_device_count(name, make):
     tabled = PRESET_ARCHS[name]
@@ -173,11 +175,12 @@ def test_run_plan_prints_table_and_json(capsys, hydra_restore):
 
 
 # The measurement: one process runs the real trainer twice.  A first run on a tiny target (hidden 64) warms up
-# everything that does not depend on the model (lazy imports, tokenizer, data cache, process group, DeepSpeed);
-# RssAnon after it is the baseline.  The second run on a larger target is sampled every 0.3 ms; its peak minus
-# the baseline is the model-dependent memory the planner predicts (device=cpu, no framework constant).  The
-# target is stored in bf16 and loaded as float32, so its weights are anonymous memory like a GPU copy (an fp32
-# file would stay a file-backed mmap).  MALLOC_MMAP_THRESHOLD_ makes freed tensors go back to the OS at once.
+# everything that does not depend on the model (lazy imports, tokenizer, data cache, process group,
+# DeepSpeed); RssAnon after it is the baseline.  The second run on a larger target is sampled every 0.3 ms;
+# its peak minus the baseline is the model-dependent memory the planner predicts (device=cpu, no framework
+# constant).  The target is stored in bf16 and loaded as float32, so its weights are anonymous memory like a
+# GPU copy (an fp32 file would stay a file-backed mmap).  MALLOC_MMAP_THRESHOLD_ makes freed tensors go back
+# to the OS at once.
 DRIVER = textwrap.dedent('''
     import json, sys, threading, time
     from hydra import compose, initialize_config_dir
@@ -245,5 +248,6 @@ def test_prediction_matches_measured_peak_within_25_percent(tmp_path, data_cache
                        TrainerConfig(precision="fp32", max_tokens_per_batch=1024), DeepSpeedConfig(), 1,
                        target_dtype="float32", device="cpu", overhead_gb=0.0)
     ratio = measured_bytes / plan.total
-    print(f"measured {measured_bytes / 2 ** 20:.0f} MiB, predicted {plan.total / 2 ** 20:.0f} MiB, ratio {ratio:.3f}")
+    print(f"measured {measured_bytes / 2 ** 20:.0f} MiB, predicted {plan.total / 2 ** 20:.0f} MiB, "
+          f"ratio {ratio:.3f}")
     assert 0.75 <= ratio <= 1.25, (measured_bytes, plan.components)

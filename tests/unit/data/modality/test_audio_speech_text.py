@@ -11,7 +11,8 @@ DRAFT_IDS = torch.tensor([1, 5, 200])
 
 def test_audio_forward_matches_hf(audio_target_dir, wav_path):
     path, tokenizer, extractor = audio_target_dir
-    target = TARGETS.get("hf").load(TargetConfig(path=path, dtype="float32", aux_layer_ids=[1, 2, 3], modality="audio"))
+    target = TARGETS.get("hf").load(TargetConfig(path=path, dtype="float32", aux_layer_ids=[1, 2, 3],
+                                                 modality="audio"))
     adapter = MODALITIES.get("audio")(None, tokenizer, extractor)
     enc = adapter.encode({"id": "u1", "audio": wav_path, "transcript": "hello world"})
     audio_id = target.module.config.audio_token_id
@@ -22,7 +23,8 @@ def test_audio_forward_matches_hf(audio_target_dir, wav_path):
     out = target(batch, DRAFT_IDS)
     ref = target.module(input_ids=batch["input_ids"][:1], input_features=batch["input_features"][:1],
                         feature_attention_mask=batch["feature_attention_mask"][:1], output_hidden_states=True)
-    torch.testing.assert_close(out.aux_hidden_states[:1], torch.cat([ref.hidden_states[i] for i in (1, 2, 3)], -1))
+    torch.testing.assert_close(out.aux_hidden_states[:1],
+                               torch.cat([ref.hidden_states[i] for i in (1, 2, 3)], -1))
     torch.testing.assert_close(out.teacher_logits[:1], ref.logits.float()[..., DRAFT_IDS])
     assert out.inputs_embeds is None  # the draft embeds the placeholder ids (as vLLM does for Qwen3-ASR)
 
@@ -63,7 +65,8 @@ def test_text_adapter_collate_layout():
 
     adapter = MODALITIES.get("text")(None, AutoTokenizer.from_pretrained(str(TINY_CHAT)))
     enc = [adapter.encode({"id": str(i), "messages": [{"role": "user", "content": "hi " * (i + 1)},
-                                                      {"role": "assistant", "content": "ok"}]}) for i in range(3)]
+                                                      {"role": "assistant", "content": "ok"}]})
+           for i in range(3)]
     assert all(sum(e["loss_mask"]) > 0 for e in enc)
     padded = adapter.collate(enc)
     lengths = [len(e["input_ids"]) for e in enc]

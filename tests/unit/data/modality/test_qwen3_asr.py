@@ -1,4 +1,5 @@
-"""Qwen3-ASR adapter: placeholders as Qwen3ASRProcessor counts them, the target forward, sample-rate errors, export."""
+"""Qwen3-ASR adapter: placeholders as Qwen3ASRProcessor counts them, the target forward, sample-rate errors,
+export."""
 import json
 
 import numpy as np
@@ -35,7 +36,8 @@ def test_qwen3_asr_forward_matches_hf_and_exports(qwen3_asr_target_dir, tmp_path
     target = TARGETS.get("hf").load(TargetConfig(path=path, dtype="float32", aux_layer_ids=[1, 2, 3],
                                                  modality="qwen3_asr"))
     adapter = MODALITIES.get("qwen3_asr")(None, tokenizer, extractor)
-    encoded = [adapter.encode({"id": f"u{i}", "audio": write_wav(tmp_path / f"{i}.wav", s), "transcript": "hi there"})
+    encoded = [adapter.encode({"id": f"u{i}", "audio": write_wav(tmp_path / f"{i}.wav", s),
+                               "transcript": "hi there"})
                for i, s in enumerate((1.3, 0.6))]
     audio_id = target.module.config.audio_token_id
     num_frames = [int(e["input_features_mask"].sum()) for e in encoded]
@@ -49,14 +51,16 @@ def test_qwen3_asr_forward_matches_hf_and_exports(qwen3_asr_target_dir, tmp_path
                             input_features_mask=sample["input_features_mask"], output_hidden_states=True)
         n = ids.shape[1]
         torch.testing.assert_close(out.aux_hidden_states[row:row + 1, :n],
-                                   torch.cat([ref.hidden_states[i] for i in (1, 2, 3)], -1), atol=1e-5, rtol=1e-5)
+                                   torch.cat([ref.hidden_states[i] for i in (1, 2, 3)], -1),
+                                   atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out.teacher_logits[row:row + 1, :n], ref.logits.float()[..., DRAFT_IDS],
                                    atol=1e-5, rtol=1e-5)
     draft = Eagle3LlamaDraft.from_target(DraftConfig(draft_vocab_size=64), target.spec)
     draft.load_embedding(target.embed_tokens_weight())
     export(draft, tmp_path / "vllm", "vllm", target=target.spec, dtype="float32")
     config = json.loads((tmp_path / "vllm" / "config.json").read_text())
-    assert config["architectures"] == ["Eagle3LlamaForCausalLM"]  # vLLM: Qwen3ASRForConditionalGeneration is SupportsEagle3
+    # vLLM: Qwen3ASRForConditionalGeneration is SupportsEagle3
+    assert config["architectures"] == ["Eagle3LlamaForCausalLM"]
 
 
 def test_wrong_sample_rate_and_missing_audio_name_the_row(qwen3_asr_target_dir, tmp_path):

@@ -1,4 +1,5 @@
-"""Qwen3-VL through the vision adapter: placeholders, DeepStack in the aux states, interleaved M-RoPE, export."""
+"""Qwen3-VL through the vision adapter: placeholders, DeepStack in the aux states, interleaved M-RoPE,
+export."""
 import json
 
 import pytest
@@ -35,7 +36,8 @@ def test_placeholders_follow_the_image_processor(qwen3_vl, tmp_path):
     config = target.module.config
     paths = [image_file(tmp_path, 64, 96, "a.png"), image_file(tmp_path, 128, 64, "b.png")]
     enc = adapter.encode({"id": "q", "images": paths, "messages": [
-        {"role": "user", "content": "Compare <image> and <image>."}, {"role": "assistant", "content": "Same."}]})
+        {"role": "user", "content": "Compare <image> and <image>."},
+        {"role": "assistant", "content": "Same."}]})
     grids = adapter.processor(images=[adapter_image(p) for p in paths], return_tensors="pt")["image_grid_thw"]
     assert grids.tolist() == [[1, 4, 6], [1, 8, 4]] and torch.equal(enc["image_grid_thw"], grids)
     ids = enc["input_ids"]
@@ -53,7 +55,8 @@ def adapter_image(path):
 
 def test_aux_states_carry_deepstack_and_positions_interleave(qwen3_vl, tmp_path):
     target, adapter = qwen3_vl
-    assert target.spec.rope_scaling == {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    assert target.spec.rope_scaling == {"rope_type": "default", "mrope_section": [2, 3, 3],
+                                        "mrope_interleaved": True}
     enc = adapter.encode({"id": "d", "images": [image_file(tmp_path, 64, 96)], "messages": [
         {"role": "user", "content": "What is <image> here?"}, {"role": "assistant", "content": "A cat."}]})
     batch = adapter.collate([enc])
@@ -85,5 +88,6 @@ def test_vllm_export_is_eagle3_qwen3vl_with_interleaved_mrope(qwen3_vl, tmp_path
     export(draft, tmp_path / "vllm", "vllm", target=target.spec, dtype="float32")
     config = json.loads((tmp_path / "vllm" / "config.json").read_text())
     assert config["architectures"] == ["Eagle3Qwen3vlForCausalLM"]  # vLLM registry: llama_eagle3
-    assert config["rope_scaling"] == {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    assert config["rope_scaling"] == {"rope_type": "default", "mrope_section": [2, 3, 3],
+                                      "mrope_interleaved": True}
     assert config["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]

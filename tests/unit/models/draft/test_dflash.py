@@ -33,7 +33,7 @@ def make_dflash(spec, seed=0):
     return draft
 
 
-# ---- vLLM's served forward, written out naively ----------------------------------------------------------------
+# ---- vLLM's served forward, written out naively ------------------------------------------------------------
 def rms(x, weight, eps):
     """vLLM's RMSNorm.forward_native: normalised in float32, back to the input dtype, times the weight."""
     x32 = x.to(torch.float32)
@@ -56,20 +56,23 @@ def served_block_logits(draft, aux, positions, bonus_id, bonus_position, k):
     heads, kv_heads, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     ctx = rms(aux @ draft.fc.weight.T, draft.hidden_norm.weight, eps)  # combine_hidden_states + hidden_norm
     ids = [bonus_id] + [c.mask_token_id] * k
-    h = torch.stack([draft.mask_embedding if i == c.mask_token_id else draft.embed_tokens.weight[i] for i in ids])
+    h = torch.stack([draft.mask_embedding if i == c.mask_token_id
+                     else draft.embed_tokens.weight[i] for i in ids])
     query_positions = [bonus_position + j for j in range(k + 1)]
     for layer in draft.layers:
         a = layer.self_attn
         # precompute_and_store_context_kv: k_proj/v_proj of the normed context, k_norm, RoPE at its positions
-        ctx_k = neox_rope(rms((ctx @ a.k_proj.weight.T).view(-1, kv_heads, d), a.k_norm.weight, eps), positions,
-                          theta)
+        ctx_k = neox_rope(rms((ctx @ a.k_proj.weight.T).view(-1, kv_heads, d), a.k_norm.weight, eps),
+                          positions, theta)
         ctx_v = (ctx @ a.v_proj.weight.T).view(-1, kv_heads, d)
         x = rms(h, layer.input_layernorm.weight, eps)
-        q = neox_rope(rms((x @ a.q_proj.weight.T).view(-1, heads, d), a.q_norm.weight, eps), query_positions, theta)
+        q = neox_rope(rms((x @ a.q_proj.weight.T).view(-1, heads, d), a.q_norm.weight, eps),
+                      query_positions, theta)
         blk_k = neox_rope(rms((x @ a.k_proj.weight.T).view(-1, kv_heads, d), a.k_norm.weight, eps),
                           query_positions, theta)
         blk_v = (x @ a.v_proj.weight.T).view(-1, kv_heads, d)
-        keys, values = torch.cat([ctx_k, blk_k]), torch.cat([ctx_v, blk_v])  # non-causal: every query sees all
+        # non-causal: every query sees all
+        keys, values = torch.cat([ctx_k, blk_k]), torch.cat([ctx_v, blk_v])
         out = torch.zeros(k + 1, heads, d, dtype=h.dtype)
         for head in range(heads):
             g = head // (heads // kv_heads)
@@ -92,8 +95,9 @@ def reference_blocks(draft, batch, anchors, keep):
                 continue
             a = int(anchors[row, block])
             context = [t for t in range(a) if docs[row, t] == docs[row, a]]
-            out[row, block] = served_block_logits(draft, batch["aux_hidden_states"][row, context], pos[row, context],
-                                                  int(batch["input_ids"][row, a]), int(pos[row, a]), BLOCK - 1)
+            out[row, block] = served_block_logits(draft, batch["aux_hidden_states"][row, context],
+                                                  pos[row, context], int(batch["input_ids"][row, a]),
+                                                  int(pos[row, a]), BLOCK - 1)
     return out
 
 
@@ -122,7 +126,8 @@ def test_inference_api_equals_served_forward(spec_factory, batch_factory):
         draft.extend_context(aux[None, 10:20], pos[None, 10:20], context)  # chunks append like one call
         for k in (1, 3, BLOCK - 1):
             logits = draft.draft_block(ids[20:21], pos[20:21], k, context)[0]
-            torch.testing.assert_close(logits, served_block_logits(draft, aux[:20], pos[:20], int(ids[20]), 20, k))
+            torch.testing.assert_close(logits,
+                                       served_block_logits(draft, aux[:20], pos[:20], int(ids[20]), 20, k))
         context.crop(12)
         torch.testing.assert_close(draft.draft_block(ids[12:13], pos[12:13], 2, context)[0],
                                    served_block_logits(draft, aux[:12], pos[:12], int(ids[12]), 12, 2))
@@ -131,14 +136,15 @@ def test_inference_api_equals_served_forward(spec_factory, batch_factory):
 
 
 @pytest.mark.parametrize("docs", [[[40], [27]], [[12, 9, 17], [30, 8]]], ids=["padded", "packed"])
-def test_loss_is_the_position_weighted_soft_cross_entropy_of_the_served_logits(docs, spec_factory, batch_factory):
+def test_loss_is_the_position_weighted_soft_cross_entropy_of_the_served_logits(docs, spec_factory,
+                                                                               batch_factory):
     draft = make_dflash(spec_factory(), 2)
     batch = batch_factory(docs, 40, seed=1)
     valid = valid_anchors(batch["loss_mask"], batch["document_ids"])
     anchors, keep = sample_anchors(valid, 5, torch.Generator().manual_seed(1))
     out = dflash_forward(draft, batch["input_ids"], batch["aux_hidden_states"], batch["teacher_logits"],
-                         batch["teacher_argmax"], batch["loss_mask"], batch["position_ids"], batch["document_ids"],
-                         loss_decay=2.0, anchors=anchors, keep=keep)
+                         batch["teacher_argmax"], batch["loss_mask"], batch["position_ids"],
+                         batch["document_ids"], loss_decay=2.0, anchors=anchors, keep=keep)
     sums, counts, correct = torch.zeros(BLOCK - 1), torch.zeros(BLOCK - 1), torch.zeros(BLOCK - 1)
     with torch.no_grad():
         for (row, block), logits in reference_blocks(draft, batch, anchors, keep).items():

@@ -1,4 +1,5 @@
-"""Lean TTT attention (fused causal part + per-position extras merged by log-sum-exp) vs a naive dense mask."""
+"""Lean TTT attention (fused causal part + per-position extras merged by log-sum-exp) vs a naive dense
+mask."""
 import pytest
 import torch
 
@@ -60,7 +61,8 @@ def test_ttt_attention_matches_naive_mask(document_ids, attention, step):
         import models.draft.attention as attention_module
 
         original = attention_module.causal_attention_with_lse
-        attention_module.causal_attention_with_lse = lambda q, k, v, s, d, _: _portable_causal_attention(q, k, v, s, d)
+        attention_module.causal_attention_with_lse = lambda q, k, v, s, d, _: _portable_causal_attention(
+            q, k, v, s, d)
         try:
             out = lean_ttt_attention(q, keys, values, scale, document_ids, segments)
         finally:

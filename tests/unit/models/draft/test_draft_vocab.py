@@ -1,4 +1,5 @@
-"""Draft vocabulary from token frequencies: selection, tie order, d2t / t2d consistency (target id = i + d2t[i])."""
+"""Draft vocabulary from token frequencies: selection, tie order, d2t / t2d consistency
+(target id = i + d2t[i])."""
 import pytest
 import torch
 

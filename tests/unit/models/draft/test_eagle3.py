@@ -1,4 +1,5 @@
-"""Eagle3 draft: configuration from the target, RoPE from the target, state-dict layout, step inference == TTT."""
+"""Eagle3 draft: configuration from the target, RoPE from the target, state-dict layout,
+step inference == TTT."""
 import pytest
 import torch
 from transformers import LlamaConfig
@@ -26,10 +27,10 @@ def test_state_dict_names_and_frozen_embedding(spec_factory):
     draft = Eagle3LlamaDraft.from_target(DraftConfig(num_layers=2, draft_vocab_size=128), spec_factory())
     names = set(draft.state_dict())
     layer0 = {
-        "layers.0.self_attn.q_proj.weight", "layers.0.self_attn.k_proj.weight", "layers.0.self_attn.v_proj.weight",
-        "layers.0.self_attn.o_proj.weight", "layers.0.hidden_norm.weight", "layers.0.input_layernorm.weight",
-        "layers.0.post_attention_layernorm.weight", "layers.0.mlp.gate_proj.weight", "layers.0.mlp.up_proj.weight",
-        "layers.0.mlp.down_proj.weight",
+        "layers.0.self_attn.q_proj.weight", "layers.0.self_attn.k_proj.weight",
+        "layers.0.self_attn.v_proj.weight", "layers.0.self_attn.o_proj.weight", "layers.0.hidden_norm.weight",
+        "layers.0.input_layernorm.weight", "layers.0.post_attention_layernorm.weight",
+        "layers.0.mlp.gate_proj.weight", "layers.0.mlp.up_proj.weight", "layers.0.mlp.down_proj.weight",
     }
     assert layer0 <= names
     assert {"fc.weight", "norm.weight", "lm_head.weight", "d2t", "t2d", "embed_tokens.weight"} <= names
@@ -43,10 +44,13 @@ def test_state_dict_names_and_frozen_embedding(spec_factory):
 
 def test_rope_theta_and_scaling_come_from_target(spec_factory):
     default = Eagle3LlamaDraft.from_target(DraftConfig(draft_vocab_size=128), spec_factory())
-    big_theta = Eagle3LlamaDraft.from_target(DraftConfig(draft_vocab_size=128), spec_factory(rope_theta=500000.0))
+    big_theta = Eagle3LlamaDraft.from_target(DraftConfig(draft_vocab_size=128),
+                                             spec_factory(rope_theta=500000.0))
     exponents = torch.arange(0, 16, 2).double() / 16
-    torch.testing.assert_close(default.rotary_emb.inv_freq.double(), 1 / 10000.0**exponents, rtol=1e-6, atol=0)
-    torch.testing.assert_close(big_theta.rotary_emb.inv_freq.double(), 1 / 500000.0**exponents, rtol=1e-6, atol=0)
+    torch.testing.assert_close(default.rotary_emb.inv_freq.double(), 1 / 10000.0**exponents,
+                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(big_theta.rotary_emb.inv_freq.double(), 1 / 500000.0**exponents,
+                               rtol=1e-6, atol=0)
     assert big_theta.config.rope_theta == 500000.0
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
@@ -71,17 +75,20 @@ def test_mrope_matches_qwen2_5_vl_rotary(spec_factory):
 
     section = [2, 3, 3]  # head_dim 16 -> 8 frequencies
     scaling = {"rope_type": "default", "mrope_section": section}
-    draft = Eagle3LlamaDraft.from_target(DraftConfig(draft_vocab_size=128), spec_factory(rope_scaling=scaling))
+    draft = Eagle3LlamaDraft.from_target(DraftConfig(draft_vocab_size=128),
+                                         spec_factory(rope_scaling=scaling))
     hf = Qwen2_5_VLRotaryEmbedding(Qwen2_5_VLTextConfig(
         hidden_size=64, num_attention_heads=4, max_position_embeddings=256,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}))
-    positions = torch.stack([torch.arange(10).repeat(2, 1), torch.randint(0, 9, (2, 10)), torch.randint(0, 9, (2, 10))])
+    positions = torch.stack([torch.arange(10).repeat(2, 1), torch.randint(0, 9, (2, 10)),
+                             torch.randint(0, 9, (2, 10))])
     cos, sin = draft.rotary_emb(positions, torch.float32)
     ref_cos, ref_sin = hf(torch.zeros(1, dtype=torch.float32), positions)
     torch.testing.assert_close(cos, ref_cos)
     torch.testing.assert_close(sin, ref_sin)
     text = torch.arange(10).repeat(2, 1)  # equal components: plain RoPE over (B, T) positions
-    torch.testing.assert_close(draft.rotary_emb(text.expand(3, -1, -1), torch.float32), draft.rotary_emb(text, torch.float32))
+    torch.testing.assert_close(draft.rotary_emb(text.expand(3, -1, -1), torch.float32),
+                               draft.rotary_emb(text, torch.float32))
     plain = Eagle3LlamaDraft.from_target(DraftConfig(draft_vocab_size=128), spec_factory())
     with pytest.raises(ValueError, match="mrope_section"):
         plain.rotary_emb(positions, torch.float32)
@@ -93,7 +100,8 @@ def test_config_errors(spec_factory):
     with pytest.raises(ValueError, match="hidden_size"):
         Eagle3LlamaDraft.from_target(DraftConfig(hidden_size=32), spec_factory())
     with pytest.raises(ValueError, match="num_key_value_heads"):
-        Eagle3LlamaDraft.from_target(DraftConfig(num_attention_heads=4, num_key_value_heads=3), spec_factory())
+        Eagle3LlamaDraft.from_target(DraftConfig(num_attention_heads=4, num_key_value_heads=3),
+                                     spec_factory())
     with pytest.raises(ValueError, match="attention"):
         Eagle3LlamaDraft.from_target(DraftConfig(attention="flash"), spec_factory())
 
@@ -131,7 +139,8 @@ def test_step_inference_reproduces_ttt_logits(draft_factory, batch_factory, num_
             torch.testing.assert_close(logits, ttt_logits[0][:, : t + 1], rtol=1e-9, atol=1e-10)
             hidden = hidden[:, -1:]
             for j in range(1, steps):  # teacher-forced tokens, as in TTT
-                logits, hidden = draft.step(hidden, ids[:, t + 1 + j : t + 2 + j], pos[:, t : t + 1] + j, cache)
+                logits, hidden = draft.step(hidden, ids[:, t + 1 + j : t + 2 + j],
+                                            pos[:, t : t + 1] + j, cache)
                 torch.testing.assert_close(logits[:, 0], ttt_logits[j][:, t], rtol=1e-9, atol=1e-10)
             assert len(cache) == t + steps
             # drop the drafted tokens, then append accepted target positions t+1..t+3 from their aux states

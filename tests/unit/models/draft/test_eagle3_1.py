@@ -1,13 +1,14 @@
 """EAGLE 3.1 switches of the Eagle3 draft, as vLLM's llama_eagle3.py defines them: fc inputs normed
-(norm_before_fc: one RMSNorm over the concatenation; fc_norm: one per aux layer), norm_output (the next step reads
-norm(out)); TTT reproduces the KV-cache inference with every switch."""
+(norm_before_fc: one RMSNorm over the concatenation; fc_norm: one per aux layer), norm_output (the next step
+reads norm(out)); TTT reproduces the KV-cache inference with every switch."""
 import pytest
 import torch
 
 from models.draft.ttt import run_ttt_steps, ttt_forward
 
 VARIANTS = {"norm_before_fc": dict(norm_before_fc=True), "fc_norm": dict(fc_norm=True),
-            "norm_output": dict(norm_output=True), "all": dict(norm_before_fc=True, fc_norm=True, norm_output=True)}
+            "norm_output": dict(norm_output=True),
+            "all": dict(norm_before_fc=True, fc_norm=True, norm_output=True)}
 
 
 def rms(x, weight, eps):
@@ -45,7 +46,8 @@ def test_norm_output_feeds_the_normed_state(draft_factory, batch_factory):
         logits_b, fed = normed.step(aux[:, :8], ids[:, 1:9], pos[:, :8], caches[1])
         torch.testing.assert_close(logits_a, logits_b)
         torch.testing.assert_close(fed, plain.norm(out))  # vLLM's aux_output = post-norm hidden states
-        second_a, _ = plain.step(plain.norm(out[:, -1:]), ids[:, 9:10], pos[:, 7:8] + 1, caches[0], is_aux=False)
+        second_a, _ = plain.step(plain.norm(out[:, -1:]), ids[:, 9:10], pos[:, 7:8] + 1,
+                                 caches[0], is_aux=False)
         second_b, _ = normed.step(fed[:, -1:], ids[:, 9:10], pos[:, 7:8] + 1, caches[1], is_aux=False)
         torch.testing.assert_close(second_a, second_b)
         assert not torch.allclose(second_b, plain.step(out[:, -1:], ids[:, 9:10], pos[:, 7:8] + 1,

@@ -11,7 +11,8 @@ def qwen3_vl_rotary(head_dim, section):
 
     heads = 4
     return Qwen3VLTextRotaryEmbedding(Qwen3VLTextConfig(
-        hidden_size=heads * head_dim, num_attention_heads=heads, head_dim=head_dim, max_position_embeddings=4096,
+        hidden_size=heads * head_dim, num_attention_heads=heads, head_dim=head_dim,
+        max_position_embeddings=4096,
         rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": section,
                          "mrope_interleaved": True}))
 
@@ -19,7 +20,8 @@ def qwen3_vl_rotary(head_dim, section):
 @pytest.mark.parametrize("head_dim,section", [(16, [2, 3, 3]), (128, [24, 20, 20])])
 def test_interleaved_mrope_matches_qwen3_vl_rotary(spec_factory, head_dim, section):
     scaling = {"rope_type": "default", "mrope_section": section, "mrope_interleaved": True}
-    spec = spec_factory(rope_scaling=scaling, head_dim=head_dim, hidden_size=4 * head_dim, rope_theta=5000000.0)
+    spec = spec_factory(rope_scaling=scaling, head_dim=head_dim, hidden_size=4 * head_dim,
+                        rope_theta=5000000.0)
     draft = Eagle3LlamaDraft.from_target(DraftConfig(draft_vocab_size=128), spec)
     g = torch.Generator().manual_seed(0)
     positions = torch.stack([torch.arange(12).repeat(2, 1), torch.randint(0, 30, (2, 12), generator=g),
@@ -30,8 +32,8 @@ def test_interleaved_mrope_matches_qwen3_vl_rotary(spec_factory, head_dim, secti
     torch.testing.assert_close(sin, ref_sin)
     # the chunked (Qwen2.5-VL) layout rotates the same positions differently
     chunked = Eagle3LlamaDraft.from_target(DraftConfig(draft_vocab_size=128), spec_factory(
-        rope_scaling={"rope_type": "default", "mrope_section": section}, head_dim=head_dim, hidden_size=4 * head_dim,
-        rope_theta=5000000.0))
+        rope_scaling={"rope_type": "default", "mrope_section": section}, head_dim=head_dim,
+        hidden_size=4 * head_dim, rope_theta=5000000.0))
     assert not torch.allclose(chunked.rotary_emb(positions, torch.float32)[0], cos)
     text = torch.arange(12).repeat(2, 1)  # equal components: plain RoPE, as after the last image
     torch.testing.assert_close(draft.rotary_emb(text.expand(3, -1, -1), torch.float32),

@@ -1,4 +1,5 @@
-"""The TTT objective vs a naive dense-mask unroll written here; packing; checkpointing; accuracy bookkeeping."""
+"""The TTT objective vs a naive dense-mask unroll written here; packing; checkpointing; accuracy
+bookkeeping."""
 from types import SimpleNamespace
 
 import pytest
@@ -34,9 +35,8 @@ def naive_ttt(draft, batch, steps, decay, position_loss=soft_ce):
             q, k, v, residual = layer.attention_inputs(tokens, hidden, cos, sin)
             keys[index].append(k)
             values[index].append(v)
-            blocks = [causal & same_doc] + [eye.expand(B, L, L)] * i + [torch.zeros(B, L, L, dtype=torch.bool)] * (
-                steps - 1 - i
-            )
+            blocks = ([causal & same_doc] + [eye.expand(B, L, L)] * i
+                      + [torch.zeros(B, L, L, dtype=torch.bool)] * (steps - 1 - i))
             full_mask = torch.cat(blocks, -1)  # (B, L, L * steps)
             pad = [torch.zeros_like(k)] * (steps - 1 - i)
             groups = q.shape[1] // k.shape[1]

@@ -1,4 +1,5 @@
-"""Tiny random causal LMs (tests.helpers.save_tiny) saved to disk (Llama, Qwen2, Qwen2-MoE) for the target tests."""
+"""Tiny random causal LMs (tests.helpers.save_tiny) saved to disk (Llama, Qwen2, Qwen2-MoE) for the target
+tests."""
 import pytest
 
 from tests.helpers import save_tiny

@@ -23,7 +23,8 @@ def load(path, **kwargs):
 def single_batch(ids):
     ids = torch.as_tensor(ids)[None]
     n = ids.shape[1]
-    return {"input_ids": ids, "position_ids": torch.arange(n)[None], "document_ids": torch.zeros(1, n, dtype=torch.long),
+    return {"input_ids": ids, "position_ids": torch.arange(n)[None],
+            "document_ids": torch.zeros(1, n, dtype=torch.long),
             "loss_mask": torch.ones(1, n, dtype=torch.long)}
 
 
@@ -54,7 +55,8 @@ def test_padded_batch_equals_per_sample(tiny_dirs):
     target = load(tiny_dirs["llama"])
     seqs = samples([5, 17, 11])
     length = max(len(s) for s in seqs)
-    batch = {"input_ids": torch.zeros(3, length, dtype=torch.long), "position_ids": torch.zeros(3, length, dtype=torch.long),
+    batch = {"input_ids": torch.zeros(3, length, dtype=torch.long),
+             "position_ids": torch.zeros(3, length, dtype=torch.long),
              "document_ids": torch.full((3, length), -1)}
     for r, s in enumerate(seqs):
         batch["input_ids"][r, :len(s)] = s
@@ -64,7 +66,8 @@ def test_padded_batch_equals_per_sample(tiny_dirs):
     for r, s in enumerate(seqs):
         one = target(single_batch(s), DRAFT_IDS)
         n = len(s)
-        torch.testing.assert_close(out.aux_hidden_states[r, :n], one.aux_hidden_states[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.aux_hidden_states[r, :n], one.aux_hidden_states[0],
+                                   atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out.teacher_logits[r, :n], one.teacher_logits[0], atol=1e-5, rtol=1e-5)
         assert torch.equal(out.teacher_argmax[r, :n], one.teacher_argmax[0])
     assert torch.isfinite(out.aux_hidden_states).all()
@@ -74,7 +77,8 @@ def test_padded_batch_equals_per_sample(tiny_dirs):
 def test_packed_row_equals_separate_runs(tiny_dirs, attn):
     target = load(tiny_dirs["qwen2"], attn_implementation=attn)
     seqs = samples([6, 9, 4], seed=2)
-    packed = {"input_ids": torch.cat(seqs)[None], "position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None],
+    packed = {"input_ids": torch.cat(seqs)[None],
+              "position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None],
               "document_ids": torch.cat([torch.full((len(s),), d) for d, s in enumerate(seqs)])[None]}
     out = target(packed, DRAFT_IDS)
     start = 0
@@ -110,7 +114,8 @@ def test_lm_head_only_matches_target(tmp_path, tie):
 
 
 def test_embed_tokens_weight_and_dtype(tiny_dirs):
-    target = TARGETS.get("hf").load(TargetConfig(path=tiny_dirs["llama"], dtype="bfloat16", aux_layer_ids=AUX))
+    target = TARGETS.get("hf").load(TargetConfig(path=tiny_dirs["llama"], dtype="bfloat16",
+                                                 aux_layer_ids=AUX))
     weight = target.embed_tokens_weight()
     assert weight.shape == (512, 64) and weight.dtype == torch.bfloat16
     out = target(single_batch(samples([8])[0]), DRAFT_IDS)

@@ -308,7 +308,9 @@ def load_draft_from_checkpoint(step_dir: Union[str, Path],
     cfg = OmegaConf.to_container(OmegaConf.load(step_dir / "config.yaml"), resolve=True)
     if "draft" not in cfg or "target" not in cfg:
         raise ValueError(f"{step_dir / 'config.yaml'}: needs 'draft' and 'target' sections")
-    arch = cfg["draft"].get("arch", "eagle3_llama")  # the architecture the run trained
+    arch = cfg["draft"].get("arch")  # the architecture the run trained (every draft schema saves it)
+    if not arch:
+        raise ValueError(f"{step_dir / 'config.yaml'}: draft.arch is missing; which draft this is cannot be told")
     draft_cls = DRAFTS.get(arch)
     schema = draft_cls.config_class
     known = {f.name for f in dataclasses.fields(schema)}

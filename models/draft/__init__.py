@@ -1,1 +1,1 @@
-"""The Eagle3 draft architectures, their training-time-test objective and draft vocabulary."""
+"""The draft architectures (Eagle3 chains, DFlash blocks) behind models/draft/base.py's DraftModel protocol."""

@@ -310,7 +310,7 @@ def load_draft_from_checkpoint(step_dir: Union[str, Path],
         raise ValueError(f"{step_dir / 'config.yaml'}: needs 'draft' and 'target' sections")
     arch = cfg["draft"].get("arch")  # the architecture the run trained (every draft schema saves it)
     if not arch:
-        raise ValueError(f"{step_dir / 'config.yaml'}: draft.arch is missing; which draft this is cannot be told")
+        raise ValueError(f"{step_dir / 'config.yaml'}: draft.arch is missing; the draft cannot be rebuilt")
     draft_cls = DRAFTS.get(arch)
     schema = draft_cls.config_class
     known = {f.name for f in dataclasses.fields(schema)}

@@ -1,1 +1,1 @@
-"""The draft architectures (Eagle3 chains, DFlash blocks) behind models/draft/base.py's DraftModel protocol."""
+"""The draft architectures (Eagle3 chains, DFlash blocks) behind base.py's DraftModel protocol."""

@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -30,19 +30,13 @@ def target_fingerprint(spec) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _dump_writer(spec, cfg: StoreConfig, draft_token_ids: Optional[Tensor], path: str,
-                 dataset_fingerprint: str) -> Tuple[HiddenStateStoreWriter, Tensor]:
-    """The store writer of a dump of `spec`'s target and the draft ids (default: the whole vocabulary)."""
-    if draft_token_ids is None:
-        draft_token_ids = torch.arange(spec.vocab_size)
-    full_vocab = draft_token_ids.numel() == spec.vocab_size and bool(
-        (draft_token_ids.cpu() == torch.arange(spec.vocab_size)).all())
-    teacher_vocab = "full" if full_vocab else hashlib.sha256(
-        draft_token_ids.cpu().long().numpy().tobytes()).hexdigest()[:16]
+def _dump_writer(spec, cfg: StoreConfig, path: str, dataset_fingerprint: str
+                 ) -> Tuple[HiddenStateStoreWriter, Tensor]:
+    """The store writer of a dump of `spec`'s target, and the ids its teacher is stored over (every id)."""
     writer = HiddenStateStoreWriter(path, cfg.layout, spec.hidden_size, len(spec.aux_layer_ids),
                                     spec.aux_layer_ids, spec.vocab_size, target_fingerprint(spec), cfg.topk,
-                                    cfg.shard_bytes, dataset_fingerprint, teacher_vocab, cfg.tail_samples)
-    return writer, draft_token_ids
+                                    cfg.shard_bytes, dataset_fingerprint, cfg.tail_samples)
+    return writer, torch.arange(spec.vocab_size)
 
 
 def _add_batch(writer: HiddenStateStoreWriter, cfg: StoreConfig, rows: List[dict], indices: List[int], out,
@@ -68,18 +62,18 @@ def _add_batch(writer: HiddenStateStoreWriter, cfg: StoreConfig, rows: List[dict
 
 
 @torch.no_grad()
-def run_dump(target, dataset, cfg: StoreConfig, draft_token_ids: Optional[Tensor] = None, rank: int = 0,
-             world_size: int = 1, dataset_fingerprint: str = "") -> HiddenStateStoreWriter:
+def run_dump(target, dataset, cfg: StoreConfig, rank: int = 0, world_size: int = 1,
+             dataset_fingerprint: str = "") -> HiddenStateStoreWriter:
     """Runs `target` (TargetModel contract) over `dataset` (rows with input_ids, loss_mask, id) into a store.
 
     Rank r dumps samples r, r+w, ... into cfg.path/part-{r:05d} (cfg.path itself when world_size == 1) and
-    resumes after the complete shards already there.  draft_token_ids (default: the whole target vocabulary)
-    is the id set the compact layout's top-k log-probs are normalised over; stored ids are target ids.
+    resumes after the complete shards already there.  The compact layout's top-k log-probs are normalised
+    over the whole target vocabulary (the draft vocabulary is chosen at training); stored ids are target ids.
     """
     from data.batching import collate
 
     path = cfg.path if world_size == 1 else os.path.join(cfg.path, f"part-{rank:05d}")
-    writer, draft_token_ids = _dump_writer(target.spec, cfg, draft_token_ids, path, dataset_fingerprint)
+    writer, draft_token_ids = _dump_writer(target.spec, cfg, path, dataset_fingerprint)
     device = next(target.module.parameters()).device
     draft_token_ids = draft_token_ids.to(device)
     todo = list(range(rank, len(dataset), world_size))[writer.num_samples:]
@@ -107,13 +101,12 @@ def run_dump(target, dataset, cfg: StoreConfig, draft_token_ids: Optional[Tensor
 
 @torch.no_grad()
 def dump_from_hidden_states(spec, teacher, samples: Iterator[Tuple[int, dict, Tensor]], cfg: StoreConfig,
-                            draft_token_ids: Optional[Tensor] = None,
                             dataset_fingerprint: str = "") -> HiddenStateStoreWriter:
     """A store from hidden states computed elsewhere (vLLM's extraction): `samples` yields (index, row,
     hidden) with hidden (L, num_aux + 1, H) = the aux layers' states then the last layer's output before the
     final norm; `teacher` (models.targets.teacher.TeacherHead) makes the teacher logits from the latter.  The
     same store as run_dump writes from the target's forward."""
-    writer, draft_token_ids = _dump_writer(spec, cfg, draft_token_ids, cfg.path, dataset_fingerprint)
+    writer, draft_token_ids = _dump_writer(spec, cfg, cfg.path, dataset_fingerprint)
     for index, row, hidden in samples:
         if index < writer.num_samples:
             continue  # in a complete shard of an earlier, interrupted dump

@@ -20,8 +20,7 @@ class HiddenStateStoreWriter:
 
     def __init__(self, path: str, layout: str, hidden_size: int, num_aux_layers: int,
                  aux_layer_ids: List[int], vocab_size: int, target_fingerprint: str, topk: int = 8,
-                 shard_bytes: int = 512 << 20, dataset_fingerprint: str = "", teacher_vocab: str = "full",
-                 tail_samples: int = 36):
+                 shard_bytes: int = 512 << 20, dataset_fingerprint: str = "", tail_samples: int = 36):
         if layout not in LAYOUTS:
             raise ValueError(f"store layout {layout!r} unknown; choose {' or '.join(LAYOUTS)}")
         if topk < 1 or tail_samples < 0:
@@ -34,7 +33,7 @@ class HiddenStateStoreWriter:
                   "vocab_size": vocab_size, "target_fingerprint": target_fingerprint,
                   "dataset_fingerprint": dataset_fingerprint,
                   "aux_dtype": "bfloat16" if layout == "full" else "float8_e4m3fn",
-                  "topk": topk if layout == "compact" else 0, "teacher_vocab": teacher_vocab,
+                  "topk": topk if layout == "compact" else 0, "teacher_vocab": "full",  # over every target id
                   "tail_samples": tail_samples,
                   "topk_index_dtype": "int16" if vocab_size < 32768 else "int32"}
         os.makedirs(path, exist_ok=True)

@@ -33,7 +33,6 @@ class TokenBudgetBatchSampler:
         self.packed, self.shuffle, self.seed = packed, shuffle, seed
         self.rank, self.world_size, self.mega_bucket_size = rank, world_size, mega_bucket_size
         self.epoch = 0
-        self._start = 0  # batches of this epoch already consumed on this rank
         self._batches: Optional[List[List[int]]] = None
         self._batches_epoch = -1
 
@@ -83,38 +82,20 @@ class TokenBudgetBatchSampler:
         return self._batches
 
     def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self._start = 0
         self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self._rank_batches())
 
     def __iter__(self) -> Iterator[List[int]]:
-        batches = self._rank_batches()
-        while self._start < len(batches):
-            self._start += 1
-            yield list(batches[self._start - 1])
-        self._start = 0
+        for batch in self._rank_batches():
+            yield list(batch)
 
-    def _identity(self) -> str:
+    def identity(self) -> str:
+        """What the batches depend on, hashed: a resumed epoch replays its batches only if it is unchanged."""
         key = repr((self.lengths, self.max_tokens_per_batch, self.packed, self.shuffle, self.seed,
                     self.world_size, self.mega_bucket_size))
         return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-    def state_dict(self, num_batches_consumed: Optional[int] = None) -> Dict[str, object]:
-        """`num_batches_consumed` overrides the count of batches handed out (a DataLoader prefetches
-        ahead)."""
-        consumed = self._start if num_batches_consumed is None else num_batches_consumed
-        return {"epoch": self.epoch, "num_batches_consumed": consumed, "identity": self._identity(),
-                "rank": self.rank}
-
-    def load_state_dict(self, state: Dict[str, object]) -> None:
-        if state["identity"] != self._identity():
-            raise ValueError("batch sampler state was saved for different lengths/budget/seed/world_size; "
-                             "cannot resume the epoch exactly")
-        self.epoch = int(state["epoch"])
-        self._start = int(state["num_batches_consumed"])
 
 
 def collate(samples: List[dict], packed: bool, max_tokens: int, pad_token_id: int = 0,

@@ -18,9 +18,11 @@ from omegaconf import OmegaConf
 class EpochBatches:
     """An endless iterator of collated micro-batches over one rank's shard of the data."""
 
-    def __init__(self, make_sampler: Callable[[int], Any], fetch: Callable[[List[int]], dict]):
+    def __init__(self, make_sampler: Callable[[int], Any], fetch: Callable[[List[int]], dict],
+                 identity: str = ""):
         self.make_sampler = make_sampler  # epoch -> iterable of index lists for this rank
         self.fetch = fetch                # index list -> collated batch
+        self.identity = identity          # the sampler's: lengths, budget, packing, seed, world size
         self.epoch = 0
         self.done_in_epoch = 0
         self._iter: Optional[Iterator] = None
@@ -47,10 +49,14 @@ class EpochBatches:
         self.done_in_epoch += 1
         return self.fetch(indices)
 
-    def state_dict(self) -> Dict[str, int]:
-        return {"epoch": self.epoch, "done_in_epoch": self.done_in_epoch}
+    def state_dict(self) -> Dict[str, Any]:
+        return {"epoch": self.epoch, "done_in_epoch": self.done_in_epoch, "identity": self.identity}
 
-    def load_state_dict(self, state: Dict[str, int]) -> None:
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state.get("identity", self.identity) != self.identity:  # older checkpoints lack it
+            raise ValueError("the checkpoint's data position was saved for other batches (data lengths, "
+                             "trainer.max_tokens_per_batch, trainer.packed or seed differ): resume with the "
+                             "run's settings, or start fresh with trainer.resume=never")
         self.epoch, self.done_in_epoch = int(state["epoch"]), int(state["done_in_epoch"])
         self._iter = None
 
@@ -111,7 +117,7 @@ def _train_batches(lengths: List[int], fetch, cfg, dist) -> EpochBatches:
         sampler.set_epoch(epoch)
         return iter(sampler)
 
-    return EpochBatches(make_sampler, fetch)
+    return EpochBatches(make_sampler, fetch, identity=sampler.identity())
 
 
 def _eval_batches(lengths: List[int], fetch, cfg, dist) -> Callable[[], Iterator[dict]]:

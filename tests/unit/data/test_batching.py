@@ -40,21 +40,15 @@ def test_ranks_equal_and_disjoint():
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_exact_resume_mid_epoch(packed):
+def test_identity_names_what_the_batches_depend_on(packed):
     sampler = TokenBudgetBatchSampler(LENGTHS, 128, packed=packed, seed=5, rank=1, world_size=2)
     sampler.set_epoch(2)
-    full = list(sampler)
-    it = iter(sampler)
-    consumed = [next(it) for _ in range(7)]
-    state = sampler.state_dict()
-    fresh = TokenBudgetBatchSampler(LENGTHS, 128, packed=packed, seed=5, rank=1, world_size=2)
-    fresh.load_state_dict(state)
-    assert consumed + list(fresh) == full
-    assert list(fresh) == full  # the next pass is the whole epoch again
-    assert fresh.state_dict(num_batches_consumed=3)["num_batches_consumed"] == 3
-    other = TokenBudgetBatchSampler(LENGTHS, 256, packed=packed, seed=5, rank=1, world_size=2)
-    with pytest.raises(ValueError, match="cannot resume"):
-        other.load_state_dict(state)
+    same = TokenBudgetBatchSampler(LENGTHS, 128, packed=packed, seed=5, rank=0, world_size=2)
+    assert same.identity() == sampler.identity()  # neither the rank nor the epoch changes the batches
+    for other in (TokenBudgetBatchSampler(LENGTHS, 256, packed=packed, seed=5, rank=1, world_size=2),
+                  TokenBudgetBatchSampler(LENGTHS, 128, packed=packed, seed=6, rank=1, world_size=2),
+                  TokenBudgetBatchSampler(LENGTHS[:-1], 128, packed=packed, seed=5, rank=1, world_size=2)):
+        assert other.identity() != sampler.identity()
 
 
 def test_collate_padded_and_packed():

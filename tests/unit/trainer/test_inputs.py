@@ -8,6 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from data.batching import TokenBudgetBatchSampler
 from data.store.writer import HiddenStateStoreWriter
 from tests.helpers import REPO
 from tools.config import register_configs
@@ -23,6 +24,10 @@ def _batches(lengths=LENGTHS, dist=ONE_RANK):
     return _train_batches(lengths, lambda indices: list(indices), cfg, dist)  # fetch: the indices themselves
 
 
+def _sampler_identity():
+    return TokenBudgetBatchSampler(LENGTHS, 64, packed=True, seed=3).identity()
+
+
 def _epoch_len():
     batches = _batches()
     next(batches)
@@ -33,7 +38,7 @@ def test_saved_position_replays_the_same_batches_across_epochs():
     epoch_len = _epoch_len()
     uninterrupted = _batches()
     seen = [next(uninterrupted) for _ in range(2 * epoch_len + 3)]
-    assert uninterrupted.state_dict() == {"epoch": 2, "done_in_epoch": 3}
+    assert uninterrupted.state_dict() == {"epoch": 2, "done_in_epoch": 3, "identity": _sampler_identity()}
     assert seen[:epoch_len] != seen[epoch_len:2 * epoch_len]  # each epoch its own order
 
     first = _batches()
@@ -43,12 +48,24 @@ def test_saved_position_replays_the_same_batches_across_epochs():
     assert head + [next(resumed) for _ in range(epoch_len + 1)] == seen
 
 
+def test_a_position_saved_for_other_batches_is_refused():
+    saved = _batches()
+    next(saved)
+    other = _train_batches(LENGTHS, lambda indices: list(indices), SimpleNamespace(
+        seed=3, trainer=SimpleNamespace(max_tokens_per_batch=128, packed=True)), ONE_RANK)
+    with pytest.raises(ValueError, match="saved for other batches"):
+        other.load_state_dict(saved.state_dict())
+    legacy = {k: v for k, v in saved.state_dict().items() if k != "identity"}  # written before the check
+    _batches().load_state_dict(legacy)
+
+
 def test_world_size_change_skips_the_samples_already_seen():
     epoch_len = _epoch_len()
     per_old_rank = epoch_len // 2 + 1  # two old ranks together went past the end of the first epoch
     batches = _batches()
     batches.resume_from_global(per_old_rank, old_world_size=2)  # no process group: the new world size is 1
-    assert batches.state_dict() == {"epoch": 1, "done_in_epoch": 2 * per_old_rank - epoch_len}
+    assert batches.state_dict() == {"epoch": 1, "done_in_epoch": 2 * per_old_rank - epoch_len,
+                                    "identity": _sampler_identity()}
     uninterrupted = _batches()
     for _ in range(2 * per_old_rank):
         next(uninterrupted)

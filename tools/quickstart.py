@@ -13,6 +13,13 @@ from pathlib import Path
 from omegaconf import open_dict
 
 
+def quickstart_formats(arch: str) -> list:
+    """The engine formats the quickstart writes for a draft architecture: vLLM's, and SGLang's where it serves it."""
+    from tools.export.base import EXPORTS
+
+    return [fmt for fmt in ("vllm", "sglang") if arch in EXPORTS.get(fmt).layouts]
+
+
 def run_quickstart(cfg) -> dict:
     from tools.eval.in_loop import speculative_eval
     from tools.eval.run import run_eval
@@ -31,7 +38,7 @@ def run_quickstart(cfg) -> dict:
         return report
     summary = run_eval(cfg)
     exports = {}
-    for fmt in ("vllm", "sglang"):
+    for fmt in quickstart_formats(cfg.draft.arch):
         with open_dict(cfg):
             cfg.export.format = fmt
         exports[fmt] = str(run_export(cfg))

@@ -14,7 +14,7 @@ from omegaconf import open_dict
 
 
 def quickstart_formats(arch: str) -> list:
-    """The engine formats the quickstart writes for a draft architecture: vLLM's, and SGLang's where it serves it."""
+    """The formats the quickstart writes for a draft architecture: vLLM's, and SGLang's where it serves it."""
     from tools.export.base import EXPORTS
 
     return [fmt for fmt in ("vllm", "sglang") if arch in EXPORTS.get(fmt).layouts]

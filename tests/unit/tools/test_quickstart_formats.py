@@ -1,4 +1,4 @@
-"""The quickstart exports each draft only to the engines that serve its architecture (SGLang has no DFlash)."""
+"""The quickstart exports a draft only to the engines that serve its architecture (SGLang: no DFlash)."""
 from tools.export.base import EXPORTS
 from tools.quickstart import quickstart_formats
 

@@ -86,7 +86,7 @@ def _corruptions(export_dir: Path, out: Path) -> dict:
     """The three broken copies of an export: a renamed tensor, wrong aux layer ids, wrong rope_theta."""
     from safetensors import safe_open
 
-    from tests.trainer.test_vllm_engine import corrupt
+    from tests.e2e.test_vllm_engine import corrupt
 
     with safe_open(str(export_dir / "model.safetensors"), "pt") as handle:
         down = next(name for name in handle.keys() if name.endswith("mlp.down_proj.weight"))
@@ -177,7 +177,7 @@ def test_t1_acceptance_agrees_with_vllm(served, mode):
     (4 standard errors: a false alarm about 1 run in 16,000 under the normal approximation; steps of one sequence
     are treated as independent).  The same band, with s² = a(1 - a), holds the first position's acceptance a.  vLLM
     runs with the worker's fix of its CPU temperature expansion (without it, the target's logits at draft positions
-    are divided by uninitialised memory: tests/trainer/test_vllm_eval.py)."""
+    are divided by uninitialised memory: tests/e2e/test_vllm_eval.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tools.eval.decode import EvalConfig, evaluate_draft

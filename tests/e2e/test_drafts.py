@@ -153,11 +153,14 @@ def test_vllm_serves_each_export_as_aerie_decodes_it(served):
 
 
 def test_each_corruption_refused_by_aerie_and_by_vllm_or_in_tau(served):
-    """Wrong aux ids: vLLM hands the draft the states of the layers the export names (read back from its
-    target), so it serves [0, 1, 3] where the intact export gets [2, 4, 5] (also vLLM's default for 8 layers).
-    Its τ need not fall: this 12-step draft's accepted tokens do not depend on its hidden input (Aerie's own
-    decoder accepts 11 of 82 drafts with [2, 4, 5], [0, 1, 3] or [7, 7, 7], 2026-12-02), so only the renamed
-    and rope copies must lose τ when vLLM serves them."""
+    """Each corruption is refused by Aerie's validation in one line naming the path; in vLLM the renamed
+    tensor is refused or loses τ, and the other two are shown to be read: vLLM hands the draft the states of
+    the layers the export names ([0, 1, 3] where the intact export gets [2, 4, 5], also vLLM's default for 8
+    layers) and builds the draft's RoPE with the export's theta (10 where the intact export gets 10000), both
+    read back from vLLM's own modules.  Their τ need not fall: this 12-step draft's accepted tokens depend
+    neither on its hidden input nor on positions (11 of 82 drafts accepted by vLLM for the intact, wrong-aux
+    and wrong-rope exports, and by Aerie's decoder with aux ids [2, 4, 5], [0, 1, 3] or [7, 7, 7];
+    2026-12-02)."""
     from tools.export.base import validate_export
 
     intact = served["runs"]["eagle3_1"]
@@ -173,6 +176,10 @@ def test_each_corruption_refused_by_aerie_and_by_vllm_or_in_tau(served):
         run = served["runs"][f"corrupt_{name}"]
         if name == "aux":
             assert "error" not in run and run["aux_hidden_state_layers"] == [0, 1, 3], run
+            continue
+        if name == "rope":  # served with the export's theta where the intact one gets the trained 10000
+            assert intact["draft_rope_theta"] == exported["rope_theta"] == 10000.0, intact
+            assert "error" not in run and run["draft_rope_theta"] == 10.0, run
             continue
         if "error" in run:  # vLLM refused to load it
             continue

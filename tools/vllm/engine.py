@@ -9,9 +9,10 @@ A job: {"target": path, "runs": [{"name", "speculative_config": dict | None, "pr
 "max_new_tokens", "temperature", "seed"}], "keep_going": bool (then a run vLLM refuses gives {"name",
 "error"})}; a result: {"runs": [{"name", "output_token_ids", "num_drafts", "num_draft_tokens",
 "num_accepted_tokens", "num_accepted_tokens_per_pos", "num_generated_tokens", "generate_seconds",
-"aux_hidden_state_layers"}], "cpu_expand_kernel_fixed"}, counters read from vLLM's own `vllm:spec_decode_*`
-metrics, one LLM per run; aux_hidden_state_layers: the target layers whose states vLLM hands the draft (None
-when it collects none).
+"aux_hidden_state_layers", "draft_rope_theta"}], "cpu_expand_kernel_fixed"}, counters read from vLLM's own
+`vllm:spec_decode_*` metrics, one LLM per run; aux_hidden_state_layers: the target layers whose states vLLM
+hands the draft (None when it collects none); draft_rope_theta: the RoPE base of the draft vLLM built (None
+without a draft).
 """
 from __future__ import annotations
 

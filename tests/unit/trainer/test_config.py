@@ -12,8 +12,8 @@ from tests.helpers import REPO
 from tools.cli import CONFIG_ROOTS
 from tools.config import register_configs, validate_config
 
-ROOT_GROUPS = {"train": {"data", "draft", "trainer", "deepspeed", "engine"}, "eval": {"engine"},
-               "export": set(), "plan": {"draft", "trainer", "deepspeed", "cluster"},
+ROOT_GROUPS = {"train": {"data", "draft", "trainer", "deepspeed", "engine"}, "eval": {"draft", "engine"},
+               "export": {"draft"}, "plan": {"draft", "trainer", "deepspeed", "cluster"},
                "data": {"data", "draft"}}
 GROUPS = ["target", "modality", "data", "draft", "objective", "trainer", "deepspeed", "cluster",
           "experiment"]

@@ -142,6 +142,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="aerie-bench-regen-") as tmp:
         tmp = args.work_dir or tmp
+        os.makedirs(tmp, exist_ok=True)
         regen_dir, rows = os.path.join(tmp, "regen"), []
         with vllm_lock():
             server = VllmServer(args.target, 0, vllm_python(), os.path.join(tmp, "serve.log"),

@@ -14,7 +14,6 @@ torch refuses.  CpuHiddenStatesConnector below is the same connector with that c
 CPU.
 """
 import fcntl
-import json
 import os
 import shutil
 import sys
@@ -31,6 +30,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connecto
     ExampleHiddenStatesConnector,
     extract_from_kv_cache,
 )
+from worker import run_job_file  # noqa: E402  (tools/vllm/worker.py, beside this script)
 
 
 class _CopyDone:
@@ -101,18 +101,5 @@ def run(job: dict) -> dict:
     return {"files": files, "seconds": time.perf_counter() - start}
 
 
-def main(argv) -> int:
-    if len(argv) != 3:
-        print("usage: dump_worker.py JOB.json RESULT.json", file=sys.stderr)
-        return 2
-    with open(argv[1]) as handle:
-        job = json.load(handle)
-    result = run(job)
-    with open(argv[2] + ".tmp", "w") as handle:
-        json.dump(result, handle)
-    os.replace(argv[2] + ".tmp", argv[2])
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(run_job_file(sys.argv, run))

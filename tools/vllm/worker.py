@@ -109,14 +109,14 @@ def run_one(job: dict, run: dict) -> dict:
 
     # "uni": the model runs in this process (with VLLM_ENABLE_V1_MULTIPROCESSING=0, the engine core too), so
     # the second and later LLMs of a job pay no more interpreter start-ups and imports
+    seed = int(run.get("seed", 0))
     llm = LLM(model=job["target"], dtype=job.get("dtype", "float32"), enforce_eager=True,
-              max_model_len=int(job["max_model_len"]), disable_log_stats=False, seed=int(run.get("seed", 0)),
+              max_model_len=int(job["max_model_len"]), disable_log_stats=False, seed=seed,
               speculative_config=run.get("speculative_config"), distributed_executor_backend="uni")
     try:
         aux_layers = llm.apply_model(collected_aux_layers)[0]
         rope_theta = llm.collective_rpc(drafter_rope_theta)[0]
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in run["prompt_token_ids"]]
-        seed = int(run.get("seed", 0))
         params = [SamplingParams(max_tokens=int(run["max_new_tokens"]), temperature=float(run["temperature"]),
                                  seed=seed + i if float(run["temperature"]) > 0 else None)
                   for i in range(len(prompts))]
@@ -145,20 +145,26 @@ def run_or_error(job: dict, run: dict) -> dict:
         return {"name": run["name"], "error": lines[-1][:500]}
 
 
-def main(argv) -> int:
+def run_job_file(argv, handle) -> int:
+    """`SCRIPT JOB.json RESULT.json`: handle(job)'s result written to RESULT.json atomically; shared with
+    dump_worker.py."""
     if len(argv) != 3:
-        print("usage: worker.py JOB.json RESULT.json", file=sys.stderr)
+        print(f"usage: {os.path.basename(argv[0])} JOB.json RESULT.json", file=sys.stderr)
         return 2
-    with open(argv[1]) as handle:
-        job = json.load(handle)
-    fixed = fix_cpu_expand_kernel()
-    result = {"runs": [run_or_error(job, run) for run in job["runs"]], "cpu_expand_kernel_fixed": fixed}
+    with open(argv[1]) as file:
+        job = json.load(file)
+    result = handle(job)
     tmp = argv[2] + ".tmp"
-    with open(tmp, "w") as handle:
-        json.dump(result, handle)
+    with open(tmp, "w") as file:
+        json.dump(result, file)
     os.replace(tmp, argv[2])
     return 0
 
 
+def serve_runs(job: dict) -> dict:
+    fixed = fix_cpu_expand_kernel()
+    return {"runs": [run_or_error(job, run) for run in job["runs"]], "cpu_expand_kernel_fixed": fixed}
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(run_job_file(sys.argv, serve_runs))

@@ -8,7 +8,8 @@ Each variant trains online on the tiny target for the same number of optimizer s
 same token budget (same data, seed, lr schedule and draft vocabulary), so every draft sees the same tokens;
 the wall-clock of each training is printed next to it (a second, machine-dependent budget).  Each draft is
 exported for vLLM (float32) and served by real vLLM (`tools.vllm.engine.run_vllm`) on MT-Bench first turns at
-T=0 with k = each of --ks, next to one run of the target alone.  Printed per variant: training seconds, final
+each of --temperatures (T > 0: vLLM's default verification) and each k of --ks, next to runs of the target
+alone.  Printed per variant: training seconds, final
 training loss, vLLM τ (1 + accepted / drafts) and per-position acceptance at each k, and vLLM's generated
 tokens/s with the draft over without (measured in the same job; CPU timings are noisy, the ratio is what
 counts).
@@ -71,11 +72,14 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--ks", default="3,7")
+    parser.add_argument("--temperatures", default="0,1",
+                        help="T values; T > 0 runs use vLLM's default verification (greedy drafts)")
     parser.add_argument("--work", type=Path, default=REPO / "outputs" / "bench_drafts")
     parser.add_argument("--vllm-lock", default="",
                         help="a file to flock around the vLLM runs (shared machines)")
     args = parser.parse_args()
     names, ks = args.variants.split(","), [int(k) for k in args.ks.split(",")]
+    temps = [float(t) for t in args.temperatures.split(",")]
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
@@ -90,11 +94,11 @@ def main() -> None:
     trained = {name: train_and_export(name, args.work / name, args) for name in names}
     tokenizer = AutoTokenizer.from_pretrained(target)
     prompts = [render_prompt(tokenizer, conv) for conv in load_prompts("mtbench", args.prompts)]
-    run = {"prompt_token_ids": prompts, "max_new_tokens": args.max_new_tokens, "temperature": 0.0, "seed": 0}
-    runs = [{**run, "name": "target", "speculative_config": None}]
-    runs += [{**run, "name": f"{name}@{k}", "speculative_config": {
+    run = {"prompt_token_ids": prompts, "max_new_tokens": args.max_new_tokens, "seed": 0}
+    runs = [{**run, "name": f"target@T{t:g}", "temperature": t, "speculative_config": None} for t in temps]
+    runs += [{**run, "name": f"{name}@{k}@T{t:g}", "temperature": t, "speculative_config": {
         "method": METHODS.get(name, "eagle3"), "model": str(args.work / name / "export" / "vllm"),
-        "num_speculative_tokens": k}} for name in names for k in ks]
+        "num_speculative_tokens": k}} for name in names for k in ks for t in temps]
     with open(args.vllm_lock or os.devnull, "a") as lock:
         if args.vllm_lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -102,22 +106,23 @@ def main() -> None:
                                                   EngineConfig(name="vllm", max_model_len=1024))["runs"]}
     speed = {name: r["num_generated_tokens"] / r["generate_seconds"] for name, r in results.items()}
 
-    print(f"budget: {args.steps} steps x {args.tokens} tokens per micro-batch, draft vocab 4096; vLLM T=0, "
-          f"{len(prompts)} MT-Bench prompts x {args.max_new_tokens} new tokens; target alone "
-          f"{speed['target']:.1f} tok/s")
-    header = "| draft | train s | loss | " + " | ".join(f"τ k={k} | accept@1..3 k={k} | tok/s ratio k={k}"
-                                                       for k in ks) + " |"
-    print(header)
-    print("|" + "---|" * (3 + 3 * len(ks)))
+    alone = ", ".join(f"T={t:g} {speed[f'target@T{t:g}']:.1f}" for t in temps)
+    print(f"budget: {args.steps} steps x {args.tokens} tokens per micro-batch, draft vocab 4096; vLLM "
+          f"{len(prompts)} MT-Bench prompts x {args.max_new_tokens} new tokens; target alone tok/s: {alone}")
+    print("| draft | train s | loss | T | " + " | ".join(f"τ k={k} | accept@1..3 k={k} | tok/s ratio k={k}"
+                                                       for k in ks) + " |")
+    print("|" + "---|" * (4 + 3 * len(ks)))
     for name in names:
-        cells = [name, f"{trained[name]['train_seconds']:.0f}", f"{trained[name]['loss']:.3f}"]
-        for k in ks:
-            r = results[f"{name}@{k}"]
-            tau = 1 + r["num_accepted_tokens"] / max(r["num_drafts"], 1)
-            accept = " / ".join(f"{n / max(r['num_drafts'], 1):.2f}"
-                                for n in r["num_accepted_tokens_per_pos"][:3])
-            cells += [f"{tau:.3f}", accept, f"{speed[f'{name}@{k}'] / speed['target']:.2f}"]
-        print("| " + " | ".join(cells) + " |")
+        for t in temps:
+            cells = [name, f"{trained[name]['train_seconds']:.0f}", f"{trained[name]['loss']:.3f}", f"{t:g}"]
+            for k in ks:
+                r = results[f"{name}@{k}@T{t:g}"]
+                tau = 1 + r["num_accepted_tokens"] / max(r["num_drafts"], 1)
+                accept = " / ".join(f"{n / max(r['num_drafts'], 1):.2f}"
+                                    for n in r["num_accepted_tokens_per_pos"][:3])
+                ratio = speed[f"{name}@{k}@T{t:g}"] / speed[f"target@T{t:g}"]
+                cells += [f"{tau:.3f}", accept, f"{ratio:.2f}"]
+            print("| " + " | ".join(cells) + " |")
     (args.work / "summary.json").write_text(json.dumps({"trained": trained, "vllm": results}, indent=2))
 
 

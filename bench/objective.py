@@ -36,39 +36,43 @@ VARIANTS = {
     "soft_ce+top1": ["objective.top1_weight=0.5"],
     "soft_ce+noise": ["objective.noise_std=0.05"],
     "lk_hybrid+noise": ["objective.loss=lk_hybrid", "objective.noise_std=0.05"],
+    "random_head": ["draft.init_head=random"],  # norm + lm_head from scratch instead of the target's
 }
 
 
 def base_overrides(args, store_dir: str) -> list:
     return [f"data.cache_dir={args.cache}", f"data.max_samples={args.samples}", "data.max_length=512",
             "data.max_eval_samples=48", f"trainer.max_tokens_per_batch={args.tokens}",
-            "draft.draft_vocab_size=4096", f"draft.ttt_steps={args.ttt_steps}", "trainer.lr=2e-3",
+            "draft.draft_vocab_size=4096", f"draft.ttt_steps={args.ttt_steps}", f"trainer.lr={args.lr}",
             f"trainer.warmup_steps={max(1, args.steps // 10)}",
             "trainer.eval_every=0", "trainer.ckpt_every=0", "logger.progress=false", "trainer.resume=auto",
-            f"store.path={store_dir}", "store.layout=compact", "trainer.eval_max_batches=1000"]
+            f"store.path={store_dir}", "store.layout=compact", "trainer.eval_max_batches=1000",
+            f"trainer.mode={args.mode}", *args.overrides]
 
 
-def train_and_score(args, store_dir: str, run_dir: Path, extra: list, seed: int, decode_prompts) -> dict:
+def train_and_score(args, store_dir: str, name: str, seed: int, decode_prompts) -> dict:
     from hydra import compose, initialize_config_dir
 
     from models.objectives.base import chain_tau
     from trainer.train import Trainer
 
+    run_dir, extra = Path(args.work) / f"{name.split(':')[0]}-{seed}", VARIANTS[name]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         cfg = compose(config_name="train", overrides=[
-            *base_overrides(args, store_dir), f"run_dir={run_dir}", "trainer.mode=offline", f"seed={seed}",
+            *base_overrides(args, store_dir), f"run_dir={run_dir}", f"seed={seed}",
             f"trainer.max_steps={args.steps}", *extra])
     trainer = Trainer(cfg)
     trainer.fit()
+    train_s = read_elapsed(run_dir)  # the training's own wall-clock (also for a run finished earlier)
     metrics = trainer.evaluate()
     acc = [metrics[f"acc_{i}"] for i in range(args.ttt_steps)]
     accept = [metrics[f"accept_{i}"] for i in range(args.ttt_steps)]
-    scores = {"tf_t0_k3": chain_tau(acc[:3]), "tf_t1_k3": chain_tau(accept[:3])}
+    scores = {"tf_t0_k3": chain_tau(acc[:3]), "tf_t1_k3": chain_tau(accept[:3]), "train_s": train_s}
     if args.ttt_steps >= 7:
         scores.update(tf_t0_k7=chain_tau(acc[:7]), tf_t1_k7=chain_tau(accept[:7]))
     if decode_prompts:
         scores["decode_t0_k3"] = decode_tau(trainer.draft, decode_prompts)
-    if args.vllm_prompts and run_dir.name.rsplit("-", 1)[0] in args.vllm_variants.split(","):
+    if args.vllm_prompts and (args.vllm_variants == "all" or name in args.vllm_variants.split(",")):
         from omegaconf import open_dict
 
         from tools.export.base import run_export
@@ -79,8 +83,15 @@ def train_and_score(args, store_dir: str, run_dir: Path, extra: list, seed: int,
     return scores
 
 
-def vllm_taus(exports: dict, num_prompts: int, k: int = 3) -> dict:
-    """{run name: vLLM τ at k, T=0} for each exported draft, in one vLLM worker process."""
+def read_elapsed(run_dir: Path) -> float:
+    import json
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return float(json.loads(lines[-1])["elapsed_s"]) if lines else float("nan")
+
+
+def vllm_taus(exports: dict, num_prompts: int, ks=(3,)) -> dict:
+    """{(run name, k): vLLM τ at k, T=0} for each exported draft and k, in one vLLM worker process."""
     import fcntl
 
     from transformers import AutoTokenizer
@@ -92,13 +103,15 @@ def vllm_taus(exports: dict, num_prompts: int, k: int = 3) -> dict:
     target = str(REPO / "assets" / "tiny-chat-llama")
     tokenizer = AutoTokenizer.from_pretrained(target)
     prompts = [render_prompt(tokenizer, conv) for conv in load_prompts("mtbench", num_prompts)]
-    runs = [{"name": name, "prompt_token_ids": prompts, "max_new_tokens": 128, "temperature": 0.0, "seed": 0,
+    runs = [{"name": f"{name}@{k}", "prompt_token_ids": prompts, "max_new_tokens": 128, "temperature": 0.0,
+             "seed": 0,
              "speculative_config": {"method": "eagle3", "model": path, "num_speculative_tokens": k}}
-            for name, path in exports.items()]
+            for name, path in exports.items() for k in ks]
     with open("/tmp/aerie-vllm.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         result = run_vllm({"target": target, "runs": runs}, EngineConfig(name="vllm", max_model_len=2048))
-    return {r["name"]: 1 + r["num_accepted_tokens"] / max(r["num_drafts"], 1) for r in result["runs"]}
+    return {tuple(r["name"].split("@")): 1 + r["num_accepted_tokens"] / max(r["num_drafts"], 1)
+            for r in result["runs"]}
 
 
 def decode_tau(draft, decode) -> float:
@@ -132,15 +145,23 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--samples", type=int, default=600)
     parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--variants", default="all")
+    parser.add_argument("--variants", default="all",
+                        help="comma-separated names, or ad-hoc NAME:key=value+key=value")
     parser.add_argument("--decode-prompts", type=int, default=0)
     parser.add_argument("--vllm-prompts", type=int, default=0)
-    parser.add_argument("--vllm-variants", default=",".join(VARIANTS))
+    parser.add_argument("--vllm-variants", default="all")
+    parser.add_argument("--vllm-k", default="3", help="k values vLLM serves each draft at (T=0)")
     parser.add_argument("--ttt-steps", type=int, default=7)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--mode", choices=("offline", "online"), default="offline",
+                        help="online: the target runs in each step (the quickstart's mode), no store")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (key=value)")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "aerie-bench-cache"))
     parser.add_argument("--work", default="", help="working dir (kept); default: a new temporary dir")
     args = parser.parse_args()
     names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    for name in [n for n in names if ":" in n]:  # an ad-hoc variant, name:key=value+key=value
+        VARIANTS[name] = name.split(":", 1)[1].split("+")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
@@ -148,21 +169,23 @@ def main() -> None:
 
     register_configs()
     work = Path(args.work or tempfile.mkdtemp(prefix="aerie-bench-objective-"))
+    args.work = str(work)
     store = work / "store"
-    if not (store / "train" / "manifest.json").is_file():
+    if args.mode == "offline" and not (store / "train" / "manifest.json").is_file():
         subprocess.run([str(Path(sys.executable).parent / "aerie"), "dump", *base_overrides(args, str(store)),
                         f"run_dir={work / 'dump'}"], cwd=REPO, check=True, capture_output=True)
     decode = load_decoder_inputs(args.decode_prompts) if args.decode_prompts else None
     seeds = [int(s) for s in args.seeds.split(",")]
-    scored = {(name, seed): train_and_score(args, str(store), work / f"{name}-{seed}", VARIANTS[name], seed,
-                                            decode)
+    scored = {(name, seed): train_and_score(args, str(store), name, seed, decode)
               for name in names for seed in seeds}
     if args.vllm_prompts:
         exports = {f"{name}-{seed}": run.pop("export")
                    for (name, seed), run in scored.items() if "export" in run}
-        taus = vllm_taus(exports, args.vllm_prompts)
+        ks = [int(k) for k in args.vllm_k.split(",")]
+        taus = vllm_taus(exports, args.vllm_prompts, ks)
         for (name, seed), run in scored.items():
-            run["vllm_t0_k3"] = taus.get(f"{name}-{seed}", float("nan"))
+            for k in ks:
+                run[f"vllm_t0_k{k}"] = taus.get((f"{name}-{seed}", str(k)), float("nan"))
     results = {}
     for name in names:
         runs = [scored[(name, seed)] for seed in seeds]
@@ -170,7 +193,7 @@ def main() -> None:
         print(f"{name}: " + ", ".join(f"{k}={[round(r[k], 4) for r in runs]}" for k in runs[0]), flush=True)
     keys = list(next(iter(results.values())))
     base = results.get("soft_ce")
-    print(f"\n{args.steps} steps x {args.tokens} tokens, offline, k={args.ttt_steps} TTT, seeds {seeds}; "
+    print(f"\n{args.steps} steps x {args.tokens} tokens, {args.mode}, k={args.ttt_steps} TTT, seeds {seeds}; "
           f"teacher-forced τ "
           f"(tf) on the held-out split"
           f"{', decoded τ on %d MT-Bench prompts' % args.decode_prompts if decode else ''}")

@@ -152,6 +152,8 @@ def _validate_draft(draft) -> None:
     if "ttt_steps" in draft:
         _check(draft.ttt_steps >= 1, "draft.ttt_steps", draft.ttt_steps, "must be >= 1")
     _check(draft.num_layers >= 1, "draft.num_layers", draft.num_layers, "must be >= 1")
+    _check(draft.init_head in ("target", "random"), "draft.init_head", draft.init_head,
+           "must be target or random")
 
 
 def validate_config(cfg: Any, command: str = "train") -> None:

@@ -48,7 +48,9 @@ def run_quickstart(cfg) -> dict:
               "acceptance": [{k: run[k] for k in keys} for run in summary["results"]],
               "eval_reports": summary.get("files", {})}
     vllm = _vllm_summary(cfg, exports["vllm"])
-    if vllm is not None:
+    if isinstance(vllm, str):
+        report["vllm_not_measured"] = vllm
+    else:
         report["vllm_acceptance"] = [{k: run[k] for k in keys} for run in vllm["results"]]
     path.write_text(json.dumps(report, indent=2))
     _print_summary(cfg, report, path)
@@ -56,7 +58,8 @@ def run_quickstart(cfg) -> dict:
 
 
 def _vllm_summary(cfg, export_dir: str):
-    """vLLM's own measurement of the export (same prompts, k, T), or None when vLLM is not installed."""
+    """vLLM's own measurement of the export (same prompts, k, T), or why there is none (not installed,
+    failed)."""
     from omegaconf import OmegaConf
     from transformers import AutoTokenizer
 
@@ -69,7 +72,7 @@ def _vllm_summary(cfg, export_dir: str):
         vllm_python(engine.python)
     except ValueError as err:
         print(f"vLLM not measured: {err}", flush=True)
-        return None
+        return "vLLM is not installed: `make engine`"
     ecfg = EvalConfig(**{**OmegaConf.to_container(cfg.eval, resolve=True), "out_dir": ""})
     tokenizer = AutoTokenizer.from_pretrained(cfg.target.path)
     try:  # the draft, Aerie's eval and the exports are written by now: a failing engine does not undo them
@@ -77,20 +80,28 @@ def _vllm_summary(cfg, export_dir: str):
     except (ValueError, VllmRunError) as err:
         print(f"vLLM measurement failed (the draft and exports are written): {err}",
               file=sys.stderr, flush=True)
-        return None
+        return "vLLM's run failed, see above"
 
 
 def _print_summary(cfg, report: dict, path: Path) -> None:
+    """vLLM's τ first when it measured the export (the figure that counts), Aerie's decoder's after."""
+    settings = (f"T={cfg.eval.temperature}, {cfg.eval.prompts}, {cfg.eval.max_prompts} prompts x "
+                f"{cfg.eval.max_new_tokens} new tokens")
     lines = ["", "=" * 72, f"Aerie quickstart: draft for {cfg.target.path}",
              f"  trained draft   {report['draft']}"]
+    if "vllm_acceptance" in report:
+        lines.append(f"  tau measured by vLLM serving the vllm export ({settings}):")
+        for run in report["vllm_acceptance"]:
+            rates = " ".join(f"{a:.2f}" for a in run["acceptance_per_position"])
+            lines.append(f"    vLLM k={run['num_speculative_tokens']}  tau={run['tau']:.2f}  per-position "
+                         f"acceptance: {rates}  tokens/s vs target alone: x{run['speedup']:.2f}")
+    else:
+        lines.append(f"  tau measured by Aerie's decoder only ({report.get('vllm_not_measured', 'no vLLM')})")
+    lines.append(f"  tau measured by Aerie's decoder on the HF target ({settings}):")
     for run in report["acceptance"]:
         rates = " ".join(f"{a:.2f}" for a in run["acceptance_per_position"])
-        lines.append(f"  k={run['num_speculative_tokens']}  tau={run['tau']:.2f}  (T={cfg.eval.temperature}, "
-                     f"{cfg.eval.prompts})  per-position acceptance: {rates}")
-    for run in report.get("vllm_acceptance", []):
-        rates = " ".join(f"{a:.2f}" for a in run["acceptance_per_position"])
-        lines.append(f"  vLLM k={run['num_speculative_tokens']}  tau={run['tau']:.2f}  "
-                     f"per-position acceptance: {rates}  tokens/s vs target alone: x{run['speedup']:.2f}")
+        lines.append(f"    Aerie k={run['num_speculative_tokens']}  tau={run['tau']:.2f}  "
+                     f"per-position acceptance: {rates}")
     for fmt, out in report["exports"].items():
         lines.append(f"  {fmt:<6} export  {out}")
     lines += [f"  summary         {path}", "=" * 72]

@@ -75,6 +75,18 @@ class DraftModel(nn.Module):
         """Everything but the frozen target embedding."""
         return [p for name, p in self.named_parameters() if not name.startswith("embed_tokens.")]
 
+    def load_head(self, norm_weight: Tensor, lm_head_weight: Tensor) -> None:
+        """Start `norm` and `lm_head` from the target's final norm and the draft-vocabulary rows of its
+        (V, H) lm_head (draft.init_head=target), so the draft begins with the target's readout."""
+        rows = lm_head_weight.index_select(0, self.draft_token_ids().to(lm_head_weight.device))
+        if tuple(rows.shape) != tuple(self.lm_head.weight.shape) or norm_weight.shape != self.norm.weight.shape:
+            raise ValueError(f"draft.init_head=target: the target's lm_head {tuple(lm_head_weight.shape)} and "
+                             f"norm {tuple(norm_weight.shape)} do not fit the draft's lm_head "
+                             f"{tuple(self.lm_head.weight.shape)} (draft hidden size must be the target's)")
+        with torch.no_grad():
+            self.lm_head.weight.copy_(rows)
+            self.norm.weight.copy_(norm_weight)
+
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """Draft-vocabulary logits of output hidden states."""
         return self.lm_head(self.norm(hidden))

@@ -57,6 +57,7 @@ class DFlashConfig:
     num_anchors: int = 64  # blocks trained per row of a micro-batch (sampled among the valid anchors)
     loss_decay: float = 7.0  # weight of block position j: exp(-(j - 1) / loss_decay); 0 -> equal weights
     mask_token_id: Optional[int] = None  # target id fed at the masked slots; None -> vocab_size - 1
+    init_head: str = "target"  # target: norm + lm_head start from the target's (draft-vocab rows) | random
     gradient_checkpointing: bool = False
 
 

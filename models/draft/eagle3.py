@@ -47,6 +47,7 @@ class DraftConfig:
     norm_output: bool = False  # EAGLE 3.1: the next draft step reads norm(out)
     gradient_checkpointing: bool = False
     attention: str = "lean"  # "lean" (memory-lean) | "dense" (reference; small L)
+    init_head: str = "target"  # target: norm + lm_head start from the target's (draft-vocab rows) | random
 
 
 @dataclass

@@ -101,3 +101,14 @@ def load_lm_head_only(cfg: TargetConfig) -> TeacherHead:
     lm_head = lm_head.to_empty(device="cpu")
     lm_head.load_state_dict({"weight": head_weight, **({"bias": head_bias} if head_bias is not None else {})})
     return TeacherHead(norm.to(dtype), lm_head.to(dtype), cfg.logits_chunk_size, final_logit_softcap(config))
+
+
+def target_head_weights(cfg: TargetConfig) -> Tuple[Tensor, Tensor]:
+    """(final norm weight (H,), lm_head weight (V, H)) in target.dtype, for a draft that starts from the
+    target's readout (draft.init_head=target)."""
+    head = load_lm_head_only(cfg)
+    names = set(dict(head.norm.named_parameters()))
+    if names != {"weight"} or "gemma" in type(head.norm).__name__.lower() or head.lm_head.bias is not None:
+        raise ValueError(f"draft.init_head=target: {cfg.path}'s final norm ({type(head.norm).__name__}) or "
+                         "lm_head is not a plain RMSNorm + bias-free Linear; use draft.init_head=random")
+    return head.norm.weight.detach(), head.lm_head.weight.detach()

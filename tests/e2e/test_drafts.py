@@ -219,3 +219,20 @@ def test_t1_acceptance_agrees_with_vllm(served, mode):
     band_0 = 4 * (a_hf * (1 - a_hf) / n_hf + a_vllm * (1 - a_vllm) / n_vllm) ** 0.5
     assert abs(a_hf - a_vllm) < band_0, (a_hf, a_vllm, band_0)
     assert a_hf > 0.02, "the test draft must get accepted at T=1 for the comparison to mean anything"
+
+
+def test_aerie_eval_engine_vllm_serves_dflash(served, dflash_run):
+    """`aerie eval engine=vllm` on the DFlash run: Aerie's command finds the export, serves it as `method:
+    dflash` and reports vLLM's counters, equal to the worker's run of the same export, prompts, k and T."""
+    out = dflash_run / "eval_vllm"
+    with open(os.environ.get("AERIE_VLLM_LOCK") or os.devnull, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        run_aerie("eval", f"run_dir={dflash_run}", "engine=vllm", f"eval.out_dir={out}", "eval.max_prompts=4",
+                  f"eval.max_new_tokens={MAX_NEW}", f"eval.num_speculative_tokens=[{K}]", "eval.temperature=0",
+                  "engine.max_model_len=512")
+    summary = json.loads((out / "summary.json").read_text())
+    (result,) = summary["results"]
+    worker = served["runs"]["dflash"]
+    assert summary["engine"] == "vllm" and result["speedup_source"] == "measured"
+    assert result["num_accepted_per_position"] == worker["num_accepted_tokens_per_pos"]
+    assert result["num_verify_steps"] == worker["num_drafts"] > 0

@@ -16,7 +16,7 @@ def test_quickstart_end_to_end_then_done(tmp_path, data_cache):
             "trainer.max_tokens_per_batch=512", "trainer.ckpt_every=0", "trainer.spec_eval_every=40",
             "trainer.spec_eval_max_prompts=1", "eval.max_prompts=6", "eval.max_new_tokens=32"]
     out = run_aerie(*args).stdout
-    assert "Aerie quickstart" in out and "k=3" in out and "k=7" in out
+    assert "Aerie quickstart" in out and "Aerie k=3  tau=" in out and "Aerie k=7  tau=" in out
     summary = json.loads((run_dir / "quickstart_summary.json").read_text())
     assert [r["num_speculative_tokens"] for r in summary["acceptance"]] == [3, 7]
     for r in summary["acceptance"]:
@@ -35,8 +35,10 @@ def test_quickstart_end_to_end_then_done(tmp_path, data_cache):
         vllm_python()
     except ValueError:  # no vLLM on this machine: the summary says so and goes on
         assert "vLLM not measured" in out and "vllm_acceptance" not in summary
+        assert "tau measured by Aerie's decoder only (vLLM is not installed" in out
     else:  # vLLM measured the (bf16) vllm export itself, with the same prompts, k and T
         assert [r["num_speculative_tokens"] for r in summary["vllm_acceptance"]] == [3, 7]
+        assert "tau measured by vLLM serving the vllm export" in out
         assert "vLLM k=3  tau=" in out and "vLLM k=7  tau=" in out
         for r in summary["vllm_acceptance"]:
             assert 1.0 <= r["tau"] <= r["num_speculative_tokens"] + 1 and r["speedup"] > 0

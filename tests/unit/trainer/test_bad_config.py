@@ -25,6 +25,7 @@ def _compose(overrides):
     ("trainer.schedule=linear", "trainer.schedule='linear': must be cosine or constant"),
     ("data.eval_fraction=1.5", "data.eval_fraction=1.5: must be within [0, 1)"),
     ("draft.ttt_steps=0", "draft.ttt_steps=0: must be >= 1"),
+    ("draft.init_head=zeros", "draft.init_head='zeros': must be target or random"),
 ])
 def test_bad_setting_names_key_and_value(override, message, hydra_restore):
     with pytest.raises(ValueError) as err:

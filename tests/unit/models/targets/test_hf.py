@@ -9,8 +9,8 @@ from models.targets.base import (
     resolve_aux_layer_ids,
     to_sglang_layer_ids,
 )
-from models.targets.teacher import load_lm_head_only
-from tests.helpers import save_tiny
+from models.targets.teacher import load_lm_head_only, target_head_weights
+from tests.helpers import DRAFT_VOCAB, make_draft, save_tiny
 
 AUX = [1, 2, 3]
 
@@ -111,6 +111,22 @@ def test_lm_head_only_matches_target(tmp_path, tie):
     got = head.teacher_from_hidden(hidden, DRAFT_IDS)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     assert not any(p.requires_grad for p in head.parameters())
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_draft_head_starts_as_the_targets_readout(tmp_path, tie):
+    """draft.init_head=target: the draft's norm + lm_head give the target's logits on the draft vocabulary."""
+    path = save_tiny(tmp_path / "m", "llama", tie=tie)
+    target = load(path)
+    draft = make_draft().float()
+    norm, lm_head = target_head_weights(TargetConfig(path=path, dtype="float32", aux_layer_ids=AUX))
+    draft.load_head(norm, lm_head)
+    hidden = torch.randn(2, 9, 64)
+    expected = target.module.lm_head(target.decoder.norm(hidden))[..., draft.draft_token_ids()]
+    torch.testing.assert_close(draft.compute_logits(hidden), expected)
+    assert draft.lm_head.weight.shape[0] == DRAFT_VOCAB
+    with pytest.raises(ValueError, match="draft.init_head=target"):  # a draft narrower than the target
+        draft.load_head(norm[:32], lm_head[:, :32])
 
 
 def test_embed_tokens_weight_and_dtype(tiny_dirs):

@@ -1,21 +1,24 @@
-"""Objectives and noise augmentation compared at equal budget: acceptance of the drafts they train.
+"""Objectives, noise augmentation and the draft head's start compared at equal budget: the acceptance of the
+drafts they train.
 
     .venv/bin/python bench/objective.py [--steps 40] [--tokens 1024] [--seeds 0,1] [--variants all]
-                                        [--decode-prompts 8]
+        [--mode offline|online] [--ttt-steps 7] [--lr 2e-3] [--decode-prompts 8]
+        [--vllm-prompts 30 --vllm-k 3,7 --vllm-temperatures 0,1] [key=value ...]
 
-One `aerie dump` of the embedded tiny target's hidden states (compact store), then per variant and seed an
-offline run of --steps optimizer steps of --tokens tokens (--ttt-steps TTT, draft vocab 4096, lr 2e-3), all in
-this process.
-Each draft is scored on the store's held-out split, teacher-forced (no sampling noise): per TTT step the share
-of positions where the draft's argmax is the target's (T=0) and the acceptance sum_v min(p_v, q_v) of
-speculative sampling with the draft's own q (T=1); τ = 1 + sum_i prod_{j<=i} a_j at k=3 and k=7.  With
---decode-prompts N it
-also decodes N MT-Bench prompts (64 new tokens, k=3, T=0) with the HF target (`aerie eval`'s decoder) for the
-real τ.  With --vllm-prompts N, each draft is exported (vllm format) and served by real vLLM (the shared
-runner, tools/vllm/engine.py, one LLM per draft, under flock /tmp/aerie-vllm.lock) on N MT-Bench prompts
-x 128 new tokens at k=3, T=0: τ = 1 + accepted / drafts from vLLM's own counters.  Prints the means over seeds
-and their ratios against soft cross-entropy.  Runs resume (a rerun with the same --work only scores what is
-missing).
+Offline (default): one `aerie dump` of the embedded tiny target's hidden states (compact store), then per
+variant and seed an offline run of --steps optimizer steps of --tokens tokens (--ttt-steps TTT, draft vocab
+4096), all in this process.  --mode online runs the target inside each step instead (the quickstart's mode).
+Trailing key=value overrides apply to every run; a variant is a name in VARIANTS or ad hoc,
+NAME:key=value+key=value.
+Each draft is scored on the held-out split, teacher-forced (no sampling noise): per TTT step the share of
+positions where the draft's argmax is the target's (T=0) and the acceptance sum_v min(p_v, q_v) of
+speculative sampling with the draft's own q (T=1); τ = 1 + sum_i prod_{j<=i} a_j at k=3 and k=7.
+--decode-prompts N also decodes N MT-Bench prompts (64 new tokens, k=3, T=0) with the HF target (`aerie
+eval`'s decoder).  --vllm-prompts N exports each draft (vllm format) and serves it with real vLLM (one worker,
+tools/vllm/engine.py, under flock /tmp/aerie-vllm.lock) on N MT-Bench prompts x 128 new tokens at each k and T
+(T > 0: vLLM's default verification): τ = 1 + accepted / drafts from vLLM's own counters.  Prints the means
+over seeds and their ratios against soft cross-entropy.  Runs resume (a rerun with the same --work only scores
+what is missing).
 """
 from __future__ import annotations
 
@@ -90,8 +93,9 @@ def read_elapsed(run_dir: Path) -> float:
     return float(json.loads(lines[-1])["elapsed_s"]) if lines else float("nan")
 
 
-def vllm_taus(exports: dict, num_prompts: int, ks=(3,)) -> dict:
-    """{(run name, k): vLLM τ at k, T=0} for each exported draft and k, in one vLLM worker process."""
+def vllm_taus(exports: dict, num_prompts: int, ks=(3,), temperatures=(0.0,)) -> dict:
+    """{(run name, k, T): vLLM τ} for each exported draft, k and T (T > 0: vLLM's default verification), in
+    one vLLM worker process."""
     import fcntl
 
     from transformers import AutoTokenizer
@@ -103,10 +107,10 @@ def vllm_taus(exports: dict, num_prompts: int, ks=(3,)) -> dict:
     target = str(REPO / "assets" / "tiny-chat-llama")
     tokenizer = AutoTokenizer.from_pretrained(target)
     prompts = [render_prompt(tokenizer, conv) for conv in load_prompts("mtbench", num_prompts)]
-    runs = [{"name": f"{name}@{k}", "prompt_token_ids": prompts, "max_new_tokens": 128, "temperature": 0.0,
-             "seed": 0,
+    runs = [{"name": f"{name}@{k}@{t:g}", "prompt_token_ids": prompts, "max_new_tokens": 128,
+             "temperature": t, "seed": 0,
              "speculative_config": {"method": "eagle3", "model": path, "num_speculative_tokens": k}}
-            for name, path in exports.items() for k in ks]
+            for name, path in exports.items() for k in ks for t in temperatures]
     with open("/tmp/aerie-vllm.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         result = run_vllm({"target": target, "runs": runs}, EngineConfig(name="vllm", max_model_len=2048))
@@ -150,7 +154,8 @@ def main() -> None:
     parser.add_argument("--decode-prompts", type=int, default=0)
     parser.add_argument("--vllm-prompts", type=int, default=0)
     parser.add_argument("--vllm-variants", default="all")
-    parser.add_argument("--vllm-k", default="3", help="k values vLLM serves each draft at (T=0)")
+    parser.add_argument("--vllm-k", default="3", help="k values vLLM serves each draft at")
+    parser.add_argument("--vllm-temperatures", default="0", help="T values vLLM serves each draft at")
     parser.add_argument("--ttt-steps", type=int, default=7)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--mode", choices=("offline", "online"), default="offline",
@@ -182,10 +187,12 @@ def main() -> None:
         exports = {f"{name}-{seed}": run.pop("export")
                    for (name, seed), run in scored.items() if "export" in run}
         ks = [int(k) for k in args.vllm_k.split(",")]
-        taus = vllm_taus(exports, args.vllm_prompts, ks)
+        temps = [float(t) for t in args.vllm_temperatures.split(",")]
+        taus = vllm_taus(exports, args.vllm_prompts, ks, temps)
         for (name, seed), run in scored.items():
             for k in ks:
-                run[f"vllm_t0_k{k}"] = taus.get((f"{name}-{seed}", str(k)), float("nan"))
+                for t in temps:
+                    run[f"vllm_t{t:g}_k{k}"] = taus.get((f"{name}-{seed}", str(k), f"{t:g}"), float("nan"))
     results = {}
     for name in names:
         runs = [scored[(name, seed)] for seed in seeds]

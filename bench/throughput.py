@@ -139,13 +139,17 @@ def main() -> None:
     print(f"dense fp32 matmul 2048^3: {peak / 1e9:.1f} GFLOP/s on {torch.get_num_threads()} threads")
     root = Path(tempfile.mkdtemp(prefix="aerie-bench-throughput-"))
     print(f"{'mode':8} {'variant':10} {'s/step':>7} {'useful GFLOP/s':>15} {'of matmul':>10} {'speed-up':>9}")
-    for mode in args.modes.split(","):
+    modes = args.modes.split(",")
+    if "offline" in modes and not args.store:  # dumped before this process starts a process group
+        dump = [str(Path(sys.executable).parent / "aerie"), "dump", *overrides(str(root / "offline"), args,
+                                                                               "online")]
+        proc = subprocess.run(dump, cwd=REPO, capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"aerie dump failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    for mode in modes:
         run_dir = str(root / mode)
         if mode == "offline" and args.store:
             run_dir = str(Path(args.store).parent)  # a store another bench dumped (same data settings)
-        elif mode == "offline":
-            dump = [str(Path(sys.executable).parent / "aerie"), "dump", *overrides(run_dir, args, "online")]
-            subprocess.run(dump, cwd=REPO, check=True, capture_output=True)
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
             extra = [f"store.path={args.store}"] if mode == "offline" and args.store else []
             cfg = compose(config_name="train", overrides=overrides(run_dir, args, mode) + extra)

@@ -13,11 +13,12 @@ from pathlib import Path
 from omegaconf import open_dict
 
 
-def quickstart_formats(arch: str) -> list:
-    """The formats the quickstart writes for a draft architecture: vLLM's, and SGLang's where it serves it."""
+def quickstart_formats(arch: str, model_config) -> list:
+    """The formats the quickstart writes for a trained draft: vLLM's, and SGLang's where it serves the draft
+    (not DFlash, not the EAGLE 3.1 switches)."""
     from tools.export.base import EXPORTS
 
-    return [fmt for fmt in ("vllm", "sglang") if arch in EXPORTS.get(fmt).layouts]
+    return [fmt for fmt in ("vllm", "sglang") if EXPORTS.get(fmt).refusal(arch, model_config) is None]
 
 
 def run_quickstart(cfg) -> dict:
@@ -38,7 +39,7 @@ def run_quickstart(cfg) -> dict:
         return report
     summary = run_eval(cfg)
     exports = {}
-    for fmt in quickstart_formats(cfg.draft.arch):
+    for fmt in quickstart_formats(cfg.draft.arch, trainer.draft.config):
         with open_dict(cfg):
             cfg.export.format = fmt
         exports[fmt] = str(run_export(cfg))

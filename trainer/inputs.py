@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -83,6 +83,7 @@ class TrainData:
     embed_tokens_weight: torch.Tensor
     train_batches: EpochBatches
     eval_batches: Callable[[], Iterator[dict]]
+    head_weights: Callable[[], Tuple[torch.Tensor, torch.Tensor]]  # the target's final norm + lm_head weights
     target: Any = None                          # online: the TargetModel
     teacher_head: Any = None                    # offline: final norm + lm_head
 
@@ -175,6 +176,7 @@ def build_train_data(cfg, dist, ds_config: dict) -> TrainData:
     vocab = draft_vocab(train, cfg, dataset_fingerprint(data_cfg, target.tokenizer, adapter),
                         target.spec.vocab_size, adapter.draft_vocab_candidates())
     return TrainData(spec=target.spec, vocab=vocab, embed_tokens_weight=target.embed_tokens_weight(),
+                     head_weights=target.head_weights,
                      train_batches=_train_batches(list(train["length"]),
                                                   _dataset_fetcher(train, cfg, adapter), cfg, dist),
                      eval_batches=_eval_batches(list(evals["length"]), _dataset_fetcher(evals, cfg, adapter),
@@ -225,7 +227,7 @@ def build_offline_data(cfg, dist) -> TrainData:
     from data.store.format import MANIFEST
     from data.store.reader import HiddenStateStoreReader
     from models.targets.meta import load_target_embedding, target_spec_from_config
-    from models.targets.teacher import load_lm_head_only
+    from models.targets.teacher import load_lm_head_only, target_head_weights
 
     candidates = build_adapter(cfg, encode=False, offline=True).draft_vocab_candidates()
     store = Path(cfg.store.path)
@@ -245,6 +247,7 @@ def build_offline_data(cfg, dist) -> TrainData:
         return lambda indices: collate_store([source.sample(i) for i in indices], packed, budget)
 
     return TrainData(spec=spec, vocab=vocab, embed_tokens_weight=load_target_embedding(cfg.target.path),
+                     head_weights=lambda: target_head_weights(cfg.target),
                      train_batches=_train_batches(reader.all_lengths, fetcher(reader), cfg, dist),
                      eval_batches=_eval_batches(eval_reader.all_lengths if eval_reader else [],
                                                 fetcher(eval_reader), cfg, dist),

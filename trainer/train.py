@@ -153,9 +153,7 @@ class Trainer:
         self.data.embed_tokens_weight = None  # the draft holds its own frozen copy; drop the V x H duplicate
         self.draft.set_draft_vocab(self.vocab["d2t"], self.vocab["t2d"])
         if draft_cfg.init_head == "target":  # else "random" (tools/config.py checks the value)
-            from models.targets.teacher import target_head_weights
-
-            self.draft.load_head(*target_head_weights(cfg.target))
+            self.draft.load_head(*self.data.head_weights())
         self.objective = build_objective(cfg.objective, cfg.draft)
         self.module = TrainModule(self.draft, self.objective, target=self.target,
                                   teacher_head=self.teacher_head)

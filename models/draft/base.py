@@ -79,10 +79,11 @@ class DraftModel(nn.Module):
         """Start `norm` and `lm_head` from the target's final norm and the draft-vocabulary rows of its
         (V, H) lm_head (draft.init_head=target), so the draft begins with the target's readout."""
         rows = lm_head_weight.index_select(0, self.draft_token_ids().to(lm_head_weight.device))
-        if tuple(rows.shape) != tuple(self.lm_head.weight.shape) or norm_weight.shape != self.norm.weight.shape:
-            raise ValueError(f"draft.init_head=target: the target's lm_head {tuple(lm_head_weight.shape)} and "
-                             f"norm {tuple(norm_weight.shape)} do not fit the draft's lm_head "
-                             f"{tuple(self.lm_head.weight.shape)} (draft hidden size must be the target's)")
+        head, norm = tuple(self.lm_head.weight.shape), tuple(self.norm.weight.shape)
+        if tuple(rows.shape) != head or tuple(norm_weight.shape) != norm:
+            raise ValueError(f"draft.init_head=target: the target's lm_head {tuple(lm_head_weight.shape)} "
+                             f"and norm {tuple(norm_weight.shape)} do not fit the draft's lm_head {head} "
+                             "(draft hidden size must be the target's)")
         with torch.no_grad():
             self.lm_head.weight.copy_(rows)
             self.norm.weight.copy_(norm_weight)

@@ -136,6 +136,11 @@ class TargetModel(abc.ABC):
     def embed_tokens_weight(self) -> Tensor:
         """The full (V, H) input embedding table (gathered if ZeRO-3 partitioned)."""
 
+    @abc.abstractmethod
+    def head_weights(self) -> Tuple[Tensor, Tensor]:
+        """(final norm weight (H,), lm_head weight (V, H)), gathered if ZeRO-3 partitioned: the readout a
+        draft starts from with draft.init_head=target."""
+
     def __call__(self, batch: dict, draft_token_ids: Tensor,
                  return_last_hidden: bool = False) -> TargetOutput:
         return self.forward(batch, draft_token_ids, return_last_hidden=return_last_hidden)

@@ -25,7 +25,7 @@ from models.targets.base import (
 )
 from models.targets.capture import AuxCapture
 from models.targets.meta import decoder_of, model_class_for
-from models.targets.teacher import chunked_teacher_logits, final_logit_softcap
+from models.targets.teacher import chunked_teacher_logits, final_logit_softcap, plain_head_weights
 
 
 def zero_stage(ds_config: Optional[dict]) -> int:
@@ -216,6 +216,12 @@ class HFTargetModel(TargetModel):
         weight = self.decoder.embed_tokens.weight
         with gathered([weight]):
             return weight.detach().clone()
+
+    @torch.no_grad()
+    def head_weights(self) -> Tuple[Tensor, Tensor]:
+        norm = self.decoder.norm
+        with gathered(list(norm.parameters()) + list(self.lm_head.parameters())):
+            return tuple(w.clone() for w in plain_head_weights(norm, self.lm_head, self.cfg.path))
 
 
 def load_tokenizer_and_processor(cfg: TargetConfig, multimodal: bool):

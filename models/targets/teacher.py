@@ -103,12 +103,17 @@ def load_lm_head_only(cfg: TargetConfig) -> TeacherHead:
     return TeacherHead(norm.to(dtype), lm_head.to(dtype), cfg.logits_chunk_size, final_logit_softcap(config))
 
 
+def plain_head_weights(norm: nn.Module, lm_head: nn.Module, where: str) -> Tuple[Tensor, Tensor]:
+    """(final norm weight (H,), lm_head weight (V, H)) detached, for a draft that starts from the target's
+    readout (draft.init_head=target); ValueError unless they are a plain RMSNorm and a bias-free Linear."""
+    if (set(dict(norm.named_parameters())) != {"weight"} or "gemma" in type(norm).__name__.lower()
+            or getattr(lm_head, "bias", None) is not None):
+        raise ValueError(f"draft.init_head=target: {where}'s final norm ({type(norm).__name__}) or lm_head "
+                         "is not a plain RMSNorm + bias-free Linear; use draft.init_head=random")
+    return norm.weight.detach(), lm_head.weight.detach()
+
+
 def target_head_weights(cfg: TargetConfig) -> Tuple[Tensor, Tensor]:
-    """(final norm weight (H,), lm_head weight (V, H)) in target.dtype, for a draft that starts from the
-    target's readout (draft.init_head=target)."""
+    """plain_head_weights read from the checkpoint files alone (offline training), in target.dtype."""
     head = load_lm_head_only(cfg)
-    names = set(dict(head.norm.named_parameters()))
-    if names != {"weight"} or "gemma" in type(head.norm).__name__.lower() or head.lm_head.bias is not None:
-        raise ValueError(f"draft.init_head=target: {cfg.path}'s final norm ({type(head.norm).__name__}) or "
-                         "lm_head is not a plain RMSNorm + bias-free Linear; use draft.init_head=random")
-    return head.norm.weight.detach(), head.lm_head.weight.detach()
+    return plain_head_weights(head.norm, head.lm_head, cfg.path)

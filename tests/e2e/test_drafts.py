@@ -227,9 +227,9 @@ def test_aerie_eval_engine_vllm_serves_dflash(served, dflash_run):
     out = dflash_run / "eval_vllm"
     with open(os.environ.get("AERIE_VLLM_LOCK") or os.devnull, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        run_aerie("eval", f"run_dir={dflash_run}", "engine=vllm", f"eval.out_dir={out}", "eval.max_prompts=4",
-                  f"eval.max_new_tokens={MAX_NEW}", f"eval.num_speculative_tokens=[{K}]", "eval.temperature=0",
-                  "engine.max_model_len=512")
+        run_aerie("eval", f"run_dir={dflash_run}", "engine=vllm", f"eval.out_dir={out}",
+                  "eval.max_prompts=4", f"eval.max_new_tokens={MAX_NEW}",
+                  f"eval.num_speculative_tokens=[{K}]", "eval.temperature=0", "engine.max_model_len=512")
     summary = json.loads((out / "summary.json").read_text())
     (result,) = summary["results"]
     worker = served["runs"]["dflash"]

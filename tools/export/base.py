@@ -59,6 +59,18 @@ class Exporter:
                              f"a {arch} draft exports only to {', '.join(serving)}")
         return importlib.import_module(self.layouts[arch])
 
+    def refusal(self, arch: str, model_config) -> Optional[str]:
+        """Why this engine cannot serve a draft of `arch` with this model config (None: it can): the
+        architecture, or a setting such as the EAGLE 3.1 switches for SGLang (the layout's
+        check_servable)."""
+        try:
+            layout = self.layout(arch)
+            if hasattr(layout, "check_servable"):
+                layout.check_servable(self.name, model_config)
+        except ValueError as err:
+            return str(err)
+        return None
+
     def __call__(self, draft_or_path, out_dir, **kwargs) -> Path:
         return export(draft_or_path, out_dir, self.name, **kwargs)
 

@@ -112,4 +112,5 @@ def test_draft_options_compose(hydra_restore):
     assert (dflash.draft.arch, dflash.draft.block_size, dflash.draft.num_layers) == ("dflash", 4, 2)
     assert (eagle3_1.draft.fc_norm, eagle3_1.draft.norm_output,
             eagle3_1.draft.norm_before_fc) == (True, True, False)
-    assert default.draft.arch == "eagle3_llama" and not default.draft.fc_norm
+    # the default is EAGLE 3.1 (README "Choosing a draft": bench/drafts.py, bench/objective.py)
+    assert default.draft.arch == "eagle3_llama" and default.draft.fc_norm and default.draft.norm_output

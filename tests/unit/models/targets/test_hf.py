@@ -120,6 +120,8 @@ def test_draft_head_starts_as_the_targets_readout(tmp_path, tie):
     target = load(path)
     draft = make_draft().float()
     norm, lm_head = target_head_weights(TargetConfig(path=path, dtype="float32", aux_layer_ids=AUX))
+    online = target.head_weights()  # offline reads the files, online the loaded target: the same weights
+    assert torch.equal(online[0], norm) and torch.equal(online[1], lm_head)
     draft.load_head(norm, lm_head)
     hidden = torch.randn(2, 9, 64)
     expected = target.module.lm_head(target.decoder.norm(hidden))[..., draft.draft_token_ids()]

@@ -247,7 +247,7 @@ def build_offline_data(cfg, dist) -> TrainData:
         return lambda indices: collate_store([source.sample(i) for i in indices], packed, budget)
 
     return TrainData(spec=spec, vocab=vocab, embed_tokens_weight=load_target_embedding(cfg.target.path),
-                     head_weights=lambda: target_head_weights(cfg.target),
+                     head_weights=lambda: target_head_weights(cfg.target, teacher_head),
                      train_batches=_train_batches(reader.all_lengths, fetcher(reader), cfg, dist),
                      eval_batches=_eval_batches(eval_reader.all_lengths if eval_reader else [],
                                                 fetcher(eval_reader), cfg, dist),

@@ -113,7 +113,8 @@ def plain_head_weights(norm: nn.Module, lm_head: nn.Module, where: str) -> Tuple
     return norm.weight.detach(), lm_head.weight.detach()
 
 
-def target_head_weights(cfg: TargetConfig) -> Tuple[Tensor, Tensor]:
-    """plain_head_weights read from the checkpoint files alone (offline training), in target.dtype."""
-    head = load_lm_head_only(cfg)
+def target_head_weights(cfg: TargetConfig, head: Optional[TeacherHead] = None) -> Tuple[Tensor, Tensor]:
+    """plain_head_weights of `head` (the full-layout store's teacher head) or, without one, read from the
+    checkpoint files alone (offline training), in target.dtype."""
+    head = head if head is not None else load_lm_head_only(cfg)
     return plain_head_weights(head.norm, head.lm_head, cfg.path)
